@@ -1,0 +1,479 @@
+//! RabbitMQ: one reconnecting connection per process, publishing with publisher confirms,
+//! and consumers with manual acks, delayed retries and a dead-letter queue.
+//!
+//! Topology of a consumer named `q` (all names carry the deployment's prefix):
+//! - `q`, a durable quorum queue bound to the exchanges and routing keys it needs;
+//! - `q.retry.1` … `q.retry.N`, one queue per retry delay, whose messages expire after that
+//!   delay and are dead-lettered back into `q` (one queue per delay, so a long delay never
+//!   holds up a short one);
+//! - `q.dlq`, where a message lands after its last attempt or a permanent failure, to be
+//!   inspected and replayed.
+//!
+//! A message is acked only after its handler has committed its work, so a crash redelivers
+//! it; every handler is idempotent, so a redelivery changes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::Settings;
+
+/// The topic exchange every accepted event is published to (`event.<name>`), and the
+/// platform's own announcements (`profile.*`, `segment.*`).
+pub const EVENTS_EXCHANGE: &str = "relance.events";
+/// The topic exchange of send requests (`<channel>`).
+pub const DELIVERY_EXCHANGE: &str = "relance.delivery";
+
+const ATTEMPT_HEADER: &str = "x-relance-attempt";
+
+/// The broker could not be reached or refused a message.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Connection or channel failure.
+    #[error("rabbitmq: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker cancelled the consumer (queue deleted, channel closed).
+    #[error("rabbitmq ended the consumer")]
+    ConsumerEnded,
+    /// The broker did not take responsibility for a message.
+    #[error("rabbitmq refused message {0} (nack)")]
+    Nacked(String),
+}
+
+/// The process's connection to RabbitMQ.
+pub struct Bus {
+    url: SecretString,
+    prefix: String,
+    ephemeral: bool,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Bus {
+    /// Connects (and so checks the broker is reachable).
+    pub async fn connect(settings: &Settings) -> Result<Arc<Bus>, BusError> {
+        let bus = Arc::new(Bus {
+            url: settings.amqp_url.clone(),
+            prefix: settings.amqp_prefix.clone(),
+            ephemeral: settings.amqp_ephemeral,
+            connection: Mutex::new(None),
+        });
+        bus.connection().await?;
+        Ok(bus)
+    }
+
+    /// The deployment's name for exchange or queue `base`.
+    pub fn name(&self, base: &str) -> String {
+        format!("{}{}", self.prefix, base)
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, BusError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if connection.status().connected() {
+                return Ok(connection.clone());
+            }
+            tracing::warn!("rabbitmq connection lost, reconnecting");
+        }
+        let connection = Arc::new(
+            Connection::connect(self.url.expose_secret(), ConnectionProperties::default()).await?,
+        );
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// A new channel on the (re)connected connection.
+    pub async fn channel(&self) -> Result<Channel, BusError> {
+        Ok(self.connection().await?.create_channel().await?)
+    }
+
+    /// Declares the topic exchange `base` (idempotent).
+    pub async fn declare_exchange(&self, channel: &Channel, base: &str) -> Result<(), BusError> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            auto_delete: self.ephemeral,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel.exchange_declare(&self.name(base), ExchangeKind::Topic, options, FieldTable::default()).await?;
+        Ok(())
+    }
+
+    async fn declare_queue(&self, channel: &Channel, name: &str, mut arguments: FieldTable, quorum: bool) -> Result<(), BusError> {
+        if quorum {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if self.ephemeral {
+            // Test queues disappear a minute after their last consumer goes.
+            arguments.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+        }
+        let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.queue_declare(name, options, arguments).await?;
+        Ok(())
+    }
+
+    /// Messages ready in queue `base` (not counting those delivered and not yet acked).
+    pub async fn queue_depth(&self, base: &str) -> Result<u32, BusError> {
+        let channel = self.channel().await?;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let state = channel.queue_declare(&self.name(base), options, FieldTable::default()).await?;
+        let _ = channel.close(200, "depth read").await;
+        Ok(state.message_count())
+    }
+
+    /// Declares a consumer's queues (main, retries, dead letters) and bindings.
+    pub async fn declare_consumer(&self, channel: &Channel, spec: &ConsumerSpec) -> Result<(), BusError> {
+        let queue = self.name(&spec.queue);
+        self.declare_queue(channel, &queue, FieldTable::default(), true).await?;
+        self.declare_queue(channel, &format!("{queue}.dlq"), FieldTable::default(), true).await?;
+        for (index, delay) in spec.retry_delays.iter().enumerate() {
+            let mut arguments = FieldTable::default();
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
+            arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.clone().into()));
+            self.declare_queue(channel, &format!("{queue}.retry.{}", index + 1), arguments, false).await?;
+        }
+        for (exchange, routing_key) in &spec.bindings {
+            self.declare_exchange(channel, exchange).await?;
+            channel
+                .queue_bind(&queue, &self.name(exchange), routing_key, QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The exchange's base name (e.g. [`EVENTS_EXCHANGE`]); empty for the default exchange.
+    pub exchange: String,
+    /// Routing key (`event.order_completed`, `profile.deleted`, …).
+    pub routing_key: String,
+    /// Stable id of the message: consumers deduplicate on it.
+    pub message_id: String,
+    /// JSON body.
+    pub payload: Vec<u8>,
+    /// Extra headers (trace context is added by the publisher).
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Publishes with publisher confirms: `publish_all` returns only once the broker has taken
+/// responsibility for every message.
+pub struct Publisher {
+    bus: Arc<Bus>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher on its own channel of `bus`.
+    pub fn new(bus: Arc<Bus>) -> Publisher {
+        Publisher { bus, channel: Mutex::new(None) }
+    }
+
+    async fn ready_channel(&self, slot: &mut Option<Channel>) -> Result<Channel, BusError> {
+        if let Some(channel) = slot.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.bus.channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        for exchange in [EVENTS_EXCHANGE, DELIVERY_EXCHANGE] {
+            self.bus.declare_exchange(&channel, exchange).await?;
+        }
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Publishes `messages` and waits for the broker's confirmation of each. On error some
+    /// may have been published: the caller retries them all, and consumers deduplicate.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), BusError> {
+        let mut slot = self.channel.lock().await;
+        let channel = self.ready_channel(&mut slot).await?;
+        let result = publish_on(&self.bus, &channel, messages).await;
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+
+    /// Declares exchange `base` on the publishing channel.
+    pub async fn declare_exchange(&self, base: &str) -> Result<(), BusError> {
+        let mut slot = self.channel.lock().await;
+        let channel = self.ready_channel(&mut slot).await?;
+        self.bus.declare_exchange(&channel, base).await
+    }
+}
+
+async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Result<(), BusError> {
+    let trace_headers = current_trace_headers();
+    let mut confirms = Vec::with_capacity(messages.len());
+    for message in messages {
+        let mut headers = FieldTable::default();
+        for (key, value) in message.headers.iter().chain(trace_headers.iter()) {
+            headers.insert(key.as_str().into(), AMQPValue::LongString(value.as_str().into()));
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message.message_id.as_str().into())
+            .with_headers(headers);
+        let exchange = if message.exchange.is_empty() { String::new() } else { bus.name(&message.exchange) };
+        let confirm = channel
+            .basic_publish(&exchange, &message.routing_key, BasicPublishOptions::default(), &message.payload, properties)
+            .await?;
+        confirms.push((confirm, &message.message_id));
+    }
+    for (confirm, message_id) in confirms {
+        match confirm.await? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => {}
+            Confirmation::Nack(_) => return Err(BusError::Nacked(message_id.clone())),
+        }
+    }
+    Ok(())
+}
+
+/// The W3C trace context of the current span, as message headers.
+fn current_trace_headers() -> BTreeMap<String, String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let mut headers = std::collections::HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut headers);
+    });
+    headers.into_iter().collect()
+}
+
+/// What a consumer needs and how it retries.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Base name of the queue (e.g. `profiles.traits`).
+    pub queue: String,
+    /// (exchange base name, routing key pattern) pairs.
+    pub bindings: Vec<(String, String)>,
+    /// Unacked messages the broker may push ahead.
+    pub prefetch: u16,
+    /// Delay before each retry; after the last, the message goes to the dead-letter queue.
+    pub retry_delays: Vec<Duration>,
+}
+
+impl ConsumerSpec {
+    /// A consumer of `queue` with the default prefetch (64) and retries after 1 s, 10 s and
+    /// 60 s.
+    pub fn new(queue: &str) -> ConsumerSpec {
+        ConsumerSpec {
+            queue: queue.to_owned(),
+            bindings: Vec::new(),
+            prefetch: 64,
+            retry_delays: vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)],
+        }
+    }
+
+    /// Adds a binding of the queue to `exchange` for `routing_key`.
+    pub fn bind(mut self, exchange: &str, routing_key: &str) -> ConsumerSpec {
+        self.bindings.push((exchange.to_owned(), routing_key.to_owned()));
+        self
+    }
+}
+
+/// A message handed to a [`Handler`].
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// Its routing key.
+    pub routing_key: &'a str,
+    /// Its message id (empty when the publisher set none).
+    pub message_id: &'a str,
+    /// Its body.
+    pub payload: &'a [u8],
+    /// 1 on first delivery through the retry path, 2 on the first retry, …
+    pub attempt: u32,
+}
+
+/// Why a handler did not finish a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// A passing failure (database down): try again after the next retry delay.
+    #[error("retry: {0:#}")]
+    Retry(anyhow::Error),
+    /// The message can never succeed (malformed): straight to the dead-letter queue.
+    #[error("reject: {0:#}")]
+    Reject(anyhow::Error),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(error: sqlx::Error) -> HandleError {
+        HandleError::Retry(error.into())
+    }
+}
+
+/// Handles the messages of one consumer.
+pub trait Handler: Send + Sync + 'static {
+    /// Does the work of one message and commits it; must be idempotent.
+    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>>;
+}
+
+/// Consumes `spec.queue` until `shutdown`, reconnecting after failures.
+pub async fn run_consumer(bus: Arc<Bus>, spec: ConsumerSpec, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume_once(&bus, &spec, handler.as_ref(), &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(queue = %spec.queue, %error, ?backoff, "consumer failed, reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Declares the consumer's topology without consuming (so publishes before the consumer
+/// starts are kept).
+pub async fn declare(bus: &Bus, spec: &ConsumerSpec) -> Result<(), BusError> {
+    let channel = bus.channel().await?;
+    bus.declare_consumer(&channel, spec).await?;
+    let _ = channel.close(200, "declared").await;
+    Ok(())
+}
+
+async fn consume_once(bus: &Bus, spec: &ConsumerSpec, handler: &dyn Handler, shutdown: &CancellationToken) -> Result<(), BusError> {
+    let channel = bus.channel().await?;
+    bus.declare_consumer(&channel, spec).await?;
+    channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let queue = bus.name(&spec.queue);
+    let mut consumer = channel
+        .basic_consume(&queue, &format!("{queue}-{}", uuid::Uuid::new_v4().simple()), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let mut depth_every = tokio::time::interval(Duration::from_secs(15));
+    tracing::info!(queue = %queue, "consumer started");
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = channel.close(200, "shutting down").await;
+                return Ok(());
+            }
+            _ = depth_every.tick() => {
+                record_depth(&channel, &queue).await;
+                continue;
+            }
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => return Err(BusError::ConsumerEnded),
+            },
+        };
+        let attempt = attempt_of(&delivery.properties);
+        let message_id = delivery.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let received = Received {
+            routing_key: delivery.routing_key.as_str(),
+            message_id: &message_id,
+            payload: &delivery.data,
+            attempt,
+        };
+        let span = tracing::info_span!("consume", queue = %spec.queue, routing_key = %delivery.routing_key, message_id = %message_id);
+        set_parent_from_headers(&span, &delivery.properties);
+        let outcome = handler.handle(&received).instrument(span).await;
+        let outcome_label = match outcome {
+            Ok(()) => "ok",
+            Err(HandleError::Retry(error)) if (attempt as usize) <= spec.retry_delays.len() => {
+                tracing::warn!(queue = %spec.queue, %message_id, attempt, error = %format!("{error:#}"), "handler failed, retrying later");
+                let target = format!("{queue}.retry.{attempt}");
+                republish(&channel, &target, &delivery, attempt + 1).await?;
+                "retried"
+            }
+            Err(error) => {
+                tracing::error!(queue = %spec.queue, %message_id, attempt, %error, "message dead-lettered");
+                republish(&channel, &format!("{queue}.dlq"), &delivery, attempt).await?;
+                "dead_lettered"
+            }
+        };
+        metrics::counter!("relance_messages_consumed_total", "queue" => spec.queue.clone(), "outcome" => outcome_label).increment(1);
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+}
+
+/// Copies a delivery to `queue` (through the default exchange) with its attempt number,
+/// waiting for the broker's confirmation before the original is acked.
+async fn republish(channel: &Channel, queue: &str, delivery: &lapin::message::Delivery, attempt: u32) -> Result<(), BusError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+    headers.insert("x-relance-routing-key".into(), AMQPValue::LongString(delivery.routing_key.as_str().into()));
+    let properties = delivery.properties.clone().with_headers(headers);
+    // The consumer's channel is in confirm mode: a retry copy must not be lost.
+    let confirm = channel
+        .basic_publish("", queue, BasicPublishOptions::default(), &delivery.data, properties)
+        .await?;
+    match confirm.await? {
+        Confirmation::Nack(_) => {
+            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            Err(BusError::Nacked(queue.to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn attempt_of(properties: &BasicProperties) -> u32 {
+    let Some(headers) = properties.headers() else { return 1 };
+    match headers.inner().get(ATTEMPT_HEADER) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => (*n).max(1) as u32,
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(1) as u32,
+        _ => 1,
+    }
+}
+
+fn set_parent_from_headers(span: &tracing::Span, properties: &BasicProperties) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Some(headers) = properties.headers() else { return };
+    let mut carrier = std::collections::HashMap::new();
+    for (key, value) in headers {
+        if let AMQPValue::LongString(text) = value {
+            carrier.insert(key.as_str().to_owned(), String::from_utf8_lossy(text.as_bytes()).into_owned());
+        }
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
+    let _ = span.set_parent(parent);
+}
+
+async fn record_depth(channel: &Channel, queue: &str) {
+    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    if let Ok(state) = channel.queue_declare(queue, options, FieldTable::default()).await {
+        metrics::gauge!("relance_queue_depth", "queue" => queue.to_owned()).set(f64::from(state.message_count()));
+    }
+}
+
+/// Reads a header of type string.
+pub fn header_str<'a>(headers: &'a FieldTable, key: &str) -> Option<&'a [u8]> {
+    match headers.inner().get(&ShortString::from(key)) {
+        Some(AMQPValue::LongString(text)) => Some(text.as_bytes()),
+        _ => None,
+    }
+}

@@ -1,0 +1,125 @@
+//! `relance demo`: starts every service in this process, imports the Online Retail sample
+//! into a `demo` workspace, waits for the profiles service to compute traits and RFM scores
+//! from the events it consumed, and prints what came out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relance_kit::auth::Scope;
+use relance_kit::config::LogFormat;
+use relance_kit::{Settings, SharedClock, SystemClock};
+use relance_proto::v1 as pb;
+
+use crate::client::Target;
+use crate::{import, serve};
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The Online Retail file to import.
+    #[arg(long, default_value = "examples/data/online-retail-sample.csv.gz")]
+    file: PathBuf,
+    /// The workspace to import into.
+    #[arg(long, default_value = "demo")]
+    workspace: String,
+    /// Stop once the summary is printed, instead of serving until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+}
+
+pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if std::env::var_os("RELANCE_LOG_LEVEL").is_none() {
+        settings.log_level = "warn".into();
+    }
+    if std::env::var_os("RELANCE_LOG_FORMAT").is_none() {
+        settings.log_format = LogFormat::Pretty;
+    }
+    let _telemetry = relance_kit::telemetry::init(&settings, "relance-demo")?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let services: Vec<String> = serve::SERVICES.iter().map(|s| s.to_string()).collect();
+    let (platform, server, listener) = serve::start(settings.clone(), clock.clone(), &services).await?;
+    let mut addr = listener.local_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let serving = platform.clone();
+    let server = tokio::spawn(async move { server.serve(&serving, listener).await });
+    platform.cancel_on_signal();
+
+    let key = platform.keys.create_key(&args.workspace, &[Scope::Admin], "demo").await?;
+    let target = Target { addr: format!("http://{addr}"), api_key: key.clone() };
+    let clients = target.connect().await?;
+
+    println!("Relance is running: gRPC on {addr}, metrics on http://{}/metrics", settings.admin_addr);
+    println!("Importing {} into workspace {:?} …", args.file.display(), args.workspace);
+    let started = Instant::now();
+    let summary = import::import_online_retail(&clients, &args.file, 500, true).await?;
+    import::print_summary(&args.file, &summary);
+    println!("  took {:.1}s", started.elapsed().as_secs_f64());
+
+    println!("\nWaiting for the profiles service to consume the events …");
+    wait_until_consumed(&platform.bus).await?;
+    let pool = relance_kit::db::connect(&settings, relance_profiles::SCHEMA).await?;
+    let store = relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
+    relance_profiles::rescore_all(&store, &clock).await?;
+
+    let mut profiles = clients.profiles.clone();
+    let top = profiles
+        .list(pb::ListProfilesRequest { page_size: 10, order: pb::ProfileOrder::Unspecified as i32, ..Default::default() })
+        .await?
+        .into_inner()
+        .profiles;
+    println!("\nTop customers by RFM (scores 1-5 by quintile of the workspace's buyers, as of today):");
+    println!("  {:<10} {:<16} {:>6} {:>11} {:>12}  {}", "customer", "country", "orders", "revenue £", "last order", "R F M");
+    for profile in &top {
+        let traits = profile.traits.clone().unwrap_or_default();
+        let country = profile
+            .attributes
+            .as_ref()
+            .and_then(|a| a.fields.get("country"))
+            .map(relance_proto::convert::value_to_json)
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let last = traits
+            .last_purchase_at
+            .as_ref()
+            .and_then(relance_proto::convert::timestamp_to_chrono)
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default();
+        println!(
+            "  {:<10} {:<16} {:>6} {:>11.2} {:>12}  {} {} {}",
+            profile.customer_id, country, traits.orders_count, traits.revenue, last, traits.rfm_recency, traits.rfm_frequency, traits.rfm_monetary
+        );
+    }
+    if let Some(first) = top.first() {
+        println!("\nTry:");
+        println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
+        println!("  target/debug/relance profile get {}", first.customer_id);
+        println!("  target/debug/relance profile export {} | head -40", first.customer_id);
+    }
+
+    if args.exit {
+        platform.shutdown.cancel();
+    } else {
+        println!("\nServing until Ctrl-C.");
+    }
+    server.await??;
+    platform.drain().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the profiles consumer's queue has stayed empty for a moment (at most 5 min).
+async fn wait_until_consumed(bus: &relance_kit::bus::Bus) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut empty_polls = 0;
+    while empty_polls < 4 {
+        if Instant::now() > deadline {
+            anyhow::bail!("the profiles service did not catch up within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let depth = bus.queue_depth(relance_profiles::store::TRAITS_CONSUMER).await?;
+        if depth == 0 { empty_polls += 1 } else { empty_polls = 0 }
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The events service: ingestion (Track, TrackBatch, Import), dedup, the partitioned event
+//! log, and its publication to `relance.events`.
+//!
+//! - API: [`api`] (proto ↔ domain)
+//! - domain: [`domain`] (validation, batch rules; pure)
+//! - store: [`store`] (SQL)
+//! - background: [`relay`] (event log → RabbitMQ), [`consumer`] (identity changes)
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod consumer;
+pub mod domain;
+pub mod ingest;
+pub mod relay;
+pub mod store;
+
+use std::sync::Arc;
+
+use relance_kit::Platform;
+use relance_kit::bus::{self, Publisher};
+use relance_kit::grpc::GrpcServer;
+use relance_proto::v1::events_server::EventsServer;
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+/// Migrations of the `events` schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The schema this service owns.
+pub const SCHEMA: &str = "events";
+
+/// The `[events]` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EventsConfig {
+    /// Validation limits.
+    #[serde(flatten)]
+    pub limits: domain::Limits,
+    /// Events published per relay round trip.
+    pub relay_batch: i64,
+    /// Largest gRPC message accepted (TrackBatch of 1,000 events).
+    pub max_message_bytes: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> EventsConfig {
+        EventsConfig { limits: domain::Limits::default(), relay_batch: 1000, max_message_bytes: 16 * 1024 * 1024 }
+    }
+}
+
+/// Starts the events service: migrations, relay, identity consumer, and the gRPC API.
+pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Result<()> {
+    let config: EventsConfig = platform.settings.section("events")?;
+    let pool = platform.database(SCHEMA, &MIGRATOR).await?;
+    let store = Arc::new(store::EventStore::new(pool.clone()));
+    let relay_wake = Arc::new(Notify::new());
+
+    let publisher = Arc::new(Publisher::new(platform.bus.clone()));
+    platform.spawn("events-relay", relay::run(pool, publisher, relay_wake.clone(), config.relay_batch, platform.shutdown.clone()));
+
+    let identity = consumer::spec();
+    bus::declare(&platform.bus, &identity).await?;
+    let handler = Arc::new(consumer::IdentityHandler { store: store.clone() });
+    platform.spawn("events-identity", bus::run_consumer(platform.bus.clone(), identity, handler, platform.shutdown.clone()));
+
+    let ingestor = ingest::Ingestor { store, clock: platform.clock.clone(), limits: config.limits, relay_wake };
+    server.add_service(
+        EventsServer::new(api::EventsApi { ingestor })
+            .max_decoding_message_size(config.max_message_bytes),
+    );
+    Ok(())
+}

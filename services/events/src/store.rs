@@ -1,0 +1,329 @@
+//! Postgres for the events service: the partitioned event log (which is also the outbox),
+//! dedup ids, identity links and the relay cursor.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use relance_kit::messages::{EventMessage, ProfileDeleted, ProfileMerged};
+use sqlx::{PgConnection, PgPool, Row as _};
+
+use crate::domain::{self, NewEvent};
+
+/// Lock class of the identity buckets (the first key of the two-key advisory lock).
+const IDENTITY_LOCK_CLASS: i32 = 0x4944; // "ID"
+
+/// Lock key of the single active relay.
+const RELAY_LOCK: (i32, i32) = (0x5245, 1); // "RE"
+
+/// The events service's tables.
+#[derive(Debug)]
+pub struct EventStore {
+    pool: PgPool,
+    /// Months whose partition is known to exist.
+    partitions: Mutex<HashSet<NaiveDate>>,
+}
+
+/// A stored event, as read back.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub seq: i64,
+    pub message_id: String,
+    pub name: String,
+    pub customer_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub timestamp: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub properties: serde_json::Value,
+    pub context: serde_json::Value,
+}
+
+/// Which events to read back.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub customer_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub names: Vec<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Read events strictly older than this (time, seq): the page token.
+    pub before: Option<(DateTime<Utc>, i64)>,
+    pub limit: i64,
+}
+
+impl EventStore {
+    /// The store over the `events` schema's pool.
+    pub fn new(pool: PgPool) -> EventStore {
+        EventStore { pool, partitions: Mutex::new(HashSet::new()) }
+    }
+
+    /// The pool (for the relay's dedicated connection).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Stores the events that were never stored before; returns how many were new.
+    ///
+    /// One statement inserts the new message ids and, for those only, the events — with the
+    /// customer id filled in from a known identity link. Batches holding anonymous-only
+    /// events first take their identity buckets in shared mode (see
+    /// [`domain::identity_bucket`]).
+    pub async fn insert(&self, workspace_id: &str, events: &[NewEvent], received_at: DateTime<Utc>) -> sqlx::Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.ensure_partitions(domain::months_of(events.iter().map(|e| &e.timestamp))).await?;
+
+        let mut message_ids = Vec::with_capacity(events.len());
+        let mut names = Vec::with_capacity(events.len());
+        let mut customers = Vec::with_capacity(events.len());
+        let mut anonymous = Vec::with_capacity(events.len());
+        let mut times = Vec::with_capacity(events.len());
+        let mut properties = Vec::with_capacity(events.len());
+        let mut contexts = Vec::with_capacity(events.len());
+        let mut buckets = Vec::new();
+        for event in events {
+            message_ids.push(event.message_id.as_str());
+            names.push(event.name.as_str());
+            customers.push(event.customer_id.as_deref());
+            anonymous.push(event.anonymous_id.as_deref());
+            times.push(event.timestamp);
+            properties.push(event.properties.as_str());
+            contexts.push(event.context.as_str());
+            if let (None, Some(anon)) = (&event.customer_id, &event.anonymous_id) {
+                buckets.push(domain::identity_bucket(workspace_id, anon));
+            }
+        }
+        buckets.sort_unstable();
+        buckets.dedup();
+
+        let insert = sqlx::query(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[]) \
+                     AS t(message_id, name, customer_id, anonymous_id, ts, properties, context) \
+             ), fresh AS ( \
+                 INSERT INTO event_ids (workspace_id, message_id, ts) \
+                 SELECT $1, message_id, ts FROM input \
+                 ON CONFLICT DO NOTHING \
+                 RETURNING message_id \
+             ), stored AS ( \
+                 INSERT INTO events (workspace_id, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context) \
+                 SELECT $1, i.message_id, i.name, COALESCE(i.customer_id, l.customer_id), i.anonymous_id, i.ts, $9, \
+                        i.properties::jsonb, i.context::jsonb \
+                 FROM input i \
+                 JOIN fresh f USING (message_id) \
+                 LEFT JOIN identity_links l ON l.workspace_id = $1 AND l.anonymous_id = i.anonymous_id AND i.customer_id IS NULL \
+                 RETURNING 1 \
+             ) SELECT count(*) FROM stored",
+        )
+        .bind(workspace_id)
+        .bind(&message_ids)
+        .bind(&names)
+        .bind(&customers)
+        .bind(&anonymous)
+        .bind(&times)
+        .bind(&properties)
+        .bind(&contexts)
+        .bind(received_at);
+
+        if buckets.is_empty() {
+            let stored: i64 = insert.fetch_one(&self.pool).await?.try_get(0)?;
+            return Ok(stored as u64);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, b) FROM unnest($2::int[]) AS b")
+            .bind(IDENTITY_LOCK_CLASS)
+            .bind(&buckets)
+            .execute(&mut *tx)
+            .await?;
+        let stored: i64 = insert.fetch_one(&mut *tx).await?.try_get(0)?;
+        tx.commit().await?;
+        Ok(stored as u64)
+    }
+
+    /// Creates the monthly partitions `months` need, once per process.
+    async fn ensure_partitions(&self, months: std::collections::BTreeSet<NaiveDate>) -> sqlx::Result<()> {
+        let missing: Vec<NaiveDate> = {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            months.into_iter().filter(|m| !known.contains(m)).collect()
+        };
+        for month in missing {
+            let name = format!("events_{}", month.format("%Y_%m"));
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF events FOR VALUES FROM ('{}') TO ('{}')",
+                month.format("%Y-%m-%d"),
+                domain::next_month(month).format("%Y-%m-%d"),
+            );
+            if let Err(error) = sqlx::query(&sql).execute(&self.pool).await {
+                // Another replica created it at the same moment.
+                let raced = error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "42P07" || code == "23505");
+                if !raced {
+                    return Err(error);
+                }
+            }
+            self.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(month);
+        }
+        Ok(())
+    }
+
+    /// Records that an anonymous id belongs to a customer and re-attributes its events.
+    /// Idempotent.
+    pub async fn link_identity(&self, merged: &ProfileMerged) -> sqlx::Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(IDENTITY_LOCK_CLASS)
+            .bind(domain::identity_bucket(&merged.workspace_id, &merged.anonymous_id))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO identity_links (workspace_id, anonymous_id, customer_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (workspace_id, anonymous_id) DO UPDATE SET customer_id = excluded.customer_id",
+        )
+        .bind(&merged.workspace_id)
+        .bind(&merged.anonymous_id)
+        .bind(&merged.customer_id)
+        .execute(&mut *tx)
+        .await?;
+        let moved = sqlx::query(
+            "UPDATE events SET customer_id = $3 WHERE workspace_id = $1 AND anonymous_id = $2 AND customer_id IS DISTINCT FROM $3",
+        )
+        .bind(&merged.workspace_id)
+        .bind(&merged.anonymous_id)
+        .bind(&merged.customer_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Erases every event, dedup id and identity link of a deleted customer. Idempotent.
+    pub async fn erase(&self, deleted: &ProfileDeleted) -> sqlx::Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let customer = deleted.customer_id.as_deref();
+        let erased = sqlx::query(
+            "WITH gone AS ( \
+                 DELETE FROM events WHERE workspace_id = $1 \
+                   AND (customer_id = $2 OR anonymous_id = ANY($3)) \
+                 RETURNING message_id \
+             ), ids AS ( \
+                 DELETE FROM event_ids WHERE workspace_id = $1 AND message_id IN (SELECT message_id FROM gone) RETURNING 1 \
+             ) SELECT count(*) FROM gone",
+        )
+        .bind(&deleted.workspace_id)
+        .bind(customer)
+        .bind(&deleted.anonymous_ids)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get::<i64, _>(0)?;
+        sqlx::query("DELETE FROM identity_links WHERE workspace_id = $1 AND (customer_id = $2 OR anonymous_id = ANY($3))")
+            .bind(&deleted.workspace_id)
+            .bind(customer)
+            .bind(&deleted.anonymous_ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(erased as u64)
+    }
+
+    /// Reads events of one customer, newest first.
+    pub async fn query(&self, workspace_id: &str, query: &EventQuery) -> sqlx::Result<Vec<StoredRow>> {
+        let (before_ts, before_seq) = match query.before {
+            Some((ts, seq)) => (Some(ts), seq),
+            None => (None, i64::MAX),
+        };
+        let rows = sqlx::query(
+            "SELECT seq, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context \
+             FROM events \
+             WHERE workspace_id = $1 \
+               AND (($2::text IS NOT NULL AND customer_id = $2) OR ($3::text IS NOT NULL AND anonymous_id = $3)) \
+               AND (cardinality($4::text[]) = 0 OR name = ANY($4)) \
+               AND ($5::timestamptz IS NULL OR ts >= $5) \
+               AND ($6::timestamptz IS NULL OR ts < $6) \
+               AND ($7::timestamptz IS NULL OR (ts, seq) < ($7, $8)) \
+             ORDER BY ts DESC, seq DESC \
+             LIMIT $9",
+        )
+        .bind(workspace_id)
+        .bind(&query.customer_id)
+        .bind(&query.anonymous_id)
+        .bind(&query.names)
+        .bind(query.from)
+        .bind(query.to)
+        .bind(before_ts)
+        .bind(before_seq)
+        .bind(query.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(StoredRow {
+                seq: row.try_get("seq")?,
+                message_id: row.try_get("message_id")?,
+                name: row.try_get("name")?,
+                customer_id: row.try_get("customer_id")?,
+                anonymous_id: row.try_get("anonymous_id")?,
+                timestamp: row.try_get("ts")?,
+                received_at: row.try_get("received_at")?,
+                properties: row.try_get("properties")?,
+                context: row.try_get("context")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Takes the relay's session lock on `conn`; `false` when another replica holds it.
+pub async fn try_lock_relay(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(RELAY_LOCK.0)
+        .bind(RELAY_LOCK.1)
+        .fetch_one(conn)
+        .await
+}
+
+/// The next events to publish after the cursor, only from transactions that have all
+/// finished (below the oldest running transaction), in (xid, seq) order.
+pub async fn next_to_publish(conn: &mut PgConnection, limit: i64) -> sqlx::Result<(Vec<EventMessage>, Option<(String, i64)>)> {
+    let rows = sqlx::query(
+        "SELECT e.xid::text AS xid, e.seq, e.workspace_id, e.message_id, e.name, e.customer_id, e.anonymous_id, \
+                e.ts, e.received_at, e.properties, e.context \
+         FROM events e, relay_cursor c \
+         WHERE c.id = 1 \
+           AND (e.xid, e.seq) > (c.xid, c.seq) \
+           AND e.xid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY e.xid, e.seq \
+         LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut messages = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows {
+        last = Some((row.try_get::<String, _>("xid")?, row.try_get::<i64, _>("seq")?));
+        messages.push(EventMessage {
+            workspace_id: row.try_get("workspace_id")?,
+            seq: row.try_get("seq")?,
+            message_id: row.try_get("message_id")?,
+            name: row.try_get("name")?,
+            customer_id: row.try_get("customer_id")?,
+            anonymous_id: row.try_get("anonymous_id")?,
+            timestamp: row.try_get("ts")?,
+            received_at: row.try_get("received_at")?,
+            properties: row.try_get("properties")?,
+            context: row.try_get("context")?,
+        });
+    }
+    Ok((messages, last))
+}
+
+/// Moves the relay cursor past what was published.
+pub async fn advance_cursor(conn: &mut PgConnection, xid: &str, seq: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE relay_cursor SET xid = $1::xid8, seq = $2 WHERE id = 1")
+        .bind(xid)
+        .bind(seq)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
