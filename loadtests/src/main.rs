@@ -1,1 +1,96 @@
-fn main() {}
+//! `relance-loadtest`: load scenarios against a running Relance, with HDR histograms.
+//!
+//! - `ingest-batch`: `TrackBatch` throughput.
+//! - `ingest-raw`: the same rows written straight into Postgres, the baseline.
+//! - `track-rate`: single `Track` latency at a fixed rate (open loop).
+//! - `report`: results (JSON) → the ingestion section of BENCHMARKS.md.
+//!
+//! `bench/run.sh` runs them all; see loadtests/README.md.
+#![forbid(unsafe_code)]
+
+mod client;
+mod generate;
+mod ingest;
+mod rate;
+mod report;
+mod stats;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::stats::Outcome;
+
+/// Load scenarios for Relance's event ingestion.
+#[derive(Debug, Parser)]
+#[command(name = "relance-loadtest", version, about)]
+struct Cli {
+    /// Print the result as one JSON object instead of a line.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Also write the result as JSON to this file (what `report` reads).
+    #[arg(long, global = true)]
+    save: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// TrackBatch throughput against the events service.
+    IngestBatch {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(flatten)]
+        load: ingest::Load,
+    },
+    /// The raw baseline: the same rows inserted straight into a plain Postgres table.
+    IngestRaw {
+        #[command(flatten)]
+        target: ingest::RawTarget,
+        #[command(flatten)]
+        load: ingest::Load,
+    },
+    /// Single Track latency at a fixed request rate.
+    TrackRate {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(flatten)]
+        args: rate::RateArgs,
+    },
+    /// Write the results of a folder of runs into BENCHMARKS.md.
+    Report(report::ReportArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let outcome = match cli.command {
+        Command::IngestBatch { target, load } => Outcome::Ingest(ingest::track_batch(&target, &load).await?),
+        Command::IngestRaw { target, load } => Outcome::Ingest(ingest::raw(&target, &load).await?),
+        Command::TrackRate { target, args } => Outcome::TrackRate(rate::track_rate(&target, &args).await?),
+        Command::Report(args) => return report::run(&args),
+    };
+    if let Some(path) = &cli.save {
+        std::fs::write(path, serde_json::to_string_pretty(&outcome)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    stats::print(&outcome, cli.json)
+}

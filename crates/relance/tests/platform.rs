@@ -1,0 +1,232 @@
+//! The services together, and the `relance` binary as a process: erasure across services,
+//! durability across SIGKILL, the Online Retail import run twice.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use relance_kit::auth::{KeyStore, Scope};
+use relance_kit::bus::{Bus, EVENTS_EXCHANGE};
+use relance_kit::messages::EventMessage;
+use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
+use relance_kit::{SharedClock, SystemClock, db};
+use relance_proto::convert::json_to_struct;
+use relance_proto::v1::events_client::EventsClient;
+use relance_proto::v1::profiles_client::ProfilesClient;
+use relance_proto::v1::{self as pb, customer_ref};
+
+fn known(id: &str) -> Option<pb::CustomerRef> {
+    Some(pb::CustomerRef { id: Some(customer_ref::Id::CustomerId(id.into())) })
+}
+
+fn event(message_id: &str, name: &str, customer_id: &str, anonymous_id: &str) -> pb::Event {
+    pb::Event {
+        message_id: message_id.into(),
+        name: name.into(),
+        customer_id: customer_id.into(),
+        anonymous_id: anonymous_id.into(),
+        properties: Some(json_to_struct(&serde_json::json!({"revenue": 25.0}))),
+        ..Default::default()
+    }
+}
+
+async fn spawn_platform() -> TestApp {
+    let env = Arc::new(TestEnv::new().await);
+    let settings = env.settings.clone();
+    let clock: SharedClock = Arc::new(SystemClock);
+    TestApp::start(
+        env,
+        settings,
+        clock,
+        Box::new(|platform, server| {
+            Box::pin(async move {
+                relance_profiles::serve(platform, server).await?;
+                relance_events::serve(platform, server).await
+            })
+        }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_erased_customer_leaves_nothing_in_profiles_or_events() {
+    let app = spawn_platform().await;
+    let channel = app.channel().await;
+    let mut events = EventsClient::new(channel.clone());
+    let mut profiles = ProfilesClient::new(channel);
+    let batch = vec![
+        event("e-1", "product_viewed", "", "anon-1"),
+        // Identifies the visitor: profiles merges anon-1 into c1.
+        event("e-2", "signed_up", "c1", "anon-1"),
+        event("e-3", "order_completed", "c1", ""),
+        event("e-4", "order_completed", "c2", ""),
+    ];
+    events.track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch })).await.expect("track");
+    let profile = eventually(10, "c1's traits and merged identity", || {
+        let mut profiles = profiles.clone();
+        let key = app.admin_key.clone();
+        async move {
+            let profile = profiles.get(authed(&key, pb::GetProfileRequest { customer: known("c1") })).await.ok()?.into_inner();
+            (profile.traits.as_ref()?.orders_count == 1 && profile.anonymous_ids == ["anon-1"]).then_some(profile)
+        }
+    })
+    .await;
+    assert!((profile.traits.expect("traits").revenue - 25.0).abs() < 1e-9);
+    eventually(10, "anon-1's event re-attributed to c1", || {
+        let mut events = events.clone();
+        let key = app.admin_key.clone();
+        async move {
+            let page = events.query(authed(&key, pb::QueryEventsRequest { customer: known("c1"), ..Default::default() })).await.ok()?.into_inner();
+            (page.events.len() == 3).then_some(())
+        }
+    })
+    .await;
+
+    profiles.delete(authed(&app.admin_key, pb::DeleteProfileRequest { customer: known("c1") })).await.expect("delete");
+    let events_pool = db::connect(&app.platform.settings, "events").await.expect("pool");
+    eventually(10, "the events service to erase c1's events", || {
+        let pool = events_pool.clone();
+        async move {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM events WHERE customer_id = 'c1' OR anonymous_id = 'anon-1') \
+                      + (SELECT count(*) FROM event_ids WHERE message_id IN ('e-1', 'e-2', 'e-3')) \
+                      + (SELECT count(*) FROM identity_links WHERE customer_id = 'c1')",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    let profiles_pool = db::connect(&app.platform.settings, "profiles").await.expect("pool");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM profiles WHERE customer_id = 'c1') + (SELECT count(*) FROM identities WHERE anonymous_id = 'anon-1')",
+    )
+    .fetch_one(&profiles_pool)
+    .await
+    .expect("count");
+    assert_eq!(left, 0);
+    // The other customer is untouched.
+    let page = events.query(authed(&app.admin_key, pb::QueryEventsRequest { customer: known("c2"), ..Default::default() })).await.expect("c2").into_inner();
+    assert_eq!(page.events.len(), 1);
+    app.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn start_events_process(env: &TestEnv, grpc_port: u16, relay_batch: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_relance"))
+        .args(["serve", "events"])
+        .env("RELANCE_DATABASE_URL", env.database_url())
+        .env("RELANCE_AMQP_PREFIX", &env.settings.amqp_prefix)
+        .env("RELANCE_AMQP_EPHEMERAL", "true")
+        .env("RELANCE_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+        .env("RELANCE_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("RELANCE_LOG_LEVEL", "warn")
+        .env("RELANCE_EVENTS__RELAY_BATCH", relay_batch)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start relance serve events")
+}
+
+async fn connect(port: u16) -> EventsClient<tonic::transport::Channel> {
+    eventually(30, "relance serve events to listen", || async move {
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
+        Some(EventsClient::new(channel))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
+    let env = TestEnv::new().await;
+    let auth = db::connect(&env.settings, "auth").await.expect("auth pool");
+    db::migrate(&auth, &relance_kit::platform::AUTH_MIGRATOR, "auth").await.expect("migrate");
+    let key = KeyStore::new(auth).create_key("crash", &[Scope::Ingest, Scope::Admin], "test").await.expect("key");
+    let bus = Bus::connect(&env.settings).await.expect("bus");
+    let mut tap = Tap::bind(&bus, EVENTS_EXCHANGE, "event.#").await;
+
+    // A relay publishing one event per round trip is still busy when the process dies.
+    let port = free_port();
+    let mut process = start_events_process(&env, port, "1");
+    let mut events = connect(port).await;
+    let mut acknowledged = HashSet::new();
+    for batch in 0..10 {
+        let chunk: Vec<_> = (0..500).map(|i| event(&format!("k-{batch}-{i}"), "product_viewed", &format!("c{i}"), "")).collect();
+        let response = events.track_batch(authed(&key, pb::TrackBatchRequest { events: chunk.clone() })).await.expect("acknowledged").into_inner();
+        assert_eq!(response.accepted, 500);
+        acknowledged.extend(chunk.into_iter().map(|e| e.message_id));
+    }
+    process.kill().expect("SIGKILL");
+    process.wait().expect("reaped");
+
+    let pool = db::connect(&env.settings, "events").await.expect("pool");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await.expect("count");
+    assert_eq!(stored, 5000, "every acknowledged event is in Postgres");
+
+    let mut published = HashSet::new();
+    while let Some((_, body)) = tap.next(1).await {
+        let message: EventMessage = serde_json::from_slice(&body).expect("json");
+        published.insert(message.message_id);
+    }
+    let before_restart = published.len();
+    assert!(before_restart < 5000, "the relay was still behind when killed ({before_restart} published)");
+
+    let mut process = start_events_process(&env, port, "1000");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while published.len() < acknowledged.len() && tokio::time::Instant::now() < deadline {
+        if let Some((_, body)) = tap.next(5).await {
+            let message: EventMessage = serde_json::from_slice(&body).expect("json");
+            published.insert(message.message_id);
+        }
+    }
+    process.kill().expect("stop");
+    process.wait().expect("reaped");
+    assert_eq!(published, acknowledged, "every acknowledged event was published ({before_restart} before the kill)");
+}
+
+async fn import_sample(app: &TestApp) -> String {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/online-retail-sample.csv.gz");
+    // The services run in this test's runtime: wait for the child without blocking it.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relance"))
+        .args(["import", "online-retail", sample, "--quiet"])
+        .env("RELANCE_ADDR", format!("http://{}", app.addr))
+        .env("RELANCE_API_KEY", &app.admin_key)
+        .output()
+        .await
+        .expect("run relance import");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "import failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+fn figure(report: &str, label: &str) -> String {
+    let line = report.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in {report}"));
+    line.trim_start()[label.len()..].trim().split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn importing_the_online_retail_sample_twice_stores_nothing_twice() {
+    let app = spawn_platform().await;
+    // Counts measured independently with Python's csv module (examples/data/README.md).
+    let first = import_sample(&app).await;
+    assert_eq!(figure(&first, "rows read"), "195,679");
+    assert_eq!(figure(&first, "invoices"), "8,426");
+    assert_eq!(figure(&first, "customers"), "2,872");
+    assert_eq!(figure(&first, "events sent"), "7,577");
+    assert_eq!(figure(&first, "events accepted"), "7,577");
+    assert_eq!(figure(&first, "events rejected"), "0");
+    assert_eq!(figure(&first, "invoices skipped"), "849");
+
+    let second = import_sample(&app).await;
+    assert_eq!(figure(&second, "events accepted"), "0", "{second}");
+    assert_eq!(figure(&second, "events already stored"), "7,577");
+    let pool = db::connect(&app.platform.settings, "events").await.expect("pool");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await.expect("count");
+    assert_eq!(stored, 7577);
+    app.stop().await;
+}

@@ -1,0 +1,68 @@
+//! gRPC connections to the events service, carrying the API key.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use relance_proto::v1::events_client::EventsClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the service is and which key to use.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// Address of the gRPC endpoint (only 127.0.0.1 is ever benchmarked).
+    #[arg(long, env = "RELANCE_ADDR", default_value = "http://127.0.0.1:50061")]
+    pub addr: String,
+    /// API key with the `ingest` (or `admin`) scope.
+    #[arg(long = "api-key", env = "RELANCE_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Debug, Clone)]
+pub struct WithKey(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for WithKey {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Client = EventsClient<InterceptedService<Channel, WithKey>>;
+
+/// How long to keep retrying the first connection (the server may still be starting).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
+
+impl Target {
+    /// `count` clients, each on its own HTTP/2 connection, so that concurrent callers do not
+    /// share one TCP stream (as separate application instances would not).
+    pub async fn connect(&self, count: usize) -> anyhow::Result<Vec<Client>> {
+        let key: MetadataValue<Ascii> =
+            format!("Bearer {}", self.api_key).parse().map_err(|_| anyhow::anyhow!("--api-key: not a valid key"))?;
+        let endpoint = Endpoint::from_shared(self.addr.clone()).with_context(|| format!("--addr {}", self.addr))?;
+        let mut clients = Vec::with_capacity(count);
+        for _ in 0..count.max(1) {
+            let channel = connect_with_retry(&endpoint).await?;
+            clients.push(
+                EventsClient::with_interceptor(channel, WithKey(key.clone())).max_encoding_message_size(16 * 1024 * 1024),
+            );
+        }
+        Ok(clients)
+    }
+}
+
+async fn connect_with_retry(endpoint: &Endpoint) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("waiting for {} ({error})", endpoint.uri());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(anyhow::anyhow!("cannot reach {} ({error}); is `relance serve events` running?", endpoint.uri())),
+        }
+    }
+}
