@@ -21,7 +21,9 @@ pub fn value_to_json(value: &Value) -> serde_json::Value {
         Some(Kind::NumberValue(n)) => number_to_json(*n),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
         Some(Kind::StructValue(s)) => struct_to_json(s),
-        Some(Kind::ListValue(list)) => serde_json::Value::Array(list.values.iter().map(value_to_json).collect()),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
+        }
     }
 }
 
@@ -51,7 +53,9 @@ pub fn json_to_value(json: &serde_json::Value) -> Value {
         serde_json::Value::Bool(b) => Kind::BoolValue(*b),
         serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
         serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(items) => Kind::ListValue(ListValue { values: items.iter().map(json_to_value).collect() }),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
         serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(json)),
     };
     Value { kind: Some(kind) }
@@ -65,7 +69,10 @@ pub fn timestamp_to_chrono(ts: &Timestamp) -> Option<DateTime<Utc>> {
 
 /// UTC time as a `Timestamp`.
 pub fn chrono_to_timestamp(time: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+    Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +89,12 @@ mod tests {
     fn timestamps_round_trip() {
         let now = DateTime::from_timestamp(1_700_000_000, 123_000_000).expect("valid");
         assert_eq!(timestamp_to_chrono(&chrono_to_timestamp(now)), Some(now));
-        assert_eq!(timestamp_to_chrono(&Timestamp { seconds: 0, nanos: -1 }), None);
+        assert_eq!(
+            timestamp_to_chrono(&Timestamp {
+                seconds: 0,
+                nanos: -1
+            }),
+            None
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of every relance.v1 file, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relance_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/relance_descriptor.bin"));
 
 pub mod convert;

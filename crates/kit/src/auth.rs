@@ -117,17 +117,33 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(30);
 impl KeyStore {
     /// A store over the `auth` schema's pool.
     pub fn new(pool: PgPool) -> KeyStore {
-        KeyStore { pool, cache: RwLock::new(HashMap::new()), ttl: KEY_CACHE_TTL }
+        KeyStore {
+            pool,
+            cache: RwLock::new(HashMap::new()),
+            ttl: KEY_CACHE_TTL,
+        }
     }
 
     /// Creates a key for `workspace_id` (creating the workspace if new) and returns it; it is
     /// shown once and cannot be read back.
-    pub async fn create_key(&self, workspace_id: &str, scopes: &[Scope], name: &str) -> ApiResult<String> {
+    pub async fn create_key(
+        &self,
+        workspace_id: &str,
+        scopes: &[Scope],
+        name: &str,
+    ) -> ApiResult<String> {
         validate_workspace_id(workspace_id)?;
         if scopes.is_empty() {
-            return Err(ApiError::invalid("scopes", "at least one scope is required"));
+            return Err(ApiError::invalid(
+                "scopes",
+                "at least one scope is required",
+            ));
         }
-        let random: String = rand::rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+        let random: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(40)
+            .map(char::from)
+            .collect();
         let key = format!("rlk_{random}");
         let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
         let mut tx = self.pool.begin().await?;
@@ -158,17 +174,24 @@ impl KeyStore {
         .bind(key_prefix)
         .execute(&self.pool)
         .await?;
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(done.rows_affected())
     }
 
     /// The caller a key stands for, or `None` for an unknown or revoked key.
     pub async fn resolve(&self, key: &str) -> ApiResult<Option<Caller>> {
         let hash = hash_key(key);
-        if let Some((caller, at)) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&hash) {
-            if at.elapsed() < self.ttl {
-                return Ok(caller.clone());
-            }
+        if let Some((caller, at)) = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(caller.clone());
         }
         let row: Option<(String, Vec<String>)> = sqlx::query_as(
             "SELECT workspace_id, scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
@@ -193,9 +216,18 @@ impl KeyStore {
 pub fn validate_workspace_id(id: &str) -> ApiResult<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if ok { Ok(()) } else { Err(ApiError::invalid("workspace", "must be 1-64 of a-z 0-9 - _")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "workspace",
+            "must be 1-64 of a-z 0-9 - _",
+        ))
+    }
 }
 
 fn key_from_headers(headers: &http::HeaderMap) -> Option<&str> {
@@ -222,7 +254,10 @@ impl AuthLayer {
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, keys: self.keys.clone() }
+        Auth {
+            inner,
+            keys: self.keys.clone(),
+        }
     }
 }
 
@@ -291,17 +326,32 @@ mod tests {
 
     #[test]
     fn scopes_per_method() {
-        assert_eq!(required_scope("/relance.v1.Events/Track"), Some(Scope::Ingest));
-        assert_eq!(required_scope("/relance.v1.Events/Query"), Some(Scope::Admin));
-        assert_eq!(required_scope("/relance.v1.Profiles/Get"), Some(Scope::Admin));
+        assert_eq!(
+            required_scope("/relance.v1.Events/Track"),
+            Some(Scope::Ingest)
+        );
+        assert_eq!(
+            required_scope("/relance.v1.Events/Query"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required_scope("/relance.v1.Profiles/Get"),
+            Some(Scope::Admin)
+        );
         assert_eq!(required_scope("/grpc.health.v1.Health/Check"), None);
     }
 
     #[test]
     fn admin_implies_ingest() {
-        let caller = Caller { workspace_id: "w".into(), scopes: vec![Scope::Admin] };
+        let caller = Caller {
+            workspace_id: "w".into(),
+            scopes: vec![Scope::Admin],
+        };
         assert!(caller.has(Scope::Ingest));
-        let caller = Caller { workspace_id: "w".into(), scopes: vec![Scope::Ingest] };
+        let caller = Caller {
+            workspace_id: "w".into(),
+            scopes: vec![Scope::Ingest],
+        };
         assert!(!caller.has(Scope::Admin));
     }
 

@@ -113,19 +113,38 @@ impl Bus {
             auto_delete: self.ephemeral,
             ..ExchangeDeclareOptions::default()
         };
-        channel.exchange_declare(&self.name(base), ExchangeKind::Topic, options, FieldTable::default()).await?;
+        channel
+            .exchange_declare(
+                &self.name(base),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await?;
         Ok(())
     }
 
-    async fn declare_queue(&self, channel: &Channel, name: &str, mut arguments: FieldTable, quorum: bool) -> Result<(), BusError> {
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        mut arguments: FieldTable,
+        quorum: bool,
+    ) -> Result<(), BusError> {
         if quorum {
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
         }
         if self.ephemeral {
             // Test queues disappear a minute after their last consumer goes.
             arguments.insert("x-expires".into(), AMQPValue::LongInt(60_000));
         }
-        let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
         channel.queue_declare(name, options, arguments).await?;
         Ok(())
     }
@@ -133,28 +152,65 @@ impl Bus {
     /// Messages ready in queue `base` (not counting those delivered and not yet acked).
     pub async fn queue_depth(&self, base: &str) -> Result<u32, BusError> {
         let channel = self.channel().await?;
-        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let state = channel.queue_declare(&self.name(base), options, FieldTable::default()).await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let state = channel
+            .queue_declare(&self.name(base), options, FieldTable::default())
+            .await?;
         let _ = channel.close(200, "depth read").await;
         Ok(state.message_count())
     }
 
     /// Declares a consumer's queues (main, retries, dead letters) and bindings.
-    pub async fn declare_consumer(&self, channel: &Channel, spec: &ConsumerSpec) -> Result<(), BusError> {
+    pub async fn declare_consumer(
+        &self,
+        channel: &Channel,
+        spec: &ConsumerSpec,
+    ) -> Result<(), BusError> {
         let queue = self.name(&spec.queue);
-        self.declare_queue(channel, &queue, FieldTable::default(), true).await?;
-        self.declare_queue(channel, &format!("{queue}.dlq"), FieldTable::default(), true).await?;
+        self.declare_queue(channel, &queue, FieldTable::default(), true)
+            .await?;
+        self.declare_queue(
+            channel,
+            &format!("{queue}.dlq"),
+            FieldTable::default(),
+            true,
+        )
+        .await?;
         for (index, delay) in spec.retry_delays.iter().enumerate() {
             let mut arguments = FieldTable::default();
-            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
-            arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-            arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.clone().into()));
-            self.declare_queue(channel, &format!("{queue}.retry.{}", index + 1), arguments, false).await?;
+            arguments.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(queue.clone().into()),
+            );
+            self.declare_queue(
+                channel,
+                &format!("{queue}.retry.{}", index + 1),
+                arguments,
+                false,
+            )
+            .await?;
         }
         for (exchange, routing_key) in &spec.bindings {
             self.declare_exchange(channel, exchange).await?;
             channel
-                .queue_bind(&queue, &self.name(exchange), routing_key, QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    &queue,
+                    &self.name(exchange),
+                    routing_key,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         Ok(())
@@ -192,17 +248,22 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// A publisher on its own channel of `bus`.
     pub fn new(bus: Arc<Bus>) -> Publisher {
-        Publisher { bus, channel: Mutex::new(None) }
+        Publisher {
+            bus,
+            channel: Mutex::new(None),
+        }
     }
 
     async fn ready_channel(&self, slot: &mut Option<Channel>) -> Result<Channel, BusError> {
-        if let Some(channel) = slot.as_ref() {
-            if channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         let channel = self.bus.channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         for exchange in [EVENTS_EXCHANGE, DELIVERY_EXCHANGE] {
             self.bus.declare_exchange(&channel, exchange).await?;
         }
@@ -236,16 +297,29 @@ async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Resu
     for message in messages {
         let mut headers = FieldTable::default();
         for (key, value) in message.headers.iter().chain(trace_headers.iter()) {
-            headers.insert(key.as_str().into(), AMQPValue::LongString(value.as_str().into()));
+            headers.insert(
+                key.as_str().into(),
+                AMQPValue::LongString(value.as_str().into()),
+            );
         }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message.message_id.as_str().into())
             .with_headers(headers);
-        let exchange = if message.exchange.is_empty() { String::new() } else { bus.name(&message.exchange) };
+        let exchange = if message.exchange.is_empty() {
+            String::new()
+        } else {
+            bus.name(&message.exchange)
+        };
         let confirm = channel
-            .basic_publish(&exchange, &message.routing_key, BasicPublishOptions::default(), &message.payload, properties)
+            .basic_publish(
+                &exchange,
+                &message.routing_key,
+                BasicPublishOptions::default(),
+                &message.payload,
+                properties,
+            )
             .await?;
         confirms.push((confirm, &message.message_id));
     }
@@ -290,13 +364,18 @@ impl ConsumerSpec {
             queue: queue.to_owned(),
             bindings: Vec::new(),
             prefetch: 64,
-            retry_delays: vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)],
+            retry_delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            ],
         }
     }
 
     /// Adds a binding of the queue to `exchange` for `routing_key`.
     pub fn bind(mut self, exchange: &str, routing_key: &str) -> ConsumerSpec {
-        self.bindings.push((exchange.to_owned(), routing_key.to_owned()));
+        self.bindings
+            .push((exchange.to_owned(), routing_key.to_owned()));
         self
     }
 }
@@ -338,7 +417,12 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Consumes `spec.queue` until `shutdown`, reconnecting after failures.
-pub async fn run_consumer(bus: Arc<Bus>, spec: ConsumerSpec, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+pub async fn run_consumer(
+    bus: Arc<Bus>,
+    spec: ConsumerSpec,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         match consume_once(&bus, &spec, handler.as_ref(), &shutdown).await {
@@ -364,14 +448,28 @@ pub async fn declare(bus: &Bus, spec: &ConsumerSpec) -> Result<(), BusError> {
     Ok(())
 }
 
-async fn consume_once(bus: &Bus, spec: &ConsumerSpec, handler: &dyn Handler, shutdown: &CancellationToken) -> Result<(), BusError> {
+async fn consume_once(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    handler: &dyn Handler,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
     let channel = bus.channel().await?;
     bus.declare_consumer(&channel, spec).await?;
-    channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .basic_qos(spec.prefetch, BasicQosOptions::default())
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let queue = bus.name(&spec.queue);
     let mut consumer = channel
-        .basic_consume(&queue, &format!("{queue}-{}", uuid::Uuid::new_v4().simple()), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            &queue,
+            &format!("{queue}-{}", uuid::Uuid::new_v4().simple()),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let mut depth_every = tokio::time::interval(Duration::from_secs(15));
     tracing::info!(queue = %queue, "consumer started");
@@ -391,7 +489,12 @@ async fn consume_once(bus: &Bus, spec: &ConsumerSpec, handler: &dyn Handler, shu
             },
         };
         let attempt = attempt_of(&delivery.properties);
-        let message_id = delivery.properties.message_id().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default();
         let received = Received {
             routing_key: delivery.routing_key.as_str(),
             message_id: &message_id,
@@ -422,18 +525,38 @@ async fn consume_once(bus: &Bus, spec: &ConsumerSpec, handler: &dyn Handler, shu
 
 /// Copies a delivery to `queue` (through the default exchange) with its attempt number,
 /// waiting for the broker's confirmation before the original is acked.
-async fn republish(channel: &Channel, queue: &str, delivery: &lapin::message::Delivery, attempt: u32) -> Result<(), BusError> {
+async fn republish(
+    channel: &Channel,
+    queue: &str,
+    delivery: &lapin::message::Delivery,
+    attempt: u32,
+) -> Result<(), BusError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
-    headers.insert("x-relance-routing-key".into(), AMQPValue::LongString(delivery.routing_key.as_str().into()));
+    headers.insert(
+        "x-relance-routing-key".into(),
+        AMQPValue::LongString(delivery.routing_key.as_str().into()),
+    );
     let properties = delivery.properties.clone().with_headers(headers);
     // The consumer's channel is in confirm mode: a retry copy must not be lost.
     let confirm = channel
-        .basic_publish("", queue, BasicPublishOptions::default(), &delivery.data, properties)
+        .basic_publish(
+            "",
+            queue,
+            BasicPublishOptions::default(),
+            &delivery.data,
+            properties,
+        )
         .await?;
     match confirm.await? {
         Confirmation::Nack(_) => {
-            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
             Err(BusError::Nacked(queue.to_owned()))
         }
         _ => Ok(()),
@@ -441,7 +564,9 @@ async fn republish(channel: &Channel, queue: &str, delivery: &lapin::message::De
 }
 
 fn attempt_of(properties: &BasicProperties) -> u32 {
-    let Some(headers) = properties.headers() else { return 1 };
+    let Some(headers) = properties.headers() else {
+        return 1;
+    };
     match headers.inner().get(ATTEMPT_HEADER) {
         Some(AMQPValue::LongUInt(n)) => *n,
         Some(AMQPValue::LongInt(n)) => (*n).max(1) as u32,
@@ -452,21 +577,34 @@ fn attempt_of(properties: &BasicProperties) -> u32 {
 
 fn set_parent_from_headers(span: &tracing::Span, properties: &BasicProperties) {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let Some(headers) = properties.headers() else { return };
+    let Some(headers) = properties.headers() else {
+        return;
+    };
     let mut carrier = std::collections::HashMap::new();
     for (key, value) in headers {
         if let AMQPValue::LongString(text) = value {
-            carrier.insert(key.as_str().to_owned(), String::from_utf8_lossy(text.as_bytes()).into_owned());
+            carrier.insert(
+                key.as_str().to_owned(),
+                String::from_utf8_lossy(text.as_bytes()).into_owned(),
+            );
         }
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
     let _ = span.set_parent(parent);
 }
 
 async fn record_depth(channel: &Channel, queue: &str) {
-    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-    if let Ok(state) = channel.queue_declare(queue, options, FieldTable::default()).await {
-        metrics::gauge!("relance_queue_depth", "queue" => queue.to_owned()).set(f64::from(state.message_count()));
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    if let Ok(state) = channel
+        .queue_declare(queue, options, FieldTable::default())
+        .await
+    {
+        metrics::gauge!("relance_queue_depth", "queue" => queue.to_owned())
+            .set(f64::from(state.message_count()));
     }
 }
 

@@ -16,16 +16,24 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache").field("prefix", &self.prefix).finish()
+        f.debug_struct("Cache")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
 impl Cache {
     /// Connects; the manager reconnects by itself after a failure.
     pub async fn connect(settings: &Settings) -> anyhow::Result<Cache> {
-        let client = redis::Client::open(settings.redis_url.expose_secret()).context("RELANCE_REDIS_URL")?;
-        let connection = ConnectionManager::new(client).await.context("connecting to Redis")?;
-        Ok(Cache { connection, prefix: settings.redis_prefix.clone() })
+        let client =
+            redis::Client::open(settings.redis_url.expose_secret()).context("RELANCE_REDIS_URL")?;
+        let connection = ConnectionManager::new(client)
+            .await
+            .context("connecting to Redis")?;
+        Ok(Cache {
+            connection,
+            prefix: settings.redis_prefix.clone(),
+        })
     }
 
     /// `<prefix><workspace>:<name>`: every key is confined to a workspace.

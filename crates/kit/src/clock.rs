@@ -20,6 +20,7 @@ pub type SharedClock = Arc<dyn Clock>;
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one place that reads the machine's clock
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
@@ -34,7 +35,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: DateTime<Utc>) -> Arc<ManualClock> {
-        Arc::new(ManualClock { now: Mutex::new(start) })
+        Arc::new(ManualClock {
+            now: Mutex::new(start),
+        })
     }
 
     /// Moves the clock to `to`.
@@ -50,7 +53,9 @@ impl ManualClock {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DateTime<Utc>> {
         // A poisoned clock still holds a valid time.
-        self.now.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.now
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -67,7 +72,10 @@ mod tests {
 
     #[test]
     fn manual_clock_moves_only_when_told() {
-        let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("valid date");
+        let start = Utc
+            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .single()
+            .expect("valid date");
         let clock = ManualClock::new(start);
         assert_eq!(clock.now(), start);
         clock.advance(Duration::days(61));

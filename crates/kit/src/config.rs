@@ -90,7 +90,10 @@ impl Settings {
         let env_file = std::env::var("RELANCE_CONFIG").ok().map(PathBuf::from);
         if let Some(path) = file.map(Path::to_path_buf).or(env_file) {
             if !path.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             builder = builder.add_source(config::File::from(path));
         }
@@ -101,8 +104,10 @@ impl Settings {
                 .try_parsing(true),
         );
         let layers = builder.build().map_err(|e| ConfigError(e.to_string()))?;
-        let mut settings: Settings =
-            layers.clone().try_deserialize().map_err(|e| ConfigError(env_hint(e.to_string())))?;
+        let mut settings: Settings = layers
+            .clone()
+            .try_deserialize()
+            .map_err(|e| ConfigError(env_hint(e.to_string())))?;
         settings.layers = Some(layers);
         settings.validate()?;
         Ok(settings)
@@ -117,8 +122,10 @@ impl Settings {
                 .map_err(|e| ConfigError(format!("{key}: {e}")))?;
         }
         let layers = builder.build().map_err(|e| ConfigError(e.to_string()))?;
-        let mut settings: Settings =
-            layers.clone().try_deserialize().map_err(|e| ConfigError(e.to_string()))?;
+        let mut settings: Settings = layers
+            .clone()
+            .try_deserialize()
+            .map_err(|e| ConfigError(e.to_string()))?;
         settings.layers = Some(layers);
         settings.validate()?;
         Ok(settings)
@@ -127,7 +134,9 @@ impl Settings {
     /// A service's own section (`[events]` in the file, `RELANCE_EVENTS__*` in the
     /// environment); missing keys take the section type's defaults.
     pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {
-        let Some(layers) = &self.layers else { return Ok(T::default()) };
+        let Some(layers) = &self.layers else {
+            return Ok(T::default());
+        };
         match layers.get::<T>(name) {
             Ok(section) => Ok(section),
             Err(config::ConfigError::NotFound(_)) => Ok(T::default()),
@@ -143,14 +152,20 @@ impl Settings {
             ));
         }
         if !self.redis_url.expose_secret().starts_with("redis://") {
-            return Err(ConfigError("RELANCE_REDIS_URL: must start with redis://".into()));
+            return Err(ConfigError(
+                "RELANCE_REDIS_URL: must start with redis://".into(),
+            ));
         }
         let amqp = self.amqp_url.expose_secret();
         if !(amqp.starts_with("amqp://") || amqp.starts_with("amqps://")) {
-            return Err(ConfigError("RELANCE_AMQP_URL: must start with amqp:// or amqps://".into()));
+            return Err(ConfigError(
+                "RELANCE_AMQP_URL: must start with amqp:// or amqps://".into(),
+            ));
         }
         if self.database_max_connections == 0 {
-            return Err(ConfigError("RELANCE_DATABASE_MAX_CONNECTIONS: must be at least 1".into()));
+            return Err(ConfigError(
+                "RELANCE_DATABASE_MAX_CONNECTIONS: must be at least 1".into(),
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(ConfigError(format!(
@@ -158,10 +173,12 @@ impl Settings {
                 self.log_level
             )));
         }
-        if let Some(endpoint) = &self.otlp_endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(ConfigError("RELANCE_OTLP_ENDPOINT: must start with http:// or https://".into()));
-            }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError(
+                "RELANCE_OTLP_ENDPOINT: must start with http:// or https://".into(),
+            ));
         }
         Ok(())
     }
@@ -172,7 +189,10 @@ fn env_hint(message: String) -> String {
     match message.split_once("for key `") {
         Some((_, rest)) => {
             let key = rest.split('`').next().unwrap_or_default();
-            format!("RELANCE_{}: {message}", key.replace('.', "__").to_uppercase())
+            format!(
+                "RELANCE_{}: {message}",
+                key.replace('.', "__").to_uppercase()
+            )
         }
         None => message,
     }
@@ -192,7 +212,10 @@ mod tests {
     #[test]
     fn a_bad_database_url_names_the_variable() {
         let error = Settings::from_pairs(&[("database_url", "mysql://x")]).expect_err("refused");
-        assert!(error.to_string().contains("RELANCE_DATABASE_URL"), "{error}");
+        assert!(
+            error.to_string().contains("RELANCE_DATABASE_URL"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -210,8 +233,17 @@ mod tests {
     #[test]
     fn sections_default_when_absent_and_read_when_present() {
         let settings = Settings::from_pairs(&[]).expect("defaults load");
-        assert_eq!(settings.section::<Section>("events").expect("section"), Section::default());
+        assert_eq!(
+            settings.section::<Section>("events").expect("section"),
+            Section::default()
+        );
         let settings = Settings::from_pairs(&[("events.max_batch", "7")]).expect("loads");
-        assert_eq!(settings.section::<Section>("events").expect("section").max_batch, 7);
+        assert_eq!(
+            settings
+                .section::<Section>("events")
+                .expect("section")
+                .max_batch,
+            7
+        );
     }
 }

@@ -27,13 +27,16 @@ pub async fn connect(settings: &Settings, schema: &str) -> anyhow::Result<PgPool
         .connect_with(options)
         .await
         .with_context(|| format!("connecting to Postgres for schema {schema}"))?;
-    let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).execute(&pool).await;
+    let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&pool)
+        .await;
     if let Err(error) = created {
         // Two services starting together may race on CREATE SCHEMA; the loser finds it made.
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(schema)
-            .fetch_one(&pool)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&pool)
+                .await?;
         if !exists {
             return Err(error).context("creating the schema");
         }
@@ -42,15 +45,26 @@ pub async fn connect(settings: &Settings, schema: &str) -> anyhow::Result<PgPool
 }
 
 /// Runs `migrator` on the pool's schema.
-pub async fn migrate(pool: &PgPool, migrator: &sqlx::migrate::Migrator, schema: &str) -> anyhow::Result<()> {
-    migrator.run(pool).await.with_context(|| format!("migrating schema {schema}"))
+pub async fn migrate(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+    schema: &str,
+) -> anyhow::Result<()> {
+    migrator
+        .run(pool)
+        .await
+        .with_context(|| format!("migrating schema {schema}"))
 }
 
 /// Records that `consumer` handled `message_id`, inside the caller's transaction; `false`
 /// when it was handled before (a redelivery), in which case the caller does nothing.
 ///
 /// Each schema that consumes messages has a `processed_messages` table for this.
-pub async fn first_delivery(conn: &mut PgConnection, consumer: &str, message_id: &str) -> sqlx::Result<bool> {
+pub async fn first_delivery(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )

@@ -44,7 +44,10 @@ pub type ApiResult<T> = Result<T, ApiError>;
 impl ApiError {
     /// An `InvalidArgument` for `field`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        ApiError::InvalidArgument { field: field.into(), reason: reason.into() }
+        ApiError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The gRPC code this error maps to.
@@ -108,7 +111,9 @@ mod tests {
 
     #[test]
     fn internal_errors_hide_their_cause() {
-        let status = Status::from(ApiError::Internal(anyhow::anyhow!("relation x does not exist")));
+        let status = Status::from(ApiError::Internal(anyhow::anyhow!(
+            "relation x does not exist"
+        )));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
     }

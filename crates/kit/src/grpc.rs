@@ -25,7 +25,9 @@ pub struct GrpcServer {
 
 impl std::fmt::Debug for GrpcServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrpcServer").field("services", &self.names).finish()
+        f.debug_struct("GrpcServer")
+            .field("services", &self.names)
+            .finish()
     }
 }
 
@@ -38,8 +40,11 @@ impl GrpcServer {
     /// Adds one tonic service.
     pub fn add_service<S>(&mut self, service: S)
     where
-        S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
+        S: tower_service::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+            > + NamedService
             + Clone
             + Send
             + Sync
@@ -56,10 +61,16 @@ impl GrpcServer {
     }
 
     /// Serves on `listener` until the platform's shutdown token is cancelled, then drains.
-    pub async fn serve(self, platform: &Platform, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        platform: &Platform,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in &self.names {
-            health.set_service_status(*name, ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(relance_proto::FILE_DESCRIPTOR_SET)
@@ -85,7 +96,9 @@ impl GrpcServer {
         let signal = async move {
             shutdown.cancelled().await;
             for name in names {
-                drained_health.set_service_status(name, ServingStatus::NotServing).await;
+                drained_health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             tracing::info!("shutting down: draining in-flight calls");
         };
@@ -97,7 +110,10 @@ impl GrpcServer {
             .layer(GrpcMetricsLayer)
             .layer(AuthLayer::new(platform.keys.clone()))
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                signal,
+            )
             .await?;
         Ok(())
     }

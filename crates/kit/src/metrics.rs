@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Latency buckets in seconds, from 100 µs (the recommendation hot path) to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -150,6 +150,9 @@ mod tests {
     #[test]
     fn rpc_labels_drop_the_package() {
         assert_eq!(rpc_label("/relance.v1.Events/Track"), "Events/Track");
-        assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), "grpc.health.v1.Health/Check");
+        assert_eq!(
+            rpc_label("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
     }
 }

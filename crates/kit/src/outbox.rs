@@ -23,19 +23,26 @@ pub async fn enqueue(
     message_id: &str,
     payload: &serde_json::Value,
 ) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO outbox (exchange, routing_key, message_id, payload) VALUES ($1, $2, $3, $4)")
-        .bind(exchange)
-        .bind(routing_key)
-        .bind(message_id)
-        .bind(payload)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (exchange, routing_key, message_id, payload) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(exchange)
+    .bind(routing_key)
+    .bind(message_id)
+    .bind(payload)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// Publishes the outbox until `shutdown`. `wake` is notified after a commit that enqueued
 /// something, so messages leave at once; the relay also polls, for other replicas' rows.
-pub async fn run_relay(pool: PgPool, publisher: Arc<Publisher>, wake: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn run_relay(
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     loop {
         let sent = match relay_batch(&pool, &publisher, 500).await {
             Ok(sent) => sent,
@@ -59,7 +66,11 @@ pub async fn run_relay(pool: PgPool, publisher: Arc<Publisher>, wake: Arc<Notify
 ///
 /// Rows are locked with SKIP LOCKED, so several replicas can relay side by side; if
 /// publishing fails, the transaction rolls back and the rows stay for the next attempt.
-pub async fn relay_batch(pool: &PgPool, publisher: &Publisher, limit: i64) -> anyhow::Result<usize> {
+pub async fn relay_batch(
+    pool: &PgPool,
+    publisher: &Publisher,
+    limit: i64,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, String, String, String, serde_json::Value)> = sqlx::query_as(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \

@@ -43,7 +43,9 @@ impl Platform {
         if settings.migrate_on_start {
             db::migrate(&auth_pool, &AUTH_MIGRATOR, "auth").await?;
         }
-        let bus = Bus::connect(&settings).await.context("connecting to RabbitMQ (RELANCE_AMQP_URL)")?;
+        let bus = Bus::connect(&settings)
+            .await
+            .context("connecting to RabbitMQ (RELANCE_AMQP_URL)")?;
         Ok(Platform {
             settings,
             clock,
@@ -86,8 +88,14 @@ impl Platform {
     pub async fn drain(&self) {
         self.tasks.close();
         let grace = std::time::Duration::from_secs(self.settings.shutdown_grace_secs);
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
-            tracing::warn!(?grace, "background tasks still running after the grace period");
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "background tasks still running after the grace period"
+            );
         }
     }
 }

@@ -31,7 +31,9 @@ impl Drop for TelemetryGuard {
 /// only when an OTLP endpoint is configured.
 pub fn init(settings: &Settings, service: &str) -> anyhow::Result<TelemetryGuard> {
     let mut provider = SdkTracerProvider::builder().with_resource(
-        opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build(),
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_owned())
+            .build(),
     );
     if let Some(endpoint) = &settings.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig as _;
@@ -72,5 +74,9 @@ pub fn current_trace_id() -> String {
     let context = tracing::Span::current().context();
     let span = context.span();
     let span_context = span.span_context();
-    if span_context.is_valid() { span_context.trace_id().to_string() } else { String::new() }
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
 }

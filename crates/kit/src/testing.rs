@@ -20,7 +20,8 @@ use crate::platform::Platform;
 
 /// Postgres server the tests create their databases on.
 fn server_url() -> String {
-    std::env::var("RELANCE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("RELANCE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// An isolated environment: database, broker prefix, Redis prefix. Dropping it removes them.
@@ -41,7 +42,10 @@ impl TestEnv {
         let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
             .await
             .expect("Postgres must be running for tests: run `infra/dev.sh` (or `make test`)");
-        sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin).await.expect("create test database");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
         let url = format!("{}/{database}", server_url());
         let amqp_prefix = format!("t-{id}.");
         let redis_prefix = format!("t-{id}:");
@@ -57,7 +61,11 @@ impl TestEnv {
             ("shutdown_grace_secs", "5"),
         ])
         .expect("test settings");
-        TestEnv { settings, id, database }
+        TestEnv {
+            settings,
+            id,
+            database,
+        }
     }
 
     /// Settings with extra overrides (e.g. a service's section).
@@ -92,17 +100,32 @@ impl Drop for TestEnv {
         let redis_prefix = format!("t-{}:", self.id);
         // Drop runs inside the test's runtime: clean up from a thread with its own.
         let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             runtime.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", server_url())).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await;
+                if let Ok(mut admin) =
+                    sqlx::PgConnection::connect(&format!("{}/postgres", server_url())).await
+                {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
                 }
-                if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379") {
-                    if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{redis_prefix}*")).query_async(&mut conn).await.unwrap_or_default();
-                        if !keys.is_empty() {
-                            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-                        }
+                if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379")
+                    && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{redis_prefix}*"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    if !keys.is_empty() {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
                     }
                 }
             });
@@ -112,7 +135,10 @@ impl Drop for TestEnv {
 }
 
 /// Registers services on a server (e.g. `|p, s| Box::pin(relance_events::serve(p, s))`).
-pub type Register = Box<dyn for<'a> FnOnce(&'a Platform, &'a mut GrpcServer) -> BoxFuture<'a, anyhow::Result<()>> + Send>;
+pub type Register = Box<
+    dyn for<'a> FnOnce(&'a Platform, &'a mut GrpcServer) -> BoxFuture<'a, anyhow::Result<()>>
+        + Send,
+>;
 
 /// Services running in-process on a random port.
 #[derive(Debug)]
@@ -134,11 +160,22 @@ pub struct TestApp {
 
 impl TestApp {
     /// Starts the services `register` adds, on `env`, with `clock`.
-    pub async fn start(env: Arc<TestEnv>, settings: Settings, clock: SharedClock, register: Register) -> TestApp {
-        let platform = Platform::start(settings, clock).await.expect("platform starts");
+    pub async fn start(
+        env: Arc<TestEnv>,
+        settings: Settings,
+        clock: SharedClock,
+        register: Register,
+    ) -> TestApp {
+        let platform = Platform::start(settings, clock)
+            .await
+            .expect("platform starts");
         let mut server = GrpcServer::new();
-        register(&platform, &mut server).await.expect("services start");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        register(&platform, &mut server)
+            .await
+            .expect("services start");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let serving = platform.clone();
         let server = tokio::spawn(async move {
@@ -147,20 +184,44 @@ impl TestApp {
             }
         });
         let workspace = format!("ws-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let admin_key = platform.keys.create_key(&workspace, &[Scope::Admin], "test admin").await.expect("admin key");
-        let ingest_key = platform.keys.create_key(&workspace, &[Scope::Ingest], "test ingest").await.expect("ingest key");
-        TestApp { platform, addr, workspace, admin_key, ingest_key, server, env }
+        let admin_key = platform
+            .keys
+            .create_key(&workspace, &[Scope::Admin], "test admin")
+            .await
+            .expect("admin key");
+        let ingest_key = platform
+            .keys
+            .create_key(&workspace, &[Scope::Ingest], "test ingest")
+            .await
+            .expect("ingest key");
+        TestApp {
+            platform,
+            addr,
+            workspace,
+            admin_key,
+            ingest_key,
+            server,
+            env,
+        }
     }
 
     /// A channel to the server.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect")
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// An admin key of a second, unrelated workspace.
     pub async fn other_workspace_key(&self) -> String {
         let other = format!("ws-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        self.platform.keys.create_key(&other, &[Scope::Admin], "other").await.expect("other key")
+        self.platform
+            .keys
+            .create_key(&other, &[Scope::Admin], "other")
+            .await
+            .expect("other key")
     }
 
     /// Stops the server and waits for background work to drain.
@@ -215,24 +276,54 @@ impl Tap {
         use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
         use lapin::types::FieldTable;
         let channel = bus.channel().await.expect("channel");
-        bus.declare_exchange(&channel, exchange).await.expect("exchange");
-        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
-        let queue = channel.queue_declare("", options, FieldTable::default()).await.expect("queue");
+        bus.declare_exchange(&channel, exchange)
+            .await
+            .expect("exchange");
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = channel
+            .queue_declare("", options, FieldTable::default())
+            .await
+            .expect("queue");
         channel
-            .queue_bind(queue.name().as_str(), &bus.name(exchange), pattern, QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                queue.name().as_str(),
+                &bus.name(exchange),
+                pattern,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("bind");
-        let consume = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
-        let consumer = channel.basic_consume(queue.name().as_str(), "tap", consume, FieldTable::default()).await.expect("consume");
-        Tap { consumer, _channel: channel }
+        let consume = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let consumer = channel
+            .basic_consume(queue.name().as_str(), "tap", consume, FieldTable::default())
+            .await
+            .expect("consume");
+        Tap {
+            consumer,
+            _channel: channel,
+        }
     }
 
     /// The next message (routing key, body), or `None` after `seconds`.
     pub async fn next(&mut self, seconds: u64) -> Option<(String, Vec<u8>)> {
         use futures::StreamExt as _;
-        let next = tokio::time::timeout(std::time::Duration::from_secs(seconds), self.consumer.next()).await;
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(seconds),
+            self.consumer.next(),
+        )
+        .await;
         match next {
-            Ok(Some(Ok(delivery))) => Some((delivery.routing_key.as_str().to_owned(), delivery.data)),
+            Ok(Some(Ok(delivery))) => {
+                Some((delivery.routing_key.as_str().to_owned(), delivery.data))
+            }
             _ => None,
         }
     }

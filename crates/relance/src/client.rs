@@ -22,8 +22,13 @@ pub struct Target {
 pub struct WithKey(MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for WithKey {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -43,7 +48,12 @@ impl Target {
         let channel = Channel::from_shared(self.addr.clone())?
             .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach Relance at {} ({e}); is `relance serve` running?", self.addr))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach Relance at {} ({e}); is `relance serve` running?",
+                    self.addr
+                )
+            })?;
         let key: MetadataValue<_> = format!("Bearer {}", self.api_key)
             .parse()
             .map_err(|_| anyhow::anyhow!("--api-key: not a valid key"))?;

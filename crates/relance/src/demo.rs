@@ -38,7 +38,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     let _telemetry = relance_kit::telemetry::init(&settings, "relance-demo")?;
     let clock: SharedClock = Arc::new(SystemClock);
     let services: Vec<String> = serve::SERVICES.iter().map(|s| s.to_string()).collect();
-    let (platform, server, listener) = serve::start(settings.clone(), clock.clone(), &services).await?;
+    let (platform, server, listener) =
+        serve::start(settings.clone(), clock.clone(), &services).await?;
     let mut addr = listener.local_addr()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -47,12 +48,26 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     let server = tokio::spawn(async move { server.serve(&serving, listener).await });
     platform.cancel_on_signal();
 
-    let key = platform.keys.create_key(&args.workspace, &[Scope::Admin], "demo").await?;
-    let target = Target { addr: format!("http://{addr}"), api_key: key.clone() };
+    let key = platform
+        .keys
+        .create_key(&args.workspace, &[Scope::Admin], "demo")
+        .await?;
+    let target = Target {
+        addr: format!("http://{addr}"),
+        api_key: key.clone(),
+    };
     let clients = target.connect().await?;
 
-    println!("Relance is running: gRPC on {addr}, metrics on http://{}/metrics", settings.admin_addr);
-    println!("Importing {} into workspace {:?} …", args.file.display(), args.workspace);
+    let mut admin = settings.admin_addr;
+    if admin.ip().is_unspecified() {
+        admin.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    println!("Relance is running: gRPC on {addr}, metrics on http://{admin}/metrics");
+    println!(
+        "Importing {} into workspace {:?} …",
+        args.file.display(),
+        args.workspace
+    );
     let started = Instant::now();
     let summary = import::import_online_retail(&clients, &args.file, 500, true).await?;
     import::print_summary(&args.file, &summary);
@@ -61,19 +76,29 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     println!("\nWaiting for the profiles service to consume the events …");
     wait_until_consumed(&platform.bus).await?;
     let pool = relance_kit::db::connect(&settings, relance_profiles::SCHEMA).await?;
-    let store = relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
+    let store =
+        relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
     relance_profiles::rescore_all(&store, &clock).await?;
 
     let mut profiles = clients.profiles.clone();
     let top = profiles
-        .list(pb::ListProfilesRequest { page_size: 10, order: pb::ProfileOrder::Unspecified as i32, ..Default::default() })
+        .list(pb::ListProfilesRequest {
+            page_size: 10,
+            order: pb::ProfileOrder::Unspecified as i32,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .profiles;
-    println!("\nTop customers by RFM (scores 1-5 by quintile of the workspace's buyers, as of today):");
-    println!("  {:<10} {:<16} {:>6} {:>11} {:>12}  {}", "customer", "country", "orders", "revenue £", "last order", "R F M");
+    println!(
+        "\nTop customers by RFM (scores 1-5 by quintile of the workspace's buyers, as of today):"
+    );
+    println!(
+        "  {:<10} {:<16} {:>6} {:>11} {:>12}  R F M",
+        "customer", "country", "orders", "revenue £", "last order"
+    );
     for profile in &top {
-        let traits = profile.traits.clone().unwrap_or_default();
+        let traits = profile.traits.unwrap_or_default();
         let country = profile
             .attributes
             .as_ref()
@@ -89,14 +114,24 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
             .unwrap_or_default();
         println!(
             "  {:<10} {:<16} {:>6} {:>11.2} {:>12}  {} {} {}",
-            profile.customer_id, country, traits.orders_count, traits.revenue, last, traits.rfm_recency, traits.rfm_frequency, traits.rfm_monetary
+            profile.customer_id,
+            country,
+            traits.orders_count,
+            traits.revenue,
+            last,
+            traits.rfm_recency,
+            traits.rfm_frequency,
+            traits.rfm_monetary
         );
     }
     if let Some(first) = top.first() {
         println!("\nTry:");
         println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
         println!("  target/debug/relance profile get {}", first.customer_id);
-        println!("  target/debug/relance profile export {} | head -40", first.customer_id);
+        println!(
+            "  target/debug/relance profile export {} | head -40",
+            first.customer_id
+        );
     }
 
     if args.exit {
@@ -118,8 +153,14 @@ async fn wait_until_consumed(bus: &relance_kit::bus::Bus) -> anyhow::Result<()> 
             anyhow::bail!("the profiles service did not catch up within 5 minutes");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let depth = bus.queue_depth(relance_profiles::store::TRAITS_CONSUMER).await?;
-        if depth == 0 { empty_polls += 1 } else { empty_polls = 0 }
+        let depth = bus
+            .queue_depth(relance_profiles::store::TRAITS_CONSUMER)
+            .await?;
+        if depth == 0 {
+            empty_polls += 1
+        } else {
+            empty_polls = 0
+        }
     }
     Ok(())
 }

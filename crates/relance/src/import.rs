@@ -51,7 +51,12 @@ pub struct ImportSummary {
 }
 
 pub async fn run(command: ImportCommand) -> anyhow::Result<ExitCode> {
-    let ImportCommand::OnlineRetail { file, target, chunk, quiet } = command;
+    let ImportCommand::OnlineRetail {
+        file,
+        target,
+        chunk,
+        quiet,
+    } = command;
     let clients = target.connect().await?;
     let summary = import_online_retail(&clients, &file, chunk, !quiet).await?;
     print_summary(&file, &summary);
@@ -63,7 +68,10 @@ pub async fn run(command: ImportCommand) -> anyhow::Result<ExitCode> {
 
 /// The shop's invoice times are UK local time.
 fn to_utc(local: NaiveDateTime) -> DateTime<Utc> {
-    match chrono_tz::Europe::London.from_local_datetime(&local).earliest() {
+    match chrono_tz::Europe::London
+        .from_local_datetime(&local)
+        .earliest()
+    {
         Some(time) => time.with_timezone(&Utc),
         None => Utc.from_utc_datetime(&local),
     }
@@ -94,7 +102,12 @@ pub fn invoice_event(invoice: &Invoice) -> pb::Event {
     };
     pb::Event {
         message_id: format!("online-retail:{}", invoice.invoice_no),
-        name: if invoice.is_cancellation { "order_refunded" } else { "order_completed" }.to_owned(),
+        name: if invoice.is_cancellation {
+            "order_refunded"
+        } else {
+            "order_completed"
+        }
+        .to_owned(),
         customer_id,
         anonymous_id,
         timestamp: Some(chrono_to_timestamp(to_utc(invoice.invoiced_at))),
@@ -104,45 +117,64 @@ pub fn invoice_event(invoice: &Invoice) -> pb::Event {
 }
 
 /// Streams the file into Events.Import, then upserts the customers.
-pub async fn import_online_retail(clients: &Clients, file: &Path, chunk: usize, progress: bool) -> anyhow::Result<ImportSummary> {
+pub async fn import_online_retail(
+    clients: &Clients,
+    file: &Path,
+    chunk: usize,
+    progress: bool,
+) -> anyhow::Result<ImportSummary> {
     let mut reader = Reader::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let bar = if progress { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    let bar = if progress {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
 
     // Parsing is CPU work: a blocking thread reads, the async side sends.
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(8);
     let chunk = chunk.clamp(1, 1000);
-    let reading = tokio::task::spawn_blocking(move || -> anyhow::Result<(Stats, HashMap<String, String>, u64, u64)> {
-        let mut countries: HashMap<String, String> = HashMap::new();
-        let mut batch = Vec::with_capacity(chunk);
-        let mut sent = 0u64;
-        let mut without_products = 0u64;
-        for invoice in &mut reader {
-            let invoice = invoice?;
-            if let Some(customer) = &invoice.customer_id {
-                countries.entry(customer.clone()).or_insert_with(|| invoice.country.clone());
-            }
-            if invoice.lines.is_empty() {
-                // Postage-only invoices, fees, adjustments: not an order of products.
-                without_products += 1;
-                continue;
-            }
-            batch.push(invoice_event(&invoice));
-            if batch.len() == chunk {
-                sent += batch.len() as u64;
-                let events = std::mem::replace(&mut batch, Vec::with_capacity(chunk));
-                if chunks_tx.blocking_send(pb::ImportRequest { events }).is_err() {
-                    anyhow::bail!("the import stream closed early");
+    let reading = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<(Stats, HashMap<String, String>, u64, u64)> {
+            let mut countries: HashMap<String, String> = HashMap::new();
+            let mut batch = Vec::with_capacity(chunk);
+            let mut sent = 0u64;
+            let mut without_products = 0u64;
+            for invoice in &mut reader {
+                let invoice = invoice?;
+                if let Some(customer) = &invoice.customer_id {
+                    countries
+                        .entry(customer.clone())
+                        .or_insert_with(|| invoice.country.clone());
+                }
+                if invoice.lines.is_empty() {
+                    // Postage-only invoices, fees, adjustments: not an order of products.
+                    without_products += 1;
+                    continue;
+                }
+                batch.push(invoice_event(&invoice));
+                if batch.len() == chunk {
+                    sent += batch.len() as u64;
+                    let events = std::mem::replace(&mut batch, Vec::with_capacity(chunk));
+                    if chunks_tx
+                        .blocking_send(pb::ImportRequest { events })
+                        .is_err()
+                    {
+                        anyhow::bail!("the import stream closed early");
+                    }
                 }
             }
-        }
-        if !batch.is_empty() {
-            sent += batch.len() as u64;
-            let _ = chunks_tx.blocking_send(pb::ImportRequest { events: batch });
-        }
-        Ok((reader.into_stats(), countries, sent, without_products))
-    });
+            if !batch.is_empty() {
+                sent += batch.len() as u64;
+                let _ = chunks_tx.blocking_send(pb::ImportRequest { events: batch });
+            }
+            Ok((reader.into_stats(), countries, sent, without_products))
+        },
+    );
 
     let counted_bar = bar.clone();
     let mut streamed = 0u64;
@@ -151,7 +183,11 @@ pub async fn import_online_retail(clients: &Clients, file: &Path, chunk: usize, 
         counted_bar.set_message(format!("{streamed} events sent"));
     });
     let mut events = clients.events.clone();
-    let response = events.import(requests).await.context("Events.Import")?.into_inner();
+    let response = events
+        .import(requests)
+        .await
+        .context("Events.Import")?
+        .into_inner();
     let (stats, countries, events_sent, invoices_without_products) = reading.await??;
 
     bar.set_message(format!("upserting {} customers", countries.len()));
@@ -159,7 +195,9 @@ pub async fn import_online_retail(clients: &Clients, file: &Path, chunk: usize, 
         let mut profiles = clients.profiles.clone();
         async move {
             let request = pb::UpsertProfileRequest {
-                customer: Some(pb::CustomerRef { id: Some(pb::customer_ref::Id::CustomerId(customer_id)) }),
+                customer: Some(pb::CustomerRef {
+                    id: Some(pb::customer_ref::Id::CustomerId(customer_id)),
+                }),
                 attributes: Some(json_to_struct(&serde_json::json!({ "country": country }))),
                 ..Default::default()
             };
@@ -189,7 +227,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (index, c) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -204,13 +242,34 @@ pub fn print_summary(file: &Path, summary: &ImportSummary) {
         lines.insert(lines.len(), (label.to_owned(), value));
     };
     row("rows read", thousands(s.rows));
-    row("invoices", format!("{} ({} cancellations, {} guest checkouts)", thousands(s.invoices), thousands(s.cancellations), thousands(s.guest_invoices)));
-    row("customers", format!("{} (profiles upserted: {})", thousands(s.customers), thousands(summary.customers_upserted)));
+    row(
+        "invoices",
+        format!(
+            "{} ({} cancellations, {} guest checkouts)",
+            thousands(s.invoices),
+            thousands(s.cancellations),
+            thousands(s.guest_invoices)
+        ),
+    );
+    row(
+        "customers",
+        format!(
+            "{} (profiles upserted: {})",
+            thousands(s.customers),
+            thousands(summary.customers_upserted)
+        ),
+    );
     row("events sent", thousands(summary.events_sent));
     row("events accepted", thousands(summary.accepted));
     row("events already stored", thousands(summary.duplicates));
     row("events rejected", thousands(summary.rejected));
-    row("invoices skipped", format!("{} (no product lines: postage, fees, adjustments)", thousands(summary.invoices_without_products)));
+    row(
+        "invoices skipped",
+        format!(
+            "{} (no product lines: postage, fees, adjustments)",
+            thousands(summary.invoices_without_products)
+        ),
+    );
     row("rows skipped", thousands(s.skipped_total()));
     for (reason, count) in &s.skipped {
         row(&format!("  {reason}"), thousands(*count));
@@ -220,7 +279,10 @@ pub fn print_summary(file: &Path, summary: &ImportSummary) {
         println!("  {label:<24} {value}");
     }
     for error in summary.errors.iter().take(10) {
-        println!("  refused event {}: {}: {}", error.index, error.field, error.reason);
+        println!(
+            "  refused event {}: {}: {}",
+            error.index, error.field, error.reason
+        );
     }
 }
 
@@ -234,9 +296,15 @@ mod tests {
             invoice_no: no.into(),
             customer_id: customer.map(Into::into),
             country: "France".into(),
-            invoiced_at: NaiveDateTime::parse_from_str("2011-07-01 10:00:00", "%Y-%m-%d %H:%M:%S").expect("date"),
+            invoiced_at: NaiveDateTime::parse_from_str("2011-07-01 10:00:00", "%Y-%m-%d %H:%M:%S")
+                .expect("date"),
             is_cancellation: no.starts_with('C'),
-            lines: vec![Line { stock_code: "22423".into(), description: "CAKESTAND".into(), quantity: 2, unit_price: 12.75 }],
+            lines: vec![Line {
+                stock_code: "22423".into(),
+                description: "CAKESTAND".into(),
+                quantity: 2,
+                unit_price: 12.75,
+            }],
         }
     }
 
@@ -247,7 +315,13 @@ mod tests {
         assert_eq!(event.message_id, "online-retail:536365");
         assert_eq!(event.customer_id, "17850");
         // 10:00 British Summer Time is 09:00 UTC.
-        assert_eq!(event.timestamp.expect("ts").seconds, Utc.with_ymd_and_hms(2011, 7, 1, 9, 0, 0).single().expect("d").timestamp());
+        assert_eq!(
+            event.timestamp.expect("ts").seconds,
+            Utc.with_ymd_and_hms(2011, 7, 1, 9, 0, 0)
+                .single()
+                .expect("d")
+                .timestamp()
+        );
         let properties = relance_proto::convert::struct_to_json(&event.properties.expect("props"));
         assert_eq!(properties["revenue"], serde_json::json!(25.5));
         assert_eq!(properties["items"][0]["product_id"], "22423");

@@ -79,7 +79,10 @@ pub mod exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -100,7 +103,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(settings, args).await,
         Command::Migrate => serve::migrate(&settings).await,
-        Command::Key(KeyCommand::Create { workspace, scopes, name }) => {
+        Command::Key(KeyCommand::Create {
+            workspace,
+            scopes,
+            name,
+        }) => {
             let mut parsed = Vec::new();
             for scope in &scopes {
                 match relance_kit::auth::Scope::parse(scope) {

@@ -23,11 +23,16 @@ pub struct ServeArgs {
 
 /// Runs the chosen services until SIGTERM/Ctrl-C, then drains.
 pub async fn run(settings: Settings, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let services: Vec<String> = if args.all { SERVICES.iter().map(|s| s.to_string()).collect() } else { args.services };
+    let services: Vec<String> = if args.all {
+        SERVICES.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.services
+    };
     if services.is_empty() {
         anyhow::bail!("name the services to run (relance serve profiles events) or pass --all");
     }
-    let _telemetry = relance_kit::telemetry::init(&settings, &format!("relance-{}", services.join("-")))?;
+    let _telemetry =
+        relance_kit::telemetry::init(&settings, &format!("relance-{}", services.join("-")))?;
     let clock: SharedClock = Arc::new(SystemClock);
     let platform = start(settings, clock, &services).await?;
     platform.0.cancel_on_signal();
@@ -50,18 +55,36 @@ pub async fn start(
     let mut server = GrpcServer::new();
     for service in services {
         match service.as_str() {
-            "profiles" => relance_profiles::serve(&platform, &mut server).await.context("starting profiles")?,
-            "events" => relance_events::serve(&platform, &mut server).await.context("starting events")?,
+            "profiles" => relance_profiles::serve(&platform, &mut server)
+                .await
+                .context("starting profiles")?,
+            "events" => relance_events::serve(&platform, &mut server)
+                .await
+                .context("starting events")?,
             other => anyhow::bail!("unknown service {other:?} (known: {})", SERVICES.join(", ")),
         }
     }
-    let admin = relance_kit::metrics::serve_admin(platform.settings.admin_addr, metrics, platform.shutdown.clone())
-        .await
-        .with_context(|| format!("binding the admin listener on {}", platform.settings.admin_addr))?;
+    let admin = relance_kit::metrics::serve_admin(
+        platform.settings.admin_addr,
+        metrics,
+        platform.shutdown.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "binding the admin listener on {}",
+            platform.settings.admin_addr
+        )
+    })?;
     tracing::info!(%admin, "admin listener (/metrics, /livez)");
     let listener = tokio::net::TcpListener::bind(platform.settings.grpc_addr)
         .await
-        .with_context(|| format!("binding the gRPC listener on {}", platform.settings.grpc_addr))?;
+        .with_context(|| {
+            format!(
+                "binding the gRPC listener on {}",
+                platform.settings.grpc_addr
+            )
+        })?;
     Ok((platform, server, listener))
 }
 

@@ -17,7 +17,9 @@ use relance_proto::v1::profiles_client::ProfilesClient;
 use relance_proto::v1::{self as pb, customer_ref};
 
 fn known(id: &str) -> Option<pb::CustomerRef> {
-    Some(pb::CustomerRef { id: Some(customer_ref::Id::CustomerId(id.into())) })
+    Some(pb::CustomerRef {
+        id: Some(customer_ref::Id::CustomerId(id.into())),
+    })
 }
 
 fn event(message_id: &str, name: &str, customer_id: &str, anonymous_id: &str) -> pb::Event {
@@ -62,13 +64,29 @@ async fn an_erased_customer_leaves_nothing_in_profiles_or_events() {
         event("e-3", "order_completed", "c1", ""),
         event("e-4", "order_completed", "c2", ""),
     ];
-    events.track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch })).await.expect("track");
+    events
+        .track_batch(authed(
+            &app.ingest_key,
+            pb::TrackBatchRequest { events: batch },
+        ))
+        .await
+        .expect("track");
     let profile = eventually(10, "c1's traits and merged identity", || {
         let mut profiles = profiles.clone();
         let key = app.admin_key.clone();
         async move {
-            let profile = profiles.get(authed(&key, pb::GetProfileRequest { customer: known("c1") })).await.ok()?.into_inner();
-            (profile.traits.as_ref()?.orders_count == 1 && profile.anonymous_ids == ["anon-1"]).then_some(profile)
+            let profile = profiles
+                .get(authed(
+                    &key,
+                    pb::GetProfileRequest {
+                        customer: known("c1"),
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner();
+            (profile.traits.as_ref()?.orders_count == 1 && profile.anonymous_ids == ["anon-1"])
+                .then_some(profile)
         }
     })
     .await;
@@ -77,14 +95,34 @@ async fn an_erased_customer_leaves_nothing_in_profiles_or_events() {
         let mut events = events.clone();
         let key = app.admin_key.clone();
         async move {
-            let page = events.query(authed(&key, pb::QueryEventsRequest { customer: known("c1"), ..Default::default() })).await.ok()?.into_inner();
+            let page = events
+                .query(authed(
+                    &key,
+                    pb::QueryEventsRequest {
+                        customer: known("c1"),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner();
             (page.events.len() == 3).then_some(())
         }
     })
     .await;
 
-    profiles.delete(authed(&app.admin_key, pb::DeleteProfileRequest { customer: known("c1") })).await.expect("delete");
-    let events_pool = db::connect(&app.platform.settings, "events").await.expect("pool");
+    profiles
+        .delete(authed(
+            &app.admin_key,
+            pb::DeleteProfileRequest {
+                customer: known("c1"),
+            },
+        ))
+        .await
+        .expect("delete");
+    let events_pool = db::connect(&app.platform.settings, "events")
+        .await
+        .expect("pool");
     eventually(10, "the events service to erase c1's events", || {
         let pool = events_pool.clone();
         async move {
@@ -100,7 +138,9 @@ async fn an_erased_customer_leaves_nothing_in_profiles_or_events() {
         }
     })
     .await;
-    let profiles_pool = db::connect(&app.platform.settings, "profiles").await.expect("pool");
+    let profiles_pool = db::connect(&app.platform.settings, "profiles")
+        .await
+        .expect("pool");
     let left: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM profiles WHERE customer_id = 'c1') + (SELECT count(*) FROM identities WHERE anonymous_id = 'anon-1')",
     )
@@ -109,13 +149,26 @@ async fn an_erased_customer_leaves_nothing_in_profiles_or_events() {
     .expect("count");
     assert_eq!(left, 0);
     // The other customer is untouched.
-    let page = events.query(authed(&app.admin_key, pb::QueryEventsRequest { customer: known("c2"), ..Default::default() })).await.expect("c2").into_inner();
+    let page = events
+        .query(authed(
+            &app.admin_key,
+            pb::QueryEventsRequest {
+                customer: known("c2"),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("c2")
+        .into_inner();
     assert_eq!(page.events.len(), 1);
     app.stop().await;
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn start_events_process(env: &TestEnv, grpc_port: u16, relay_batch: &str) -> Child {
@@ -135,7 +188,11 @@ fn start_events_process(env: &TestEnv, grpc_port: u16, relay_batch: &str) -> Chi
 
 async fn connect(port: u16) -> EventsClient<tonic::transport::Channel> {
     eventually(30, "relance serve events to listen", || async move {
-        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
         Some(EventsClient::new(channel))
     })
     .await
@@ -145,8 +202,13 @@ async fn connect(port: u16) -> EventsClient<tonic::transport::Channel> {
 async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     let env = TestEnv::new().await;
     let auth = db::connect(&env.settings, "auth").await.expect("auth pool");
-    db::migrate(&auth, &relance_kit::platform::AUTH_MIGRATOR, "auth").await.expect("migrate");
-    let key = KeyStore::new(auth).create_key("crash", &[Scope::Ingest, Scope::Admin], "test").await.expect("key");
+    db::migrate(&auth, &relance_kit::platform::AUTH_MIGRATOR, "auth")
+        .await
+        .expect("migrate");
+    let key = KeyStore::new(auth)
+        .create_key("crash", &[Scope::Ingest, Scope::Admin], "test")
+        .await
+        .expect("key");
     let bus = Bus::connect(&env.settings).await.expect("bus");
     let mut tap = Tap::bind(&bus, EVENTS_EXCHANGE, "event.#").await;
 
@@ -156,8 +218,26 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     let mut events = connect(port).await;
     let mut acknowledged = HashSet::new();
     for batch in 0..10 {
-        let chunk: Vec<_> = (0..500).map(|i| event(&format!("k-{batch}-{i}"), "product_viewed", &format!("c{i}"), "")).collect();
-        let response = events.track_batch(authed(&key, pb::TrackBatchRequest { events: chunk.clone() })).await.expect("acknowledged").into_inner();
+        let chunk: Vec<_> = (0..500)
+            .map(|i| {
+                event(
+                    &format!("k-{batch}-{i}"),
+                    "product_viewed",
+                    &format!("c{i}"),
+                    "",
+                )
+            })
+            .collect();
+        let response = events
+            .track_batch(authed(
+                &key,
+                pb::TrackBatchRequest {
+                    events: chunk.clone(),
+                },
+            ))
+            .await
+            .expect("acknowledged")
+            .into_inner();
         assert_eq!(response.accepted, 500);
         acknowledged.extend(chunk.into_iter().map(|e| e.message_id));
     }
@@ -165,7 +245,10 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     process.wait().expect("reaped");
 
     let pool = db::connect(&env.settings, "events").await.expect("pool");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await.expect("count");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
     assert_eq!(stored, 5000, "every acknowledged event is in Postgres");
 
     let mut published = HashSet::new();
@@ -174,7 +257,10 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
         published.insert(message.message_id);
     }
     let before_restart = published.len();
-    assert!(before_restart < 5000, "the relay was still behind when killed ({before_restart} published)");
+    assert!(
+        before_restart < 5000,
+        "the relay was still behind when killed ({before_restart} published)"
+    );
 
     let mut process = start_events_process(&env, port, "1000");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -186,11 +272,17 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     }
     process.kill().expect("stop");
     process.wait().expect("reaped");
-    assert_eq!(published, acknowledged, "every acknowledged event was published ({before_restart} before the kill)");
+    assert_eq!(
+        published, acknowledged,
+        "every acknowledged event was published ({before_restart} before the kill)"
+    );
 }
 
 async fn import_sample(app: &TestApp) -> String {
-    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/online-retail-sample.csv.gz");
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/data/online-retail-sample.csv.gz"
+    );
     // The services run in this test's runtime: wait for the child without blocking it.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relance"))
         .args(["import", "online-retail", sample, "--quiet"])
@@ -200,13 +292,24 @@ async fn import_sample(app: &TestApp) -> String {
         .await
         .expect("run relance import");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "import failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "import failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout
 }
 
 fn figure(report: &str, label: &str) -> String {
-    let line = report.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in {report}"));
-    line.trim_start()[label.len()..].trim().split_whitespace().next().unwrap_or_default().to_owned()
+    let line = report
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {report}"));
+    line.trim_start()[label.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,8 +328,13 @@ async fn importing_the_online_retail_sample_twice_stores_nothing_twice() {
     let second = import_sample(&app).await;
     assert_eq!(figure(&second, "events accepted"), "0", "{second}");
     assert_eq!(figure(&second, "events already stored"), "7,577");
-    let pool = db::connect(&app.platform.settings, "events").await.expect("pool");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await.expect("count");
+    let pool = db::connect(&app.platform.settings, "events")
+        .await
+        .expect("pool");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
     assert_eq!(stored, 7577);
     app.stop().await;
 }

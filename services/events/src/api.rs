@@ -3,7 +3,9 @@
 use futures::StreamExt as _;
 use relance_kit::auth;
 use relance_kit::{ApiError, ApiResult};
-use relance_proto::convert::{chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono};
+use relance_proto::convert::{
+    chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono,
+};
 use relance_proto::v1::events_server::Events;
 use relance_proto::v1::{self as pb, customer_ref};
 use tonic::{Request, Response, Status};
@@ -28,13 +30,21 @@ fn raw_event(event: pb::Event) -> RawEvent {
         customer_id: event.customer_id,
         anonymous_id: event.anonymous_id,
         timestamp: event.timestamp.as_ref().map(timestamp_to_chrono),
-        properties: event.properties.as_ref().map(struct_to_json).unwrap_or(serde_json::Value::Null),
+        properties: event
+            .properties
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or(serde_json::Value::Null),
         context: event.context.into_iter().collect(),
     }
 }
 
 fn item_error(offset: usize, index: usize, field: &str, reason: &str) -> pb::ItemError {
-    pb::ItemError { index: (offset + index) as u32, field: field.to_owned(), reason: reason.to_owned() }
+    pb::ItemError {
+        index: (offset + index) as u32,
+        field: field.to_owned(),
+        reason: reason.to_owned(),
+    }
 }
 
 fn check_batch_size(len: usize, max: usize, field: &str) -> ApiResult<()> {
@@ -42,7 +52,10 @@ fn check_batch_size(len: usize, max: usize, field: &str) -> ApiResult<()> {
         return Err(ApiError::invalid(field, "at least one event is required"));
     }
     if len > max {
-        return Err(ApiError::invalid(field, format!("{len} events, more than {max} in one call")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{len} events, more than {max} in one call"),
+        ));
     }
     Ok(())
 }
@@ -50,7 +63,10 @@ fn check_batch_size(len: usize, max: usize, field: &str) -> ApiResult<()> {
 #[tonic::async_trait]
 impl Events for EventsApi {
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn track(&self, request: Request<pb::TrackRequest>) -> Result<Response<pb::TrackResponse>, Status> {
+    async fn track(
+        &self,
+        request: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let Some(event) = request.into_inner().event else {
@@ -62,15 +78,27 @@ impl Events for EventsApi {
             raw.message_id = uuid::Uuid::now_v7().to_string();
         }
         let message_id = raw.message_id.clone();
-        let outcome = self.ingestor.ingest(&caller.workspace_id, vec![raw]).await.map_err(ApiError::from)?;
+        let outcome = self
+            .ingestor
+            .ingest(&caller.workspace_id, vec![raw])
+            .await
+            .map_err(ApiError::from)?;
         if let Some((_, error)) = outcome.rejected.first() {
-            return Err(ApiError::invalid(format!("event.{}", error.field), error.reason.clone()).into());
+            return Err(
+                ApiError::invalid(format!("event.{}", error.field), error.reason.clone()).into(),
+            );
         }
-        Ok(Response::new(pb::TrackResponse { message_id, duplicate: outcome.accepted == 0 }))
+        Ok(Response::new(pb::TrackResponse {
+            message_id,
+            duplicate: outcome.accepted == 0,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(workspace, events))]
-    async fn track_batch(&self, request: Request<pb::TrackBatchRequest>) -> Result<Response<pb::TrackBatchResponse>, Status> {
+    async fn track_batch(
+        &self,
+        request: Request<pb::TrackBatchRequest>,
+    ) -> Result<Response<pb::TrackBatchResponse>, Status> {
         let caller = auth::caller(&request)?;
         let events = request.into_inner().events;
         let span = tracing::Span::current();
@@ -78,11 +106,22 @@ impl Events for EventsApi {
         span.record("events", events.len());
         check_batch_size(events.len(), self.ingestor.limits.max_batch, "events")?;
         let batch = events.into_iter().map(raw_event).collect();
-        let outcome = self.ingestor.ingest(&caller.workspace_id, batch).await.map_err(ApiError::from)?;
+        let outcome = self
+            .ingestor
+            .ingest(&caller.workspace_id, batch)
+            .await
+            .map_err(ApiError::from)?;
         let rejected = outcome
             .rejected
             .iter()
-            .map(|(index, error)| item_error(0, *index, &format!("events[{index}].{}", error.field), &error.reason))
+            .map(|(index, error)| {
+                item_error(
+                    0,
+                    *index,
+                    &format!("events[{index}].{}", error.field),
+                    &error.reason,
+                )
+            })
             .collect();
         Ok(Response::new(pb::TrackBatchResponse {
             accepted: outcome.accepted as u32,
@@ -103,34 +142,66 @@ impl Events for EventsApi {
         let mut offset = 0usize;
         while let Some(chunk) = stream.next().await {
             let events = chunk?.events;
-            check_batch_size(events.len(), self.ingestor.limits.max_batch, &format!("chunk at event {offset}"))?;
+            check_batch_size(
+                events.len(),
+                self.ingestor.limits.max_batch,
+                &format!("chunk at event {offset}"),
+            )?;
             let count = events.len();
             let batch = events.into_iter().map(raw_event).collect();
-            let outcome = self.ingestor.ingest(&caller.workspace_id, batch).await.map_err(ApiError::from)?;
+            let outcome = self
+                .ingestor
+                .ingest(&caller.workspace_id, batch)
+                .await
+                .map_err(ApiError::from)?;
             summary.received += count as u64;
             summary.accepted += outcome.accepted;
             summary.duplicates += outcome.duplicates;
             summary.rejected += outcome.rejected.len() as u64;
             for (index, error) in outcome.rejected {
                 if summary.errors.len() < MAX_IMPORT_ERRORS {
-                    summary.errors.push(item_error(offset, index, &error.field, &error.reason));
+                    summary
+                        .errors
+                        .push(item_error(offset, index, &error.field, &error.reason));
                 }
             }
             offset += count;
         }
-        tracing::info!(received = summary.received, accepted = summary.accepted, duplicates = summary.duplicates, rejected = summary.rejected, "import finished");
+        tracing::info!(
+            received = summary.received,
+            accepted = summary.accepted,
+            duplicates = summary.duplicates,
+            rejected = summary.rejected,
+            "import finished"
+        );
         Ok(Response::new(summary))
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn query(&self, request: Request<pb::QueryEventsRequest>) -> Result<Response<pb::QueryEventsResponse>, Status> {
+    async fn query(
+        &self,
+        request: Request<pb::QueryEventsRequest>,
+    ) -> Result<Response<pb::QueryEventsResponse>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
-        let mut query = EventQuery { names: request.names, ..EventQuery::default() };
+        let mut query = EventQuery {
+            names: request.names,
+            ..EventQuery::default()
+        };
         match request.customer.and_then(|c| c.id) {
-            Some(customer_ref::Id::CustomerId(id)) if !id.is_empty() => query.customer_id = Some(id),
-            Some(customer_ref::Id::AnonymousId(id)) if !id.is_empty() => query.anonymous_id = Some(id),
-            _ => return Err(ApiError::invalid("customer", "a customer_id or anonymous_id is required").into()),
+            Some(customer_ref::Id::CustomerId(id)) if !id.is_empty() => {
+                query.customer_id = Some(id)
+            }
+            Some(customer_ref::Id::AnonymousId(id)) if !id.is_empty() => {
+                query.anonymous_id = Some(id)
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "customer",
+                    "a customer_id or anonymous_id is required",
+                )
+                .into());
+            }
         }
         if let Some(range) = request.range {
             query.from = range.from.as_ref().and_then(timestamp_to_chrono);
@@ -144,9 +215,16 @@ impl Events for EventsApi {
         if !request.page_token.is_empty() {
             query.before = Some(parse_page_token(&request.page_token)?);
         }
-        let rows = self.ingestor.store.query(&caller.workspace_id, &query).await.map_err(ApiError::from)?;
+        let rows = self
+            .ingestor
+            .store
+            .query(&caller.workspace_id, &query)
+            .await
+            .map_err(ApiError::from)?;
         let next_page_token = match rows.last() {
-            Some(last) if rows.len() as i64 == query.limit => format!("{}:{}", last.timestamp.timestamp_micros(), last.seq),
+            Some(last) if rows.len() as i64 == query.limit => {
+                format!("{}:{}", last.timestamp.timestamp_micros(), last.seq)
+            }
             _ => String::new(),
         };
         let events = rows
@@ -171,7 +249,10 @@ impl Events for EventsApi {
                 }),
             })
             .collect();
-        Ok(Response::new(pb::QueryEventsResponse { events, next_page_token }))
+        Ok(Response::new(pb::QueryEventsResponse {
+            events,
+            next_page_token,
+        }))
     }
 }
 

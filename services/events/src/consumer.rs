@@ -11,7 +11,9 @@ use crate::store::EventStore;
 
 /// The queue of identity changes.
 pub fn spec() -> ConsumerSpec {
-    ConsumerSpec::new("events.identity").bind(EVENTS_EXCHANGE, PROFILE_MERGED).bind(EVENTS_EXCHANGE, PROFILE_DELETED)
+    ConsumerSpec::new("events.identity")
+        .bind(EVENTS_EXCHANGE, PROFILE_MERGED)
+        .bind(EVENTS_EXCHANGE, PROFILE_DELETED)
 }
 
 /// Handles identity changes; both are idempotent by nature (upsert, delete).
@@ -25,16 +27,22 @@ impl Handler for IdentityHandler {
         Box::pin(async move {
             match message.routing_key {
                 PROFILE_MERGED => {
-                    let merged: ProfileMerged = serde_json::from_slice(message.payload).map_err(|e| HandleError::Reject(e.into()))?;
+                    let merged: ProfileMerged = serde_json::from_slice(message.payload)
+                        .map_err(|e| HandleError::Reject(e.into()))?;
                     let moved = self.store.link_identity(&merged).await?;
                     tracing::info!(workspace = %merged.workspace_id, moved, "anonymous events re-attributed");
                 }
                 PROFILE_DELETED => {
-                    let deleted: ProfileDeleted = serde_json::from_slice(message.payload).map_err(|e| HandleError::Reject(e.into()))?;
+                    let deleted: ProfileDeleted = serde_json::from_slice(message.payload)
+                        .map_err(|e| HandleError::Reject(e.into()))?;
                     let erased = self.store.erase(&deleted).await?;
                     tracing::info!(workspace = %deleted.workspace_id, erased, "customer's events erased");
                 }
-                other => return Err(HandleError::Reject(anyhow::anyhow!("unexpected routing key {other}"))),
+                other => {
+                    return Err(HandleError::Reject(anyhow::anyhow!(
+                        "unexpected routing key {other}"
+                    )));
+                }
             }
             Ok(())
         })

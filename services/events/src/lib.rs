@@ -44,7 +44,11 @@ pub struct EventsConfig {
 
 impl Default for EventsConfig {
     fn default() -> EventsConfig {
-        EventsConfig { limits: domain::Limits::default(), relay_batch: 1000, max_message_bytes: 16 * 1024 * 1024 }
+        EventsConfig {
+            limits: domain::Limits::default(),
+            relay_batch: 1000,
+            max_message_bytes: 16 * 1024 * 1024,
+        }
     }
 }
 
@@ -55,15 +59,35 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     let store = Arc::new(store::EventStore::new(pool.clone()));
     let relay_wake = Arc::new(Notify::new());
 
-    let publisher = Arc::new(Publisher::new(platform.bus.clone()));
-    platform.spawn("events-relay", relay::run(pool, publisher, relay_wake.clone(), config.relay_batch, platform.shutdown.clone()));
+    let relay = relay::Relay {
+        clock: platform.clock.clone(),
+        publisher: Arc::new(Publisher::new(platform.bus.clone())),
+        wake: relay_wake.clone(),
+        batch: config.relay_batch,
+    };
+    platform.spawn("events-relay", relay.run(pool, platform.shutdown.clone()));
 
     let identity = consumer::spec();
     bus::declare(&platform.bus, &identity).await?;
-    let handler = Arc::new(consumer::IdentityHandler { store: store.clone() });
-    platform.spawn("events-identity", bus::run_consumer(platform.bus.clone(), identity, handler, platform.shutdown.clone()));
+    let handler = Arc::new(consumer::IdentityHandler {
+        store: store.clone(),
+    });
+    platform.spawn(
+        "events-identity",
+        bus::run_consumer(
+            platform.bus.clone(),
+            identity,
+            handler,
+            platform.shutdown.clone(),
+        ),
+    );
 
-    let ingestor = ingest::Ingestor { store, clock: platform.clock.clone(), limits: config.limits, relay_wake };
+    let ingestor = ingest::Ingestor {
+        store,
+        clock: platform.clock.clone(),
+        limits: config.limits,
+        relay_wake,
+    };
     server.add_service(
         EventsServer::new(api::EventsApi { ingestor })
             .max_decoding_message_size(config.max_message_bytes),

@@ -54,7 +54,10 @@ pub struct EventQuery {
 impl EventStore {
     /// The store over the `events` schema's pool.
     pub fn new(pool: PgPool) -> EventStore {
-        EventStore { pool, partitions: Mutex::new(HashSet::new()) }
+        EventStore {
+            pool,
+            partitions: Mutex::new(HashSet::new()),
+        }
     }
 
     /// The pool (for the relay's dedicated connection).
@@ -68,11 +71,17 @@ impl EventStore {
     /// customer id filled in from a known identity link. Batches holding anonymous-only
     /// events first take their identity buckets in shared mode (see
     /// [`domain::identity_bucket`]).
-    pub async fn insert(&self, workspace_id: &str, events: &[NewEvent], received_at: DateTime<Utc>) -> sqlx::Result<u64> {
+    pub async fn insert(
+        &self,
+        workspace_id: &str,
+        events: &[NewEvent],
+        received_at: DateTime<Utc>,
+    ) -> sqlx::Result<u64> {
         if events.is_empty() {
             return Ok(0);
         }
-        self.ensure_partitions(domain::months_of(events.iter().map(|e| &e.timestamp))).await?;
+        self.ensure_partitions(domain::months_of(events.iter().map(|e| &e.timestamp)))
+            .await?;
 
         let mut message_ids = Vec::with_capacity(events.len());
         let mut names = Vec::with_capacity(events.len());
@@ -142,7 +151,10 @@ impl EventStore {
     }
 
     /// Creates the monthly partitions `months` need, once per process.
-    async fn ensure_partitions(&self, months: std::collections::BTreeSet<NaiveDate>) -> sqlx::Result<()> {
+    async fn ensure_partitions(
+        &self,
+        months: std::collections::BTreeSet<NaiveDate>,
+    ) -> sqlx::Result<()> {
         let missing: Vec<NaiveDate> = {
             let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
             months.into_iter().filter(|m| !known.contains(m)).collect()
@@ -156,12 +168,18 @@ impl EventStore {
             );
             if let Err(error) = sqlx::query(&sql).execute(&self.pool).await {
                 // Another replica created it at the same moment.
-                let raced = error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "42P07" || code == "23505");
+                let raced = error
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|code| code == "42P07" || code == "23505");
                 if !raced {
                     return Err(error);
                 }
             }
-            self.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(month);
+            self.partitions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(month);
         }
         Ok(())
     }
@@ -172,7 +190,10 @@ impl EventStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
             .bind(IDENTITY_LOCK_CLASS)
-            .bind(domain::identity_bucket(&merged.workspace_id, &merged.anonymous_id))
+            .bind(domain::identity_bucket(
+                &merged.workspace_id,
+                &merged.anonymous_id,
+            ))
             .execute(&mut *tx)
             .await?;
         sqlx::query(
@@ -227,7 +248,11 @@ impl EventStore {
     }
 
     /// Reads events of one customer, newest first.
-    pub async fn query(&self, workspace_id: &str, query: &EventQuery) -> sqlx::Result<Vec<StoredRow>> {
+    pub async fn query(
+        &self,
+        workspace_id: &str,
+        query: &EventQuery,
+    ) -> sqlx::Result<Vec<StoredRow>> {
         let (before_ts, before_seq) = match query.before {
             Some((ts, seq)) => (Some(ts), seq),
             None => (None, i64::MAX),
@@ -284,7 +309,10 @@ pub async fn try_lock_relay(conn: &mut PgConnection) -> sqlx::Result<bool> {
 
 /// The next events to publish after the cursor, only from transactions that have all
 /// finished (below the oldest running transaction), in (xid, seq) order.
-pub async fn next_to_publish(conn: &mut PgConnection, limit: i64) -> sqlx::Result<(Vec<EventMessage>, Option<(String, i64)>)> {
+pub async fn next_to_publish(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> sqlx::Result<(Vec<EventMessage>, Option<(String, i64)>)> {
     let rows = sqlx::query(
         "SELECT e.xid::text AS xid, e.seq, e.workspace_id, e.message_id, e.name, e.customer_id, e.anonymous_id, \
                 e.ts, e.received_at, e.properties, e.context \
@@ -301,7 +329,10 @@ pub async fn next_to_publish(conn: &mut PgConnection, limit: i64) -> sqlx::Resul
     let mut messages = Vec::with_capacity(rows.len());
     let mut last = None;
     for row in rows {
-        last = Some((row.try_get::<String, _>("xid")?, row.try_get::<i64, _>("seq")?));
+        last = Some((
+            row.try_get::<String, _>("xid")?,
+            row.try_get::<i64, _>("seq")?,
+        ));
         messages.push(EventMessage {
             workspace_id: row.try_get("workspace_id")?,
             seq: row.try_get("seq")?,

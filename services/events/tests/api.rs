@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, TimeZone as _, Utc};
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
 use relance_kit::messages::{EventMessage, PROFILE_MERGED, ProfileMerged};
 use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
@@ -13,11 +13,22 @@ use relance_proto::v1::{self as pb, customer_ref};
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// The time of the test clock.
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 5, 20, 18, 0, 0).single().expect("date")
+}
+
 async fn spawn_app() -> TestApp {
     let env = Arc::new(TestEnv::new().await);
     let settings = env.settings.clone();
-    let clock: SharedClock = ManualClock::new(Utc::now());
-    TestApp::start(env, settings, clock, Box::new(|platform, server| Box::pin(relance_events::serve(platform, server)))).await
+    let clock: SharedClock = ManualClock::new(now());
+    TestApp::start(
+        env,
+        settings,
+        clock,
+        Box::new(|platform, server| Box::pin(relance_events::serve(platform, server))),
+    )
+    .await
 }
 
 fn event(message_id: &str, name: &str, customer_id: &str) -> pb::Event {
@@ -25,22 +36,36 @@ fn event(message_id: &str, name: &str, customer_id: &str) -> pb::Event {
         message_id: message_id.into(),
         name: name.into(),
         customer_id: customer_id.into(),
-        properties: Some(json_to_struct(&serde_json::json!({"revenue": 10.5, "items": [{"product_id": "P1", "quantity": 1}]}))),
+        properties: Some(json_to_struct(
+            &serde_json::json!({"revenue": 10.5, "items": [{"product_id": "P1", "quantity": 1}]}),
+        )),
         ..Default::default()
     }
 }
 
 fn customer(id: &str) -> Option<pb::CustomerRef> {
-    Some(pb::CustomerRef { id: Some(customer_ref::Id::CustomerId(id.into())) })
+    Some(pb::CustomerRef {
+        id: Some(customer_ref::Id::CustomerId(id.into())),
+    })
 }
 
 async fn client(app: &TestApp) -> EventsClient<Channel> {
     EventsClient::new(app.channel().await)
 }
 
-async fn query(client: &mut EventsClient<Channel>, key: &str, customer_id: &str) -> Vec<pb::StoredEvent> {
+async fn query(
+    client: &mut EventsClient<Channel>,
+    key: &str,
+    customer_id: &str,
+) -> Vec<pb::StoredEvent> {
     client
-        .query(authed(key, pb::QueryEventsRequest { customer: customer(customer_id), ..Default::default() }))
+        .query(authed(
+            key,
+            pb::QueryEventsRequest {
+                customer: customer(customer_id),
+                ..Default::default()
+            },
+        ))
         .await
         .expect("query")
         .into_inner()
@@ -53,9 +78,25 @@ async fn a_retried_track_stores_and_publishes_once() {
     let mut tap = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, "event.#").await;
     let mut events = client(&app).await;
 
-    let first = events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(event("m-1", "order_completed", "c1")) })).await.expect("track");
+    let first = events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(event("m-1", "order_completed", "c1")),
+            },
+        ))
+        .await
+        .expect("track");
     assert!(!first.get_ref().duplicate);
-    let retry = events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(event("m-1", "order_completed", "c1")) })).await.expect("retry");
+    let retry = events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(event("m-1", "order_completed", "c1")),
+            },
+        ))
+        .await
+        .expect("retry");
     assert!(retry.get_ref().duplicate, "the retry must be recognised");
 
     let stored = query(&mut events, &app.admin_key, "c1").await;
@@ -64,7 +105,10 @@ async fn a_retried_track_stores_and_publishes_once() {
     let (routing_key, body) = tap.next(10).await.expect("published");
     assert_eq!(routing_key, "event.order_completed");
     let message: EventMessage = serde_json::from_slice(&body).expect("json");
-    assert_eq!((message.message_id.as_str(), message.workspace_id.as_str()), ("m-1", app.workspace.as_str()));
+    assert_eq!(
+        (message.message_id.as_str(), message.workspace_id.as_str()),
+        ("m-1", app.workspace.as_str())
+    );
     assert_eq!(message.properties["revenue"], serde_json::json!(10.5));
     assert!(tap.next(1).await.is_none(), "published exactly once");
     app.stop().await;
@@ -78,18 +122,44 @@ async fn invalid_events_are_refused_naming_the_field() {
         (event("a", "Order-Completed", "c1"), "event.name:"),
         (event("b", "app_opened", ""), "event.customer_id:"),
         (
-            pb::Event { timestamp: Some(chrono_to_timestamp(Utc::now() + Duration::days(3))), ..event("c", "app_opened", "c1") },
+            pb::Event {
+                timestamp: Some(chrono_to_timestamp(now() + Duration::days(3))),
+                ..event("c", "app_opened", "c1")
+            },
             "event.timestamp:",
         ),
-        (pb::Event { customer_id: "x".repeat(129), ..event("d", "app_opened", "") }, "event.customer_id:"),
+        (
+            pb::Event {
+                customer_id: "x".repeat(129),
+                ..event("d", "app_opened", "")
+            },
+            "event.customer_id:",
+        ),
     ];
     for (bad, field) in cases {
-        let status = events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(bad) })).await.expect_err("refused");
+        let status = events
+            .track(authed(
+                &app.ingest_key,
+                pb::TrackRequest { event: Some(bad) },
+            ))
+            .await
+            .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().starts_with(field), "{} should start with {field}", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "{} should start with {field}",
+            status.message()
+        );
     }
-    let status = events.track(authed(&app.ingest_key, pb::TrackRequest { event: None })).await.expect_err("refused");
-    assert!(status.message().starts_with("event:"), "{}", status.message());
+    let status = events
+        .track(authed(&app.ingest_key, pb::TrackRequest { event: None }))
+        .await
+        .expect_err("refused");
+    assert!(
+        status.message().starts_with("event:"),
+        "{}",
+        status.message()
+    );
     app.stop().await;
 }
 
@@ -102,20 +172,54 @@ async fn a_batch_keeps_the_good_events_and_reports_the_bad_by_index() {
         event("b-2", "Bad Name", "c1"),
         event("b-3", "cart_updated", "c1"),
         event("b-1", "product_viewed", "c1"),
-        pb::Event { properties: Some(json_to_struct(&serde_json::json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}))), ..event("b-4", "app_opened", "c1") },
+        pb::Event {
+            properties: Some(json_to_struct(
+                &serde_json::json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}),
+            )),
+            ..event("b-4", "app_opened", "c1")
+        },
         event("b-5", "order_completed", "c1"),
     ];
-    let response = events.track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch })).await.expect("batch").into_inner();
+    let response = events
+        .track_batch(authed(
+            &app.ingest_key,
+            pb::TrackBatchRequest { events: batch },
+        ))
+        .await
+        .expect("batch")
+        .into_inner();
     assert_eq!(response.accepted, 3);
     assert_eq!(response.duplicates, 1);
-    let rejected: Vec<(u32, &str)> = response.rejected.iter().map(|e| (e.index, e.field.as_str())).collect();
-    assert_eq!(rejected, vec![(1, "events[1].name"), (4, "events[4].properties.a.b.c.d.e.f.g.h")]);
+    let rejected: Vec<(u32, &str)> = response
+        .rejected
+        .iter()
+        .map(|e| (e.index, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (1, "events[1].name"),
+            (4, "events[4].properties.a.b.c.d.e.f.g.h")
+        ]
+    );
     assert_eq!(query(&mut events, &app.admin_key, "c1").await.len(), 3);
 
-    let too_many: Vec<_> = (0..1001).map(|i| event(&format!("x-{i}"), "app_opened", "c1")).collect();
-    let status = events.track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: too_many })).await.expect_err("too many");
+    let too_many: Vec<_> = (0..1001)
+        .map(|i| event(&format!("x-{i}"), "app_opened", "c1"))
+        .collect();
+    let status = events
+        .track_batch(authed(
+            &app.ingest_key,
+            pb::TrackBatchRequest { events: too_many },
+        ))
+        .await
+        .expect_err("too many");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().starts_with("events:"), "{}", status.message());
+    assert!(
+        status.message().starts_with("events:"),
+        "{}",
+        status.message()
+    );
     app.stop().await;
 }
 
@@ -124,14 +228,34 @@ async fn import_streams_chunks_and_counts_across_the_stream() {
     let app = spawn_app().await;
     let mut events = client(&app).await;
     let chunks = vec![
-        pb::ImportRequest { events: (0..300).map(|i| event(&format!("i-{i}"), "order_completed", &format!("c{}", i % 7))).collect() },
-        pb::ImportRequest { events: vec![event("i-5", "order_completed", "c5"), event("bad", "", "c1")] },
-        pb::ImportRequest { events: (300..400).map(|i| event(&format!("i-{i}"), "order_completed", "c1")).collect() },
+        pb::ImportRequest {
+            events: (0..300)
+                .map(|i| event(&format!("i-{i}"), "order_completed", &format!("c{}", i % 7)))
+                .collect(),
+        },
+        pb::ImportRequest {
+            events: vec![
+                event("i-5", "order_completed", "c5"),
+                event("bad", "", "c1"),
+            ],
+        },
+        pb::ImportRequest {
+            events: (300..400)
+                .map(|i| event(&format!("i-{i}"), "order_completed", "c1"))
+                .collect(),
+        },
     ];
-    let mut request = authed(&app.ingest_key, futures::stream::iter(chunks));
-    request.metadata_mut();
+    let request = authed(&app.ingest_key, futures::stream::iter(chunks));
     let summary = events.import(request).await.expect("import").into_inner();
-    assert_eq!((summary.received, summary.accepted, summary.duplicates, summary.rejected), (402, 400, 1, 1));
+    assert_eq!(
+        (
+            summary.received,
+            summary.accepted,
+            summary.duplicates,
+            summary.rejected
+        ),
+        (402, 400, 1, 1)
+    );
     assert_eq!(summary.errors[0].index, 301, "indexed across the stream");
     assert_eq!(summary.errors[0].field, "name");
     app.stop().await;
@@ -141,12 +265,31 @@ async fn import_streams_chunks_and_counts_across_the_stream() {
 async fn calls_without_a_valid_key_are_refused() {
     let app = spawn_app().await;
     let mut events = client(&app).await;
-    let status = events.track(pb::TrackRequest { event: Some(event("u", "app_opened", "c1")) }).await.expect_err("no key");
-    assert_eq!(status.code(), Code::Unauthenticated);
-    let status = events.track(authed("rlk_not-a-key", pb::TrackRequest { event: Some(event("u", "app_opened", "c1")) })).await.expect_err("bad key");
+    let status = events
+        .track(pb::TrackRequest {
+            event: Some(event("u", "app_opened", "c1")),
+        })
+        .await
+        .expect_err("no key");
     assert_eq!(status.code(), Code::Unauthenticated);
     let status = events
-        .query(authed(&app.ingest_key, pb::QueryEventsRequest { customer: customer("c1"), ..Default::default() }))
+        .track(authed(
+            "rlk_not-a-key",
+            pb::TrackRequest {
+                event: Some(event("u", "app_opened", "c1")),
+            },
+        ))
+        .await
+        .expect_err("bad key");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = events
+        .query(authed(
+            &app.ingest_key,
+            pb::QueryEventsRequest {
+                customer: customer("c1"),
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("ingest key cannot read");
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -158,10 +301,26 @@ async fn a_key_of_another_workspace_sees_nothing() {
     let app = spawn_app().await;
     let other = app.other_workspace_key().await;
     let mut events = client(&app).await;
-    events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(event("w-1", "order_completed", "c1")) })).await.expect("track");
+    events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(event("w-1", "order_completed", "c1")),
+            },
+        ))
+        .await
+        .expect("track");
     assert!(query(&mut events, &other, "c1").await.is_empty());
     // The same message id in another workspace is a different event.
-    let response = events.track(authed(&other, pb::TrackRequest { event: Some(event("w-1", "order_completed", "c1")) })).await.expect("track");
+    let response = events
+        .track(authed(
+            &other,
+            pb::TrackRequest {
+                event: Some(event("w-1", "order_completed", "c1")),
+            },
+        ))
+        .await
+        .expect("track");
     assert!(!response.get_ref().duplicate);
     assert_eq!(query(&mut events, &other, "c1").await.len(), 1);
     assert_eq!(query(&mut events, &app.admin_key, "c1").await.len(), 1);
@@ -172,11 +331,26 @@ async fn a_key_of_another_workspace_sees_nothing() {
 async fn a_merged_visitor_s_events_move_to_the_customer_including_later_ones() {
     let app = spawn_app().await;
     let mut events = client(&app).await;
-    let anonymous = |id: &str| pb::Event { anonymous_id: "anon-7".into(), ..event(id, "product_viewed", "") };
-    events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(anonymous("before")) })).await.expect("track");
+    let anonymous = |id: &str| pb::Event {
+        anonymous_id: "anon-7".into(),
+        ..event(id, "product_viewed", "")
+    };
+    events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(anonymous("before")),
+            },
+        ))
+        .await
+        .expect("track");
 
     let publisher = Publisher::new(app.platform.bus.clone());
-    let merged = ProfileMerged { workspace_id: app.workspace.clone(), anonymous_id: "anon-7".into(), customer_id: "c-42".into() };
+    let merged = ProfileMerged {
+        workspace_id: app.workspace.clone(),
+        anonymous_id: "anon-7".into(),
+        customer_id: "c-42".into(),
+    };
     let message = Outgoing {
         exchange: EVENTS_EXCHANGE.into(),
         routing_key: PROFILE_MERGED.into(),
@@ -184,7 +358,10 @@ async fn a_merged_visitor_s_events_move_to_the_customer_including_later_ones() {
         payload: serde_json::to_vec(&merged).expect("json"),
         headers: Default::default(),
     };
-    publisher.publish_all(&[message.clone()]).await.expect("publish");
+    publisher
+        .publish_all(std::slice::from_ref(&message))
+        .await
+        .expect("publish");
     eventually(10, "the anonymous event to be re-attributed", || async {
         let mut events = client(&app).await;
         (query(&mut events, &app.admin_key, "c-42").await.len() == 1).then_some(())
@@ -192,10 +369,21 @@ async fn a_merged_visitor_s_events_move_to_the_customer_including_later_ones() {
     .await;
 
     // An event arriving after the merge with only the anonymous id is attributed at once.
-    events.track(authed(&app.ingest_key, pb::TrackRequest { event: Some(anonymous("after")) })).await.expect("track");
+    events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(anonymous("after")),
+            },
+        ))
+        .await
+        .expect("track");
     assert_eq!(query(&mut events, &app.admin_key, "c-42").await.len(), 2);
     // A redelivered merge changes nothing.
-    publisher.publish_all(&[message]).await.expect("publish again");
+    publisher
+        .publish_all(&[message])
+        .await
+        .expect("publish again");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(query(&mut events, &app.admin_key, "c-42").await.len(), 2);
     app.stop().await;

@@ -2,7 +2,9 @@
 
 use relance_kit::auth;
 use relance_kit::{ApiError, ApiResult, SharedClock};
-use relance_proto::convert::{chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono};
+use relance_proto::convert::{
+    chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono,
+};
 use relance_proto::v1::profiles_server::Profiles;
 use relance_proto::v1::{self as pb, customer_ref};
 use tonic::{Request, Response, Status};
@@ -21,7 +23,12 @@ fn key_of(customer: Option<pb::CustomerRef>, field: &str) -> ApiResult<CustomerK
     let key = match customer.and_then(|c| c.id) {
         Some(customer_ref::Id::CustomerId(id)) => CustomerKey::Customer(id),
         Some(customer_ref::Id::AnonymousId(id)) => CustomerKey::Anonymous(id),
-        None => return Err(ApiError::invalid(field, "a customer_id or anonymous_id is required")),
+        None => {
+            return Err(ApiError::invalid(
+                field,
+                "a customer_id or anonymous_id is required",
+            ));
+        }
     };
     Ok(key.checked(field).map_err(domain::ProfileError::from)?)
 }
@@ -95,7 +102,11 @@ pub fn to_proto(record: ProfileRecord) -> pb::Profile {
             .map(|c| pb::Consent {
                 channel: channel_of(&c.channel) as i32,
                 topic: c.topic.clone(),
-                status: if c.status == "opted_in" { pb::ConsentStatus::OptedIn } else { pb::ConsentStatus::OptedOut } as i32,
+                status: if c.status == "opted_in" {
+                    pb::ConsentStatus::OptedIn
+                } else {
+                    pb::ConsentStatus::OptedOut
+                } as i32,
                 updated_at: Some(chrono_to_timestamp(c.decided_at)),
                 source: c.source.clone(),
             })
@@ -120,7 +131,10 @@ pub fn to_proto(record: ProfileRecord) -> pb::Profile {
 #[tonic::async_trait]
 impl Profiles for ProfilesApi {
     #[tracing::instrument(skip_all)]
-    async fn upsert(&self, request: Request<pb::UpsertProfileRequest>) -> Result<Response<pb::Profile>, Status> {
+    async fn upsert(
+        &self,
+        request: Request<pb::UpsertProfileRequest>,
+    ) -> Result<Response<pb::Profile>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let key = key_of(request.customer, "customer")?;
@@ -130,7 +144,11 @@ impl Profiles for ProfilesApi {
             .map(|t| (t.token, platform_name(t.platform).to_owned(), t.app_id))
             .collect();
         let patch = ProfilePatch::new(
-            request.attributes.as_ref().map(struct_to_json).unwrap_or(serde_json::Value::Null),
+            request
+                .attributes
+                .as_ref()
+                .map(struct_to_json)
+                .unwrap_or(serde_json::Value::Null),
             request.email,
             request.phone,
             request.timezone,
@@ -140,30 +158,55 @@ impl Profiles for ProfilesApi {
         )
         .map_err(domain::ProfileError::from)
         .map_err(ApiError::from)?;
-        let record = self.store.upsert(&caller.workspace_id, &key, &patch, self.clock.now()).await.map_err(ApiError::from)?;
+        let record = self
+            .store
+            .upsert(&caller.workspace_id, &key, &patch, self.clock.now())
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(to_proto(record)))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn get(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::Profile>, Status> {
         let caller = auth::caller(&request)?;
         let key = key_of(request.into_inner().customer, "customer")?;
-        let record = self.store.get(&caller.workspace_id, &key).await.map_err(ApiError::from)?;
+        let record = self
+            .store
+            .get(&caller.workspace_id, &key)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(to_proto(record)))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn batch_get(&self, request: Request<pb::BatchGetProfilesRequest>) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
+    async fn batch_get(
+        &self,
+        request: Request<pb::BatchGetProfilesRequest>,
+    ) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
         let caller = auth::caller(&request)?;
         let customers = request.into_inner().customers;
         if customers.len() > 500 {
-            return Err(ApiError::invalid("customers", format!("{} requested, at most 500", customers.len())).into());
+            return Err(ApiError::invalid(
+                "customers",
+                format!("{} requested, at most 500", customers.len()),
+            )
+            .into());
         }
         let mut keys = Vec::with_capacity(customers.len());
         for (index, customer) in customers.iter().enumerate() {
-            keys.push(key_of(Some(customer.clone()), &format!("customers[{index}]"))?);
+            keys.push(key_of(
+                Some(customer.clone()),
+                &format!("customers[{index}]"),
+            )?);
         }
-        let found = self.store.batch_get(&caller.workspace_id, &keys).await.map_err(ApiError::from)?;
+        let found = self
+            .store
+            .batch_get(&caller.workspace_id, &keys)
+            .await
+            .map_err(ApiError::from)?;
         let mut response = pb::BatchGetProfilesResponse::default();
         for (customer, record) in customers.into_iter().zip(found) {
             match record {
@@ -175,7 +218,10 @@ impl Profiles for ProfilesApi {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn list(&self, request: Request<pb::ListProfilesRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
+    async fn list(
+        &self,
+        request: Request<pb::ListProfilesRequest>,
+    ) -> Result<Response<pb::ListProfilesResponse>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let limit = match request.page_size {
@@ -186,34 +232,66 @@ impl Profiles for ProfilesApi {
         let offset: i64 = if request.page_token.is_empty() {
             0
         } else {
-            request.page_token.parse().map_err(|_| ApiError::invalid("page_token", "not a token returned by List"))?
+            request
+                .page_token
+                .parse()
+                .map_err(|_| ApiError::invalid("page_token", "not a token returned by List"))?
         };
         let order = match pb::ProfileOrder::try_from(request.order) {
             Ok(pb::ProfileOrder::Revenue) => ListOrder::Revenue,
             Ok(pb::ProfileOrder::Updated) => ListOrder::Updated,
             _ => ListOrder::Rfm,
         };
-        let records = self.store.list(&caller.workspace_id, order, limit, offset).await.map_err(ApiError::from)?;
-        let next_page_token = if records.len() as i64 == limit { (offset + limit).to_string() } else { String::new() };
-        Ok(Response::new(pb::ListProfilesResponse { profiles: records.into_iter().map(to_proto).collect(), next_page_token }))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn merge(&self, request: Request<pb::MergeProfilesRequest>) -> Result<Response<pb::MergeProfilesResponse>, Status> {
-        let caller = auth::caller(&request)?;
-        let request = request.into_inner();
-        domain::check_id("anonymous_id", &request.anonymous_id).map_err(domain::ProfileError::from).map_err(ApiError::from)?;
-        domain::check_id("customer_id", &request.customer_id).map_err(domain::ProfileError::from).map_err(ApiError::from)?;
-        let (record, merged) = self
+        let records = self
             .store
-            .merge(&caller.workspace_id, &request.anonymous_id, &request.customer_id, self.clock.now())
+            .list(&caller.workspace_id, order, limit, offset)
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(pb::MergeProfilesResponse { profile: Some(to_proto(record)), merged }))
+        let next_page_token = if records.len() as i64 == limit {
+            (offset + limit).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProfilesResponse {
+            profiles: records.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn set_consent(&self, request: Request<pb::SetConsentRequest>) -> Result<Response<pb::Profile>, Status> {
+    async fn merge(
+        &self,
+        request: Request<pb::MergeProfilesRequest>,
+    ) -> Result<Response<pb::MergeProfilesResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let request = request.into_inner();
+        domain::check_id("anonymous_id", &request.anonymous_id)
+            .map_err(domain::ProfileError::from)
+            .map_err(ApiError::from)?;
+        domain::check_id("customer_id", &request.customer_id)
+            .map_err(domain::ProfileError::from)
+            .map_err(ApiError::from)?;
+        let (record, merged) = self
+            .store
+            .merge(
+                &caller.workspace_id,
+                &request.anonymous_id,
+                &request.customer_id,
+                self.clock.now(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::MergeProfilesResponse {
+            profile: Some(to_proto(record)),
+            merged,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_consent(
+        &self,
+        request: Request<pb::SetConsentRequest>,
+    ) -> Result<Response<pb::Profile>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let key = key_of(request.customer, "customer")?;
@@ -231,28 +309,54 @@ impl Profiles for ProfilesApi {
             .map_err(ApiError::from)?;
         let now = self.clock.now();
         let decided_at = match &consent.updated_at {
-            Some(ts) => timestamp_to_chrono(ts).ok_or_else(|| ApiError::invalid("consent.updated_at", "out of range"))?,
+            Some(ts) => timestamp_to_chrono(ts)
+                .ok_or_else(|| ApiError::invalid("consent.updated_at", "out of range"))?,
             None => now,
         };
-        let consent = Consent { channel: channel.to_owned(), topic: consent.topic, status: status.to_owned(), decided_at, source: consent.source };
-        let record = self.store.set_consent(&caller.workspace_id, &key, &consent, now).await.map_err(ApiError::from)?;
+        let consent = Consent {
+            channel: channel.to_owned(),
+            topic: consent.topic,
+            status: status.to_owned(),
+            decided_at,
+            source: consent.source,
+        };
+        let record = self
+            .store
+            .set_consent(&caller.workspace_id, &key, &consent, now)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(to_proto(record)))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn export(&self, request: Request<pb::ExportProfileRequest>) -> Result<Response<pb::ExportProfileResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<pb::ExportProfileRequest>,
+    ) -> Result<Response<pb::ExportProfileResponse>, Status> {
         let caller = auth::caller(&request)?;
         let key = key_of(request.into_inner().customer, "customer")?;
-        let document = self.store.export(&caller.workspace_id, &key, self.clock.now()).await.map_err(ApiError::from)?;
-        let json = serde_json::to_string_pretty(&document).map_err(|e| ApiError::Internal(e.into()))?;
+        let document = self
+            .store
+            .export(&caller.workspace_id, &key, self.clock.now())
+            .await
+            .map_err(ApiError::from)?;
+        let json =
+            serde_json::to_string_pretty(&document).map_err(|e| ApiError::Internal(e.into()))?;
         Ok(Response::new(pb::ExportProfileResponse { json }))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn delete(&self, request: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::DeleteProfileResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteProfileRequest>,
+    ) -> Result<Response<pb::DeleteProfileResponse>, Status> {
         let caller = auth::caller(&request)?;
         let key = key_of(request.into_inner().customer, "customer")?;
-        let erased_ids = self.store.delete(&caller.workspace_id, &key, self.clock.now()).await.map_err(ApiError::from)?;
+        let erased_ids = self
+            .store
+            .delete(&caller.workspace_id, &key, self.clock.now())
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(workspace = %caller.workspace_id, ids = erased_ids.len(), "profile erased");
         Ok(Response::new(pb::DeleteProfileResponse { erased_ids }))
     }

@@ -36,18 +36,25 @@ fn retry_or_reject(error: ProfileError) -> HandleError {
 impl Handler for EventHandler {
     fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
-            let event: EventMessage = serde_json::from_slice(message.payload).map_err(|e| HandleError::Reject(e.into()))?;
+            let event: EventMessage = serde_json::from_slice(message.payload)
+                .map_err(|e| HandleError::Reject(e.into()))?;
             let now = self.clock.now();
             if let (Some(customer), Some(anonymous)) = (&event.customer_id, &event.anonymous_id) {
-                self.store.merge(&event.workspace_id, anonymous, customer, now).await.map_err(retry_or_reject)?;
+                self.store
+                    .merge(&event.workspace_id, anonymous, customer, now)
+                    .await
+                    .map_err(retry_or_reject)?;
             }
-            let Some(effect) = traits::effect_of(&event.name, &event.properties, event.timestamp) else {
+            let Some(effect) = traits::effect_of(&event.name, &event.properties, event.timestamp)
+            else {
                 return Ok(());
             };
             let key = match (&event.customer_id, &event.anonymous_id) {
                 (Some(customer), _) => CustomerKey::Customer(customer.clone()),
                 (None, Some(anonymous)) => CustomerKey::Anonymous(anonymous.clone()),
-                (None, None) => return Err(HandleError::Reject(anyhow::anyhow!("event without any id"))),
+                (None, None) => {
+                    return Err(HandleError::Reject(anyhow::anyhow!("event without any id")));
+                }
             };
             let applied = self
                 .store
@@ -55,7 +62,8 @@ impl Handler for EventHandler {
                 .await
                 .map_err(retry_or_reject)?;
             if applied {
-                self.purchases_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.purchases_seen
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(())
         })

@@ -43,7 +43,10 @@ pub struct ProfilesConfig {
 
 impl Default for ProfilesConfig {
     fn default() -> ProfilesConfig {
-        ProfilesConfig { rescore_after_purchases_secs: 30, rescore_every_secs: 3600 }
+        ProfilesConfig {
+            rescore_after_purchases_secs: 30,
+            rescore_every_secs: 3600,
+        }
     }
 }
 
@@ -56,7 +59,10 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     let store = store::ProfileStore::new(pool.clone(), outbox_wake.clone());
 
     let publisher = Arc::new(Publisher::new(platform.bus.clone()));
-    platform.spawn("profiles-outbox", outbox::run_relay(pool, publisher, outbox_wake, platform.shutdown.clone()));
+    platform.spawn(
+        "profiles-outbox",
+        outbox::run_relay(pool, publisher, outbox_wake, platform.shutdown.clone()),
+    );
 
     let purchases_seen = Arc::new(AtomicBool::new(false));
     let events = consumer::spec();
@@ -66,13 +72,30 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         clock: platform.clock.clone(),
         purchases_seen: purchases_seen.clone(),
     });
-    platform.spawn("profiles-events", bus::run_consumer(platform.bus.clone(), events, handler, platform.shutdown.clone()));
+    platform.spawn(
+        "profiles-events",
+        bus::run_consumer(
+            platform.bus.clone(),
+            events,
+            handler,
+            platform.shutdown.clone(),
+        ),
+    );
     platform.spawn(
         "profiles-rfm",
-        rescore_loop(store.clone(), platform.clock.clone(), config, purchases_seen, platform.shutdown.clone()),
+        rescore_loop(
+            store.clone(),
+            platform.clock.clone(),
+            config,
+            purchases_seen,
+            platform.shutdown.clone(),
+        ),
     );
 
-    server.add_service(ProfilesServer::new(api::ProfilesApi { store, clock: platform.clock.clone() }));
+    server.add_service(ProfilesServer::new(api::ProfilesApi {
+        store,
+        clock: platform.clock.clone(),
+    }));
     Ok(())
 }
 
@@ -92,7 +115,8 @@ async fn rescore_loop(
             _ = tokio::time::sleep(tick) => {}
         }
         since_full += tick;
-        let due = purchases_seen.swap(false, Ordering::Relaxed) || since_full >= Duration::from_secs(config.rescore_every_secs);
+        let due = purchases_seen.swap(false, Ordering::Relaxed)
+            || since_full >= Duration::from_secs(config.rescore_every_secs);
         if !due {
             continue;
         }
@@ -104,7 +128,10 @@ async fn rescore_loop(
 }
 
 /// Rescores every workspace that has buyers.
-pub async fn rescore_all(store: &store::ProfileStore, clock: &SharedClock) -> Result<(), domain::ProfileError> {
+pub async fn rescore_all(
+    store: &store::ProfileStore,
+    clock: &SharedClock,
+) -> Result<(), domain::ProfileError> {
     for workspace in store.workspaces_with_buyers().await? {
         if let Some((_, buyers)) = store.rescore(&workspace, clock.now()).await? {
             tracing::info!(%workspace, buyers, "rfm scores refreshed");

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use relance_kit::bus::EVENTS_EXCHANGE;
-use relance_kit::messages::{PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged, ProfileUpdated};
+use relance_kit::messages::{
+    PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged, ProfileUpdated,
+};
 use relance_kit::{db, outbox};
 use sha2::{Digest as _, Sha256};
 use sqlx::{PgConnection, PgPool, Row as _};
@@ -13,7 +15,9 @@ use tokio::sync::Notify;
 
 use crate::domain::rfm::{self, Measures, Scores, Thresholds};
 use crate::domain::traits::PurchaseEffect;
-use crate::domain::{Consent, CustomerKey, ProfileError, ProfilePatch, ProfileRecord, PushToken, Traits};
+use crate::domain::{
+    Consent, CustomerKey, ProfileError, ProfilePatch, ProfileRecord, PushToken, Traits,
+};
 
 /// Lock class of per-identity advisory locks (creation and merge of anonymous ids).
 const PROFILE_LOCK_CLASS: i32 = 0x5052; // "PR"
@@ -59,7 +63,11 @@ impl ProfileStore {
     }
 
     /// Several profiles, in request order; `None` for those not found.
-    pub async fn batch_get(&self, workspace_id: &str, keys: &[CustomerKey]) -> Result<Vec<Option<ProfileRecord>>> {
+    pub async fn batch_get(
+        &self,
+        workspace_id: &str,
+        keys: &[CustomerKey],
+    ) -> Result<Vec<Option<ProfileRecord>>> {
         let mut conn = self.pool.acquire().await?;
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -72,7 +80,13 @@ impl ProfileStore {
     }
 
     /// Known customers in `order`, `limit` from `offset`.
-    pub async fn list(&self, workspace_id: &str, order: ListOrder, limit: i64, offset: i64) -> Result<Vec<ProfileRecord>> {
+    pub async fn list(
+        &self,
+        workspace_id: &str,
+        order: ListOrder,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<ProfileRecord>> {
         let order_by = match order {
             ListOrder::Rfm => "(rfm_recency + rfm_frequency + rfm_monetary) DESC, revenue DESC, id",
             ListOrder::Revenue => "revenue DESC, id",
@@ -82,7 +96,12 @@ impl ProfileStore {
             "SELECT id FROM profiles WHERE workspace_id = $1 AND customer_id IS NOT NULL ORDER BY {order_by} LIMIT $2 OFFSET $3"
         );
         let mut conn = self.pool.acquire().await?;
-        let ids: Vec<i64> = sqlx::query_scalar(&sql).bind(workspace_id).bind(limit).bind(offset).fetch_all(&mut *conn).await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&sql)
+            .bind(workspace_id)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             out.push(load(&mut conn, id).await?);
@@ -91,11 +110,21 @@ impl ProfileStore {
     }
 
     /// Creates or partially updates a profile.
-    pub async fn upsert(&self, workspace_id: &str, key: &CustomerKey, patch: &ProfilePatch, now: DateTime<Utc>) -> Result<ProfileRecord> {
+    pub async fn upsert(
+        &self,
+        workspace_id: &str,
+        key: &CustomerKey,
+        patch: &ProfilePatch,
+        now: DateTime<Utc>,
+    ) -> Result<ProfileRecord> {
         let mut tx = self.pool.begin().await?;
         let id = find_or_create(&mut tx, workspace_id, key, now).await?;
         let set = serde_json::Value::Object(patch.set_attributes.clone());
-        let clear = |value: &Option<String>| value.as_ref().map(|v| if v.is_empty() { None } else { Some(v.clone()) });
+        let clear = |value: &Option<String>| {
+            value
+                .as_ref()
+                .map(|v| if v.is_empty() { None } else { Some(v.clone()) })
+        };
         sqlx::query(
             "UPDATE profiles SET \
                 attributes = (attributes || $2::jsonb) - $3::text[], \
@@ -151,10 +180,22 @@ impl ProfileStore {
     }
 
     /// Attaches `anonymous_id` to `customer_id`; `false` when it already was.
-    pub async fn merge(&self, workspace_id: &str, anonymous_id: &str, customer_id: &str, now: DateTime<Utc>) -> Result<(ProfileRecord, bool)> {
+    pub async fn merge(
+        &self,
+        workspace_id: &str,
+        anonymous_id: &str,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(ProfileRecord, bool)> {
         let mut tx = self.pool.begin().await?;
         lock_identity(&mut tx, workspace_id, anonymous_id).await?;
-        let known = find_or_create(&mut tx, workspace_id, &CustomerKey::Customer(customer_id.to_owned()), now).await?;
+        let known = find_or_create(
+            &mut tx,
+            workspace_id,
+            &CustomerKey::Customer(customer_id.to_owned()),
+            now,
+        )
+        .await?;
         let current: Option<(i64, Option<String>)> = sqlx::query_as(
             "SELECT i.profile_id, p.customer_id FROM identities i JOIN profiles p ON p.id = i.profile_id \
              WHERE i.workspace_id = $1 AND i.anonymous_id = $2",
@@ -170,9 +211,14 @@ impl ProfileStore {
                 return Ok((record, false));
             }
             Some((_, Some(owner))) => {
-                return Err(ProfileError::MergedElsewhere { anonymous_id: anonymous_id.to_owned(), owner });
+                return Err(ProfileError::MergedElsewhere {
+                    anonymous_id: anonymous_id.to_owned(),
+                    owner,
+                });
             }
-            Some((anonymous_profile, None)) => fold_into(&mut tx, anonymous_profile, known, now).await?,
+            Some((anonymous_profile, None)) => {
+                fold_into(&mut tx, anonymous_profile, known, now).await?
+            }
             None => {
                 sqlx::query("INSERT INTO identities (workspace_id, anonymous_id, profile_id, created_at) VALUES ($1, $2, $3, $4)")
                     .bind(workspace_id)
@@ -189,7 +235,14 @@ impl ProfileStore {
             customer_id: customer_id.to_owned(),
         };
         let message_id = format!("merge:{workspace_id}:{anonymous_id}:{customer_id}");
-        outbox::enqueue(&mut tx, EVENTS_EXCHANGE, PROFILE_MERGED, &message_id, &to_json(&merged)).await?;
+        outbox::enqueue(
+            &mut tx,
+            EVENTS_EXCHANGE,
+            PROFILE_MERGED,
+            &message_id,
+            &to_json(&merged),
+        )
+        .await?;
         let record = load(&mut tx, known).await?;
         tx.commit().await?;
         self.outbox_wake.notify_one();
@@ -197,7 +250,13 @@ impl ProfileStore {
     }
 
     /// Records one consent decision; the latest decision (by its time) wins.
-    pub async fn set_consent(&self, workspace_id: &str, key: &CustomerKey, consent: &Consent, now: DateTime<Utc>) -> Result<ProfileRecord> {
+    pub async fn set_consent(
+        &self,
+        workspace_id: &str,
+        key: &CustomerKey,
+        consent: &Consent,
+        now: DateTime<Utc>,
+    ) -> Result<ProfileRecord> {
         let mut tx = self.pool.begin().await?;
         let id = find_or_create(&mut tx, workspace_id, key, now).await?;
         sqlx::query(
@@ -225,16 +284,32 @@ impl ProfileStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE profiles SET updated_at = $2 WHERE id = $1").bind(id).bind(now).execute(&mut *tx).await?;
+        sqlx::query("UPDATE profiles SET updated_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let record = load(&mut tx, id).await?;
-        announce_update(&mut tx, workspace_id, &record, vec!["consent".to_owned()], now).await?;
+        announce_update(
+            &mut tx,
+            workspace_id,
+            &record,
+            vec!["consent".to_owned()],
+            now,
+        )
+        .await?;
         tx.commit().await?;
         self.outbox_wake.notify_one();
         Ok(record)
     }
 
     /// Everything held on one customer, as a JSON document.
-    pub async fn export(&self, workspace_id: &str, key: &CustomerKey, now: DateTime<Utc>) -> Result<serde_json::Value> {
+    pub async fn export(
+        &self,
+        workspace_id: &str,
+        key: &CustomerKey,
+        now: DateTime<Utc>,
+    ) -> Result<serde_json::Value> {
         let mut conn = self.pool.acquire().await?;
         let Some(id) = find(&mut conn, workspace_id, key).await? else {
             return Err(ProfileError::NotFound(key.to_string()));
@@ -267,22 +342,34 @@ impl ProfileStore {
     }
 
     /// Erases a profile and announces it; returns the erased ids.
-    pub async fn delete(&self, workspace_id: &str, key: &CustomerKey, now: DateTime<Utc>) -> Result<Vec<String>> {
+    pub async fn delete(
+        &self,
+        workspace_id: &str,
+        key: &CustomerKey,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
         let mut tx = self.pool.begin().await?;
         let Some(id) = find(&mut tx, workspace_id, key).await? else {
             return Err(ProfileError::NotFound(key.to_string()));
         };
         let record = load(&mut tx, id).await?;
-        sqlx::query("DELETE FROM profiles WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM profiles WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let mut erased: Vec<String> = record.customer_id.iter().cloned().collect();
         erased.extend(record.anonymous_ids.iter().cloned());
         for subject in &erased {
-            sqlx::query("INSERT INTO erasures (workspace_id, subject_hash, erased_at) VALUES ($1, $2, $3)")
-                .bind(workspace_id)
-                .bind(hex::encode(Sha256::digest(format!("{workspace_id}:{subject}").as_bytes())))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO erasures (workspace_id, subject_hash, erased_at) VALUES ($1, $2, $3)",
+            )
+            .bind(workspace_id)
+            .bind(hex::encode(Sha256::digest(
+                format!("{workspace_id}:{subject}").as_bytes(),
+            )))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         let deleted = ProfileDeleted {
             workspace_id: workspace_id.to_owned(),
@@ -290,7 +377,14 @@ impl ProfileStore {
             anonymous_ids: record.anonymous_ids.clone(),
         };
         let message_id = format!("delete:{workspace_id}:{id}");
-        outbox::enqueue(&mut tx, EVENTS_EXCHANGE, PROFILE_DELETED, &message_id, &to_json(&deleted)).await?;
+        outbox::enqueue(
+            &mut tx,
+            EVENTS_EXCHANGE,
+            PROFILE_DELETED,
+            &message_id,
+            &to_json(&deleted),
+        )
+        .await?;
         tx.commit().await?;
         self.outbox_wake.notify_one();
         Ok(erased)
@@ -340,8 +434,14 @@ impl ProfileStore {
         let orders: i64 = row.try_get("orders_count")?;
         let revenue: f64 = row.try_get("revenue")?;
         let last: Option<DateTime<Utc>> = row.try_get("last_purchase_at")?;
-        if let (Some(last), Some(thresholds)) = (last, load_thresholds(&mut tx, workspace_id).await?) {
-            let measures = Measures { days_since_last: days_between(last, now), orders: orders as f64, revenue };
+        if let (Some(last), Some(thresholds)) =
+            (last, load_thresholds(&mut tx, workspace_id).await?)
+        {
+            let measures = Measures {
+                days_since_last: days_between(last, now),
+                orders: orders as f64,
+                revenue,
+            };
             let scores = rfm::score(measures, &thresholds);
             sqlx::query("UPDATE profiles SET rfm_recency = $2, rfm_frequency = $3, rfm_monetary = $4, rfm_scored_at = $5 WHERE id = $1")
                 .bind(id)
@@ -353,7 +453,14 @@ impl ProfileStore {
                 .await?;
         }
         let record = load(&mut tx, id).await?;
-        announce_update(&mut tx, workspace_id, &record, vec!["traits".to_owned()], now).await?;
+        announce_update(
+            &mut tx,
+            workspace_id,
+            &record,
+            vec!["traits".to_owned()],
+            now,
+        )
+        .await?;
         tx.commit().await?;
         self.outbox_wake.notify_one();
         Ok(true)
@@ -361,12 +468,20 @@ impl ProfileStore {
 
     /// Workspaces that have at least one buyer.
     pub async fn workspaces_with_buyers(&self) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT workspace_id FROM profiles WHERE orders_count > 0").fetch_all(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT workspace_id FROM profiles WHERE orders_count > 0")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Recomputes the workspace's quintile thresholds and every buyer's RFM scores as of
     /// `now`; returns the thresholds and how many buyers were scored.
-    pub async fn rescore(&self, workspace_id: &str, now: DateTime<Utc>) -> Result<Option<(Thresholds, usize)>> {
+    pub async fn rescore(
+        &self,
+        workspace_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(Thresholds, usize)>> {
         let rows = sqlx::query(
             "SELECT id, EXTRACT(EPOCH FROM ($2::timestamptz - last_purchase_at))::float8 / 86400.0 AS days, \
                     orders_count::float8 AS orders, revenue \
@@ -393,8 +508,12 @@ impl ProfileStore {
             Some((thresholds, scores))
         })
         .await
-        .map_err(|e| ProfileError::Database(sqlx::Error::Protocol(format!("rfm scoring panicked: {e}"))))?;
-        let Some((thresholds, scores)) = scored else { return Ok(None) };
+        .map_err(|e| {
+            ProfileError::Database(sqlx::Error::Protocol(format!("rfm scoring panicked: {e}")))
+        })?;
+        let Some((thresholds, scores)) = scored else {
+            return Ok(None);
+        };
 
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -439,7 +558,11 @@ fn days_between(earlier: DateTime<Utc>, later: DateTime<Utc>) -> f64 {
     (later - earlier).num_seconds() as f64 / 86_400.0
 }
 
-async fn lock_identity(conn: &mut PgConnection, workspace_id: &str, anonymous_id: &str) -> sqlx::Result<()> {
+async fn lock_identity(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    anonymous_id: &str,
+) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2 || ':' || $3))")
         .bind(PROFILE_LOCK_CLASS)
         .bind(workspace_id)
@@ -449,27 +572,40 @@ async fn lock_identity(conn: &mut PgConnection, workspace_id: &str, anonymous_id
     Ok(())
 }
 
-async fn find(conn: &mut PgConnection, workspace_id: &str, key: &CustomerKey) -> sqlx::Result<Option<i64>> {
+async fn find(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    key: &CustomerKey,
+) -> sqlx::Result<Option<i64>> {
     match key {
         CustomerKey::Customer(id) => {
-            sqlx::query_scalar("SELECT id FROM profiles WHERE workspace_id = $1 AND customer_id = $2")
-                .bind(workspace_id)
-                .bind(id)
-                .fetch_optional(conn)
-                .await
+            sqlx::query_scalar(
+                "SELECT id FROM profiles WHERE workspace_id = $1 AND customer_id = $2",
+            )
+            .bind(workspace_id)
+            .bind(id)
+            .fetch_optional(conn)
+            .await
         }
         CustomerKey::Anonymous(id) => {
-            sqlx::query_scalar("SELECT profile_id FROM identities WHERE workspace_id = $1 AND anonymous_id = $2")
-                .bind(workspace_id)
-                .bind(id)
-                .fetch_optional(conn)
-                .await
+            sqlx::query_scalar(
+                "SELECT profile_id FROM identities WHERE workspace_id = $1 AND anonymous_id = $2",
+            )
+            .bind(workspace_id)
+            .bind(id)
+            .fetch_optional(conn)
+            .await
         }
     }
 }
 
 /// The profile of `key`, created if new (an anonymous id gets an anonymous profile).
-async fn find_or_create(conn: &mut PgConnection, workspace_id: &str, key: &CustomerKey, now: DateTime<Utc>) -> sqlx::Result<i64> {
+async fn find_or_create(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    key: &CustomerKey,
+    now: DateTime<Utc>,
+) -> sqlx::Result<i64> {
     match key {
         CustomerKey::Customer(id) => {
             sqlx::query_scalar(
@@ -508,7 +644,12 @@ async fn find_or_create(conn: &mut PgConnection, workspace_id: &str, key: &Custo
 
 /// Moves everything of an anonymous profile into a known one, then removes it. The known
 /// customer's attributes and addresses win; traits add up; the latest consent wins.
-async fn fold_into(conn: &mut PgConnection, anonymous: i64, known: i64, now: DateTime<Utc>) -> sqlx::Result<()> {
+async fn fold_into(
+    conn: &mut PgConnection,
+    anonymous: i64,
+    known: i64,
+    now: DateTime<Utc>,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE profiles k SET attributes = a.attributes || k.attributes, \
             email = COALESCE(k.email, a.email), phone = COALESCE(k.phone, a.phone), \
@@ -524,11 +665,13 @@ async fn fold_into(conn: &mut PgConnection, anonymous: i64, known: i64, now: Dat
     .execute(&mut *conn)
     .await?;
     for table in ["identities", "push_tokens", "consent_history"] {
-        sqlx::query(&format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"))
-            .bind(known)
-            .bind(anonymous)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&format!(
+            "UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"
+        ))
+        .bind(known)
+        .bind(anonymous)
+        .execute(&mut *conn)
+        .await?;
     }
     sqlx::query(
         "INSERT INTO consents (profile_id, channel, topic, status, decided_at, source) \
@@ -540,18 +683,31 @@ async fn fold_into(conn: &mut PgConnection, anonymous: i64, known: i64, now: Dat
     .bind(anonymous)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("DELETE FROM profiles WHERE id = $1").bind(anonymous).execute(conn).await?;
+    sqlx::query("DELETE FROM profiles WHERE id = $1")
+        .bind(anonymous)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
-async fn load_thresholds(conn: &mut PgConnection, workspace_id: &str) -> sqlx::Result<Option<Thresholds>> {
-    let row: Option<(Vec<f64>, Vec<f64>, Vec<f64>)> =
-        sqlx::query_as("SELECT recency_days, frequency, monetary FROM rfm_thresholds WHERE workspace_id = $1")
-            .bind(workspace_id)
-            .fetch_optional(conn)
-            .await?;
+async fn load_thresholds(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+) -> sqlx::Result<Option<Thresholds>> {
+    let row: Option<(Vec<f64>, Vec<f64>, Vec<f64>)> = sqlx::query_as(
+        "SELECT recency_days, frequency, monetary FROM rfm_thresholds WHERE workspace_id = $1",
+    )
+    .bind(workspace_id)
+    .fetch_optional(conn)
+    .await?;
     let four = |v: Vec<f64>| -> Option<[f64; 4]> { v.try_into().ok() };
-    Ok(row.and_then(|(r, f, m)| Some(Thresholds { recency_days: four(r)?, frequency: four(f)?, monetary: four(m)? })))
+    Ok(row.and_then(|(r, f, m)| {
+        Some(Thresholds {
+            recency_days: four(r)?,
+            frequency: four(f)?,
+            monetary: four(m)?,
+        })
+    }))
 }
 
 async fn announce_update(
@@ -572,7 +728,14 @@ async fn announce_update(
         at: now,
     };
     let message_id = uuid::Uuid::now_v7().to_string();
-    outbox::enqueue(conn, EVENTS_EXCHANGE, PROFILE_UPDATED, &message_id, &to_json(&updated)).await
+    outbox::enqueue(
+        conn,
+        EVENTS_EXCHANGE,
+        PROFILE_UPDATED,
+        &message_id,
+        &to_json(&updated),
+    )
+    .await
 }
 
 async fn load(conn: &mut PgConnection, id: i64) -> Result<ProfileRecord> {

@@ -72,32 +72,59 @@ pub struct FieldError {
 }
 
 fn refuse(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), reason: reason.into() }
+    FieldError {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The earliest acceptable event time.
 fn earliest() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// Checks one event; `now` is the receipt time; `new_id` makes a message id when it is empty.
-pub fn validate(raw: RawEvent, now: DateTime<Utc>, limits: &Limits, new_id: impl FnOnce() -> String) -> Result<NewEvent, FieldError> {
+pub fn validate(
+    raw: RawEvent,
+    now: DateTime<Utc>,
+    limits: &Limits,
+    new_id: impl FnOnce() -> String,
+) -> Result<NewEvent, FieldError> {
     if !is_event_name(&raw.name) {
-        return Err(refuse("name", format!("{:?} is not a snake_case name of 1-64 characters starting with a letter", truncate(&raw.name))));
+        return Err(refuse(
+            "name",
+            format!(
+                "{:?} is not a snake_case name of 1-64 characters starting with a letter",
+                truncate(&raw.name)
+            ),
+        ));
     }
     check_id("message_id", &raw.message_id)?;
     check_id("customer_id", &raw.customer_id)?;
     check_id("anonymous_id", &raw.anonymous_id)?;
     if raw.customer_id.is_empty() && raw.anonymous_id.is_empty() {
-        return Err(refuse("customer_id", "one of customer_id and anonymous_id is required"));
+        return Err(refuse(
+            "customer_id",
+            "one of customer_id and anonymous_id is required",
+        ));
     }
     let timestamp = match raw.timestamp {
         None => now,
         Some(None) => return Err(refuse("timestamp", "out of range")),
         Some(Some(ts)) if ts > now + Duration::seconds(limits.max_future_secs) => {
-            return Err(refuse("timestamp", format!("{ts} is more than {}s in the future", limits.max_future_secs)));
+            return Err(refuse(
+                "timestamp",
+                format!(
+                    "{ts} is more than {}s in the future",
+                    limits.max_future_secs
+                ),
+            ));
         }
-        Some(Some(ts)) if ts < earliest() => return Err(refuse("timestamp", format!("{ts} is before 2000-01-01"))),
+        Some(Some(ts)) if ts < earliest() => {
+            return Err(refuse("timestamp", format!("{ts} is before 2000-01-01")));
+        }
         Some(Some(ts)) => ts,
     };
     let properties = match raw.properties {
@@ -106,26 +133,50 @@ pub fn validate(raw: RawEvent, now: DateTime<Utc>, limits: &Limits, new_id: impl
         _ => return Err(refuse("properties", "must be an object")),
     };
     if let Some(path) = too_deep(&properties, limits.max_depth, "properties") {
-        return Err(refuse(path, format!("nested deeper than {} levels", limits.max_depth)));
+        return Err(refuse(
+            path,
+            format!("nested deeper than {} levels", limits.max_depth),
+        ));
     }
     let properties = properties.to_string();
     if properties.len() > limits.max_properties_bytes {
-        return Err(refuse("properties", format!("{} bytes as JSON, more than {}", properties.len(), limits.max_properties_bytes)));
+        return Err(refuse(
+            "properties",
+            format!(
+                "{} bytes as JSON, more than {}",
+                properties.len(),
+                limits.max_properties_bytes
+            ),
+        ));
     }
     if raw.context.len() > limits.max_context_entries {
-        return Err(refuse("context", format!("{} entries, more than {}", raw.context.len(), limits.max_context_entries)));
+        return Err(refuse(
+            "context",
+            format!(
+                "{} entries, more than {}",
+                raw.context.len(),
+                limits.max_context_entries
+            ),
+        ));
     }
     let mut context = serde_json::Map::new();
     for (key, value) in raw.context {
         if key.is_empty() || key.len() > 64 {
-            return Err(refuse("context", format!("key {:?} must have 1-64 characters", truncate(&key))));
+            return Err(refuse(
+                "context",
+                format!("key {:?} must have 1-64 characters", truncate(&key)),
+            ));
         }
         if value.len() > 1024 {
             return Err(refuse(format!("context.{key}"), "longer than 1024 bytes"));
         }
         context.insert(key, serde_json::Value::String(value));
     }
-    let message_id = if raw.message_id.is_empty() { new_id() } else { raw.message_id };
+    let message_id = if raw.message_id.is_empty() {
+        new_id()
+    } else {
+        raw.message_id
+    };
     Ok(NewEvent {
         message_id,
         name: raw.name,
@@ -140,8 +191,12 @@ pub fn validate(raw: RawEvent, now: DateTime<Utc>, limits: &Limits, new_id: impl
 /// `[a-z][a-z0-9_]{0,63}`.
 pub fn is_event_name(name: &str) -> bool {
     let mut chars = name.chars();
-    let Some(first) = chars.next() else { return false };
-    name.len() <= 64 && first.is_ascii_lowercase() && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    let Some(first) = chars.next() else {
+        return false;
+    };
+    name.len() <= 64
+        && first.is_ascii_lowercase()
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
@@ -220,7 +275,11 @@ pub fn months_of<'a>(times: impl IntoIterator<Item = &'a DateTime<Utc>>) -> BTre
 
 /// The first day of the month after `month`.
 pub fn next_month(month: NaiveDate) -> NaiveDate {
-    let (year, next) = if month.month() == 12 { (month.year() + 1, 1) } else { (month.year(), month.month() + 1) };
+    let (year, next) = if month.month() == 12 {
+        (month.year() + 1, 1)
+    } else {
+        (month.year(), month.month() + 1)
+    };
     NaiveDate::from_ymd_opt(year, next, 1).unwrap_or(month)
 }
 
@@ -231,7 +290,11 @@ pub fn next_month(month: NaiveDate) -> NaiveDate {
 pub fn identity_bucket(workspace_id: &str, anonymous_id: &str) -> i32 {
     // FNV-1a: stable across processes and versions, unlike the std hasher.
     let mut hash: u32 = 0x811c_9dc5;
-    for byte in workspace_id.bytes().chain([0u8]).chain(anonymous_id.bytes()) {
+    for byte in workspace_id
+        .bytes()
+        .chain([0u8])
+        .chain(anonymous_id.bytes())
+    {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
@@ -247,11 +310,18 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).single().expect("date")
+        Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0)
+            .single()
+            .expect("date")
     }
 
     fn raw(name: &str) -> RawEvent {
-        RawEvent { name: name.into(), customer_id: "c1".into(), message_id: "m1".into(), ..RawEvent::default() }
+        RawEvent {
+            name: name.into(),
+            customer_id: "c1".into(),
+            message_id: "m1".into(),
+            ..RawEvent::default()
+        }
     }
 
     fn check(raw: RawEvent) -> Result<NewEvent, FieldError> {
@@ -269,7 +339,14 @@ mod tests {
 
     #[test]
     fn names_must_be_snake_case() {
-        for bad in ["", "Order", "order-completed", "1st", "a b", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "Order",
+            "order-completed",
+            "1st",
+            "a b",
+            &"x".repeat(65),
+        ] {
             let error = check(raw(bad)).expect_err(bad);
             assert_eq!(error.field, "name", "{bad}");
         }
@@ -289,7 +366,11 @@ mod tests {
         event.timestamp = Some(Some(now() + Duration::hours(25)));
         assert_eq!(check(event).expect_err("future").field, "timestamp");
         let mut event = raw("app_opened");
-        event.timestamp = Some(Some(Utc.with_ymd_and_hms(1999, 12, 31, 0, 0, 0).single().expect("date")));
+        event.timestamp = Some(Some(
+            Utc.with_ymd_and_hms(1999, 12, 31, 0, 0, 0)
+                .single()
+                .expect("date"),
+        ));
         assert_eq!(check(event).expect_err("past").field, "timestamp");
         let mut event = raw("app_opened");
         event.timestamp = Some(Some(now() + Duration::hours(23)));
@@ -299,7 +380,8 @@ mod tests {
     #[test]
     fn properties_have_size_and_depth_limits() {
         let mut event = raw("app_opened");
-        event.properties = serde_json::json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}});
+        event.properties =
+            serde_json::json!({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}});
         let error = check(event).expect_err("deep");
         assert_eq!(error.field, "properties.a.b.c.d.e.f.g.h");
         let mut event = raw("app_opened");
@@ -331,7 +413,10 @@ mod tests {
         let times = [now(), now() + Duration::days(40), now()];
         let months: Vec<_> = months_of(times.iter()).into_iter().collect();
         assert_eq!(months.len(), 2);
-        assert_eq!(next_month(NaiveDate::from_ymd_opt(2026, 12, 1).expect("d")), NaiveDate::from_ymd_opt(2027, 1, 1).expect("d"));
+        assert_eq!(
+            next_month(NaiveDate::from_ymd_opt(2026, 12, 1).expect("d")),
+            NaiveDate::from_ymd_opt(2027, 1, 1).expect("d")
+        );
     }
 
     #[test]

@@ -64,7 +64,11 @@ pub struct Traits {
 impl Traits {
     /// Revenue per order; 0 without orders.
     pub fn average_basket(&self) -> f64 {
-        if self.orders_count > 0 { self.revenue / self.orders_count as f64 } else { 0.0 }
+        if self.orders_count > 0 {
+            self.revenue / self.orders_count as f64
+        } else {
+            0.0
+        }
     }
 }
 
@@ -77,7 +81,10 @@ pub struct Invalid {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), reason: reason.into() }
+    Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Which profile a request is about.
@@ -108,7 +115,10 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Invalid> {
         return Err(invalid(field, "longer than 128 characters"));
     }
     if id.chars().any(char::is_control) || id.trim() != id {
-        return Err(invalid(field, "contains control characters or leading/trailing spaces"));
+        return Err(invalid(
+            field,
+            "contains control characters or leading/trailing spaces",
+        ));
     }
     Ok(())
 }
@@ -149,11 +159,17 @@ impl ProfilePatch {
             serde_json::Value::Null => {}
             serde_json::Value::Object(map) => {
                 if serde_json::Value::Object(map.clone()).to_string().len() > MAX_ATTRIBUTES_BYTES {
-                    return Err(invalid("attributes", format!("more than {MAX_ATTRIBUTES_BYTES} bytes as JSON")));
+                    return Err(invalid(
+                        "attributes",
+                        format!("more than {MAX_ATTRIBUTES_BYTES} bytes as JSON"),
+                    ));
                 }
                 for (key, value) in map {
                     if key.is_empty() || key.len() > 64 {
-                        return Err(invalid(format!("attributes.{key}"), "keys must have 1-64 characters"));
+                        return Err(invalid(
+                            format!("attributes.{key}"),
+                            "keys must have 1-64 characters",
+                        ));
                     }
                     if value.is_null() {
                         patch.remove_attributes.push(key);
@@ -164,32 +180,54 @@ impl ProfilePatch {
             }
             _ => return Err(invalid("attributes", "must be an object")),
         }
-        if let Some(email) = &email {
-            if !email.is_empty() && !is_email(email) {
-                return Err(invalid("email", format!("{email:?} is not an e-mail address")));
-            }
+        if let Some(email) = &email
+            && !email.is_empty()
+            && !is_email(email)
+        {
+            return Err(invalid(
+                "email",
+                format!("{email:?} is not an e-mail address"),
+            ));
         }
-        if let Some(phone) = &phone {
-            if !phone.is_empty() && !is_e164(phone) {
-                return Err(invalid("phone", format!("{phone:?} is not in E.164 form (+ and 8-15 digits)")));
-            }
+        if let Some(phone) = &phone
+            && !phone.is_empty()
+            && !is_e164(phone)
+        {
+            return Err(invalid(
+                "phone",
+                format!("{phone:?} is not in E.164 form (+ and 8-15 digits)"),
+            ));
         }
-        if let Some(timezone) = &timezone {
-            if !timezone.is_empty() && timezone.parse::<chrono_tz::Tz>().is_err() {
-                return Err(invalid("timezone", format!("{timezone:?} is not an IANA timezone (e.g. Africa/Algiers)")));
-            }
+        if let Some(timezone) = &timezone
+            && !timezone.is_empty()
+            && timezone.parse::<chrono_tz::Tz>().is_err()
+        {
+            return Err(invalid(
+                "timezone",
+                format!("{timezone:?} is not an IANA timezone (e.g. Africa/Algiers)"),
+            ));
         }
-        if let Some(locale) = &locale {
-            if !locale.is_empty() && !is_locale(locale) {
-                return Err(invalid("locale", format!("{locale:?} is not a BCP 47 locale (e.g. fr-DZ)")));
-            }
+        if let Some(locale) = &locale
+            && !locale.is_empty()
+            && !is_locale(locale)
+        {
+            return Err(invalid(
+                "locale",
+                format!("{locale:?} is not a BCP 47 locale (e.g. fr-DZ)"),
+            ));
         }
         for (index, (token, platform, _)) in push_tokens.iter().enumerate() {
             if token.is_empty() || token.len() > 4096 {
-                return Err(invalid(format!("push_tokens[{index}].token"), "must have 1-4096 characters"));
+                return Err(invalid(
+                    format!("push_tokens[{index}].token"),
+                    "must have 1-4096 characters",
+                ));
             }
             if !matches!(platform.as_str(), "android" | "ios" | "web") {
-                return Err(invalid(format!("push_tokens[{index}].platform"), "required (android, ios or web)"));
+                return Err(invalid(
+                    format!("push_tokens[{index}].platform"),
+                    "required (android, ios or web)",
+                ));
             }
         }
         patch.email = email;
@@ -207,7 +245,11 @@ impl ProfilePatch {
         if !self.set_attributes.is_empty() || !self.remove_attributes.is_empty() {
             parts.push("attributes".to_owned());
         }
-        if self.email.is_some() || self.phone.is_some() || !self.push_tokens.is_empty() || !self.remove_push_tokens.is_empty() {
+        if self.email.is_some()
+            || self.phone.is_some()
+            || !self.push_tokens.is_empty()
+            || !self.remove_push_tokens.is_empty()
+        {
             parts.push("addresses".to_owned());
         }
         if self.timezone.is_some() {
@@ -221,18 +263,32 @@ impl ProfilePatch {
 }
 
 fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else { return false };
-    !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !domain.contains('@') && s.len() <= 254 && !s.contains(char::is_whitespace)
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && s.len() <= 254
+        && !s.contains(char::is_whitespace)
 }
 
 fn is_e164(s: &str) -> bool {
-    let Some(digits) = s.strip_prefix('+') else { return false };
-    (8..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) && !digits.starts_with('0')
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (8..=15).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && !digits.starts_with('0')
 }
 
 fn is_locale(s: &str) -> bool {
     let mut parts = s.split(['-', '_']);
-    let Some(language) = parts.next() else { return false };
+    let Some(language) = parts.next() else {
+        return false;
+    };
     (2..=3).contains(&language.len())
         && language.chars().all(|c| c.is_ascii_alphabetic())
         && parts.all(|p| (2..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()))
@@ -242,18 +298,36 @@ fn is_locale(s: &str) -> bool {
 pub const CHANNELS: &[&str] = &["push", "email", "sms", "whatsapp", "in_app", "webhook"];
 
 /// A consent decision to record, checked.
-pub fn check_consent(channel: &str, topic: &str, status: &str, source: &str) -> Result<(), Invalid> {
+pub fn check_consent(
+    channel: &str,
+    topic: &str,
+    status: &str,
+    source: &str,
+) -> Result<(), Invalid> {
     if !CHANNELS.contains(&channel) {
-        return Err(invalid("consent.channel", "required (push, email, sms, whatsapp, in_app or webhook)"));
+        return Err(invalid(
+            "consent.channel",
+            "required (push, email, sms, whatsapp, in_app or webhook)",
+        ));
     }
-    if topic.len() > 64 || topic.chars().any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')) {
+    if topic.len() > 64
+        || topic
+            .chars()
+            .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'))
+    {
         return Err(invalid("consent.topic", "at most 64 of a-z 0-9 _ -"));
     }
     if !matches!(status, "opted_in" | "opted_out") {
-        return Err(invalid("consent.status", "required (opted_in or opted_out)"));
+        return Err(invalid(
+            "consent.status",
+            "required (opted_in or opted_out)",
+        ));
     }
     if source.is_empty() || source.len() > 128 {
-        return Err(invalid("consent.source", "required: where the decision came from (1-128 characters)"));
+        return Err(invalid(
+            "consent.source",
+            "required: where the decision came from (1-128 characters)",
+        ));
     }
     Ok(())
 }
@@ -269,26 +343,30 @@ mod tests {
     #[test]
     fn null_attributes_are_removals() {
         let p = patch(serde_json::json!({"city": "Oran", "gender": null})).expect("valid");
-        assert_eq!(p.set_attributes.get("city"), Some(&serde_json::json!("Oran")));
+        assert_eq!(
+            p.set_attributes.get("city"),
+            Some(&serde_json::json!("Oran"))
+        );
         assert_eq!(p.remove_attributes, vec!["gender".to_owned()]);
         assert_eq!(p.changed_parts(), vec!["attributes".to_owned()]);
     }
 
     #[test]
     fn addresses_timezone_and_locale_are_checked() {
-        let bad = |email: Option<&str>, phone: Option<&str>, tz: Option<&str>, locale: Option<&str>| {
-            ProfilePatch::new(
-                serde_json::Value::Null,
-                email.map(Into::into),
-                phone.map(Into::into),
-                tz.map(Into::into),
-                locale.map(Into::into),
-                vec![],
-                vec![],
-            )
-            .expect_err("invalid")
-            .field
-        };
+        let bad =
+            |email: Option<&str>, phone: Option<&str>, tz: Option<&str>, locale: Option<&str>| {
+                ProfilePatch::new(
+                    serde_json::Value::Null,
+                    email.map(Into::into),
+                    phone.map(Into::into),
+                    tz.map(Into::into),
+                    locale.map(Into::into),
+                    vec![],
+                    vec![],
+                )
+                .expect_err("invalid")
+                .field
+            };
         assert_eq!(bad(Some("nope"), None, None, None), "email");
         assert_eq!(bad(None, Some("0550123456"), None, None), "phone");
         assert_eq!(bad(None, None, Some("Mars/Olympus"), None), "timezone");
@@ -304,28 +382,68 @@ mod tests {
         );
         assert!(ok.is_ok());
         // An empty string clears, so it is valid.
-        assert!(ProfilePatch::new(serde_json::Value::Null, Some(String::new()), None, None, None, vec![], vec![]).is_ok());
+        assert!(
+            ProfilePatch::new(
+                serde_json::Value::Null,
+                Some(String::new()),
+                None,
+                None,
+                None,
+                vec![],
+                vec![]
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn push_tokens_need_a_platform() {
-        let error = ProfilePatch::new(serde_json::Value::Null, None, None, None, None, vec![("tok".into(), "".into(), "".into())], vec![])
-            .expect_err("no platform");
+        let error = ProfilePatch::new(
+            serde_json::Value::Null,
+            None,
+            None,
+            None,
+            None,
+            vec![("tok".into(), "".into(), "".into())],
+            vec![],
+        )
+        .expect_err("no platform");
         assert_eq!(error.field, "push_tokens[0].platform");
     }
 
     #[test]
     fn consent_needs_channel_status_and_source() {
         assert!(check_consent("push", "marketing", "opted_in", "signup_form").is_ok());
-        assert_eq!(check_consent("fax", "", "opted_in", "x").expect_err("channel").field, "consent.channel");
-        assert_eq!(check_consent("sms", "", "maybe", "x").expect_err("status").field, "consent.status");
-        assert_eq!(check_consent("sms", "", "opted_out", "").expect_err("source").field, "consent.source");
+        assert_eq!(
+            check_consent("fax", "", "opted_in", "x")
+                .expect_err("channel")
+                .field,
+            "consent.channel"
+        );
+        assert_eq!(
+            check_consent("sms", "", "maybe", "x")
+                .expect_err("status")
+                .field,
+            "consent.status"
+        );
+        assert_eq!(
+            check_consent("sms", "", "opted_out", "")
+                .expect_err("source")
+                .field,
+            "consent.source"
+        );
     }
 
     #[test]
     fn ids_are_checked() {
-        assert!(CustomerKey::Customer("17850".into()).checked("customer").is_ok());
-        let error = CustomerKey::Anonymous(String::new()).checked("customer").expect_err("empty");
+        assert!(
+            CustomerKey::Customer("17850".into())
+                .checked("customer")
+                .is_ok()
+        );
+        let error = CustomerKey::Anonymous(String::new())
+            .checked("customer")
+            .expect_err("empty");
         assert_eq!(error.field, "customer.anonymous_id");
     }
 }
@@ -351,9 +469,13 @@ impl From<ProfileError> for relance_kit::ApiError {
     fn from(error: ProfileError) -> relance_kit::ApiError {
         use relance_kit::ApiError;
         match error {
-            ProfileError::Invalid(Invalid { field, reason }) => ApiError::InvalidArgument { field, reason },
+            ProfileError::Invalid(Invalid { field, reason }) => {
+                ApiError::InvalidArgument { field, reason }
+            }
             ProfileError::NotFound(what) => ApiError::NotFound(format!("no profile for {what}")),
-            error @ ProfileError::MergedElsewhere { .. } => ApiError::FailedPrecondition(error.to_string()),
+            error @ ProfileError::MergedElsewhere { .. } => {
+                ApiError::FailedPrecondition(error.to_string())
+            }
             ProfileError::Database(error) => ApiError::from(error),
         }
     }

@@ -48,7 +48,12 @@ pub fn thresholds(buyers: &[Measures]) -> Option<Thresholds> {
     }
     let quintiles = |mut values: Vec<f64>| -> [f64; 4] {
         values.sort_by(f64::total_cmp);
-        [percentile(&values, 0.2), percentile(&values, 0.4), percentile(&values, 0.6), percentile(&values, 0.8)]
+        [
+            percentile(&values, 0.2),
+            percentile(&values, 0.4),
+            percentile(&values, 0.6),
+            percentile(&values, 0.8),
+        ]
     };
     Some(Thresholds {
         recency_days: quintiles(buyers.iter().map(|b| b.days_since_last).collect()),
@@ -85,7 +90,11 @@ mod tests {
     use super::*;
 
     fn buyer(days: f64, orders: f64, revenue: f64) -> Measures {
-        Measures { days_since_last: days, orders, revenue }
+        Measures {
+            days_since_last: days,
+            orders,
+            revenue,
+        }
     }
 
     #[test]
@@ -99,10 +108,32 @@ mod tests {
 
     #[test]
     fn the_best_buyer_scores_five_five_five_and_the_worst_one_one_one() {
-        let buyers: Vec<_> = (1..=10).map(|i| buyer(100.0 - f64::from(i) * 10.0, f64::from(i), f64::from(i) * 100.0)).collect();
+        let buyers: Vec<_> = (1..=10)
+            .map(|i| {
+                buyer(
+                    100.0 - f64::from(i) * 10.0,
+                    f64::from(i),
+                    f64::from(i) * 100.0,
+                )
+            })
+            .collect();
         let t = thresholds(&buyers).expect("buyers");
-        assert_eq!(score(buyers[9], &t), Scores { recency: 5, frequency: 5, monetary: 5 });
-        assert_eq!(score(buyers[0], &t), Scores { recency: 1, frequency: 1, monetary: 1 });
+        assert_eq!(
+            score(buyers[9], &t),
+            Scores {
+                recency: 5,
+                frequency: 5,
+                monetary: 5
+            }
+        );
+        assert_eq!(
+            score(buyers[0], &t),
+            Scores {
+                recency: 1,
+                frequency: 1,
+                monetary: 1
+            }
+        );
     }
 
     #[test]
@@ -111,8 +142,14 @@ mod tests {
         buyers.push(buyer(10.0, 6.0, 50.0));
         buyers.push(buyer(10.0, 9.0, 50.0));
         let t = thresholds(&buyers).expect("buyers");
-        let one_order: Vec<_> = buyers[..8].iter().map(|b| score(*b, &t).frequency).collect();
-        assert!(one_order.iter().all(|s| *s == one_order[0]), "{one_order:?}");
+        let one_order: Vec<_> = buyers[..8]
+            .iter()
+            .map(|b| score(*b, &t).frequency)
+            .collect();
+        assert!(
+            one_order.iter().all(|s| *s == one_order[0]),
+            "{one_order:?}"
+        );
         assert!(score(buyers[9], &t).frequency > one_order[0]);
     }
 
