@@ -171,14 +171,19 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn start_events_process(env: &TestEnv, grpc_port: u16, relay_batch: &str) -> Child {
+fn start_events_process(
+    env: &TestEnv,
+    grpc_port: u16,
+    admin_port: u16,
+    relay_batch: &str,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_relance"))
         .args(["serve", "events"])
         .env("RELANCE_DATABASE_URL", env.database_url())
         .env("RELANCE_AMQP_PREFIX", &env.settings.amqp_prefix)
         .env("RELANCE_AMQP_EPHEMERAL", "true")
         .env("RELANCE_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
-        .env("RELANCE_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("RELANCE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env("RELANCE_LOG_LEVEL", "warn")
         .env("RELANCE_EVENTS__RELAY_BATCH", relay_batch)
         .stdout(Stdio::null())
@@ -214,7 +219,8 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
 
     // A relay publishing one event per round trip is still busy when the process dies.
     let port = free_port();
-    let mut process = start_events_process(&env, port, "1");
+    let admin_port = free_port();
+    let mut process = start_events_process(&env, port, admin_port, "1");
     let mut events = connect(port).await;
     let mut acknowledged = HashSet::new();
     for batch in 0..10 {
@@ -241,6 +247,11 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
         assert_eq!(response.accepted, 500);
         acknowledged.extend(chunk.into_iter().map(|e| e.message_id));
     }
+    let metrics = http_get(admin_port, "/metrics").await;
+    assert!(
+        metrics.contains(r#"relance_grpc_requests_total{rpc="Events/TrackBatch",code="OK"} 10"#),
+        "per-RPC counts on the admin port: {metrics}"
+    );
     process.kill().expect("SIGKILL");
     process.wait().expect("reaped");
 
@@ -262,7 +273,7 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
         "the relay was still behind when killed ({before_restart} published)"
     );
 
-    let mut process = start_events_process(&env, port, "1000");
+    let mut process = start_events_process(&env, port, admin_port, "1000");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while published.len() < acknowledged.len() && tokio::time::Instant::now() < deadline {
         if let Some((_, body)) = tap.next(5).await {
@@ -270,8 +281,19 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
             published.insert(message.message_id);
         }
     }
-    process.kill().expect("stop");
-    process.wait().expect("reaped");
+    assert_eq!(health(port, "relance.v1.Events").await, 1, "SERVING");
+    // SIGTERM: stop accepting, drain, exit cleanly.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(terminated.success());
+    let status = eventually(15, "a clean exit after SIGTERM", || {
+        let status = process.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
     assert_eq!(
         published, acknowledged,
         "every acknowledged event was published ({before_restart} before the kill)"
@@ -337,4 +359,37 @@ async fn importing_the_online_retail_sample_twice_stores_nothing_twice() {
         .expect("count");
     assert_eq!(stored, 7577);
     app.stop().await;
+}
+
+/// A plain HTTP/1.0 GET on the admin port.
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin port");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
+
+/// The gRPC health status of `service` (1 = SERVING).
+async fn health(port: u16, service: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check");
+    response.into_inner().status
 }

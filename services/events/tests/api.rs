@@ -15,7 +15,9 @@ use tonic::transport::Channel;
 
 /// The time of the test clock.
 fn now() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 5, 20, 18, 0, 0).single().expect("date")
+    Utc.with_ymd_and_hms(2026, 5, 20, 18, 0, 0)
+        .single()
+        .expect("date")
 }
 
 async fn spawn_app() -> TestApp {
