@@ -600,23 +600,36 @@ async fn find(
 }
 
 /// The profile of `key`, created if new (an anonymous id gets an anonymous profile).
+///
+/// Reads first: most calls find the profile, and an upsert that always wrote would leave a
+/// dead row version behind each event.
 async fn find_or_create(
     conn: &mut PgConnection,
     workspace_id: &str,
     key: &CustomerKey,
     now: DateTime<Utc>,
 ) -> sqlx::Result<i64> {
+    if let Some(existing) = find(conn, workspace_id, key).await? {
+        return Ok(existing);
+    }
     match key {
         CustomerKey::Customer(id) => {
-            sqlx::query_scalar(
+            let created: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO profiles (workspace_id, customer_id, created_at, updated_at) VALUES ($1, $2, $3, $3) \
-                 ON CONFLICT (workspace_id, customer_id) DO UPDATE SET customer_id = excluded.customer_id RETURNING id",
+                 ON CONFLICT (workspace_id, customer_id) DO NOTHING RETURNING id",
             )
             .bind(workspace_id)
             .bind(id)
             .bind(now)
-            .fetch_one(conn)
-            .await
+            .fetch_optional(&mut *conn)
+            .await?;
+            match created {
+                Some(id) => Ok(id),
+                // Created by a concurrent transaction since our read.
+                None => find(conn, workspace_id, key)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound),
+            }
         }
         CustomerKey::Anonymous(id) => {
             lock_identity(conn, workspace_id, id).await?;
