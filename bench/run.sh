@@ -4,10 +4,15 @@
 # Track latency at a fixed rate, then writes the results into BENCHMARKS.md (the part between
 # `<!-- ingest:begin -->` and `<!-- ingest:end -->` only).
 #
+# Each repetition runs, with a new seed: the raw INSERT … unnest baseline (service stopped),
+# TrackBatch (service started, then left until its relay has published everything), the raw
+# COPY baseline (service stopped). Track at a fixed rate comes last.
+#
 # Everything runs on this machine against 127.0.0.1, bounded in events and seconds. Knobs
 # (environment): BENCH_EVENTS (per run, 200000), BENCH_REPS (3), BENCH_BATCH (500),
-# BENCH_CONCURRENCY (4), BENCH_RATE (1000 req/s), BENCH_DURATION (20 s), BENCH_OUT
-# (BENCHMARKS.md). Results of each run stay in target/bench/ingest/*.json.
+# BENCH_CONCURRENCY (4), BENCH_RATE (1000 req/s), BENCH_DURATION (20 s), BENCH_RELAY_WAIT
+# (180 s), BENCH_OUT (BENCHMARKS.md). Each run's result stays in target/bench/ingest/*.json,
+# the service's log in target/bench/ingest/server.log.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -46,7 +51,7 @@ done
 
 # --- A fresh database ----------------------------------------------------------------------
 say "creating a fresh database $DB"
-psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+PGOPTIONS='-c client_min_messages=warning' psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 psql "$PG_SERVER/postgres" -qc "CREATE DATABASE $DB" >/dev/null
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
@@ -58,32 +63,40 @@ export RELANCE_ADMIN_ADDR=$ADMIN_ADDR
 export RELANCE_AMQP_PREFIX=bench.
 export RELANCE_LOG_LEVEL=warn
 
-say "starting relance serve events on $GRPC_ADDR (log: $RESULTS/server.log)"
-"$RELANCE" serve events >"$RESULTS/server.log" 2>&1 &
-SERVER=$!
+# The service runs only while it is being measured: the raw baseline runs with it stopped,
+# so that its background work (the relay) does not slow the baseline down.
+SERVER=""
+start_server() {
+  "$RELANCE" serve events >>"$RESULTS/server.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do
+    if ! kill -0 "$SERVER" 2>/dev/null; then
+      echo "error: the events service exited at start:" >&2
+      tail -20 "$RESULTS/server.log" >&2
+      exit 1
+    fi
+    if curl -sf "http://$ADMIN_ADDR/livez" >/dev/null && port_open "${GRPC_ADDR%:*}" "${GRPC_ADDR#*:}"; then return 0; fi
+    sleep 0.25
+  done
+  echo "error: the events service did not come up in 60 s" >&2
+  exit 1
+}
 stop_server() {
-  if kill -0 "$SERVER" 2>/dev/null; then
+  if [ -n "$SERVER" ] && kill -0 "$SERVER" 2>/dev/null; then
     kill -TERM "$SERVER" 2>/dev/null || true
     wait "$SERVER" 2>/dev/null || true
   fi
+  SERVER=""
 }
 trap stop_server EXIT
 
-for _ in $(seq 1 240); do
-  if ! kill -0 "$SERVER" 2>/dev/null; then
-    echo "error: the events service exited at start:" >&2
-    tail -20 "$RESULTS/server.log" >&2
-    exit 1
-  fi
-  if curl -sf "http://$ADMIN_ADDR/livez" >/dev/null && port_open "${GRPC_ADDR%:*}" "${GRPC_ADDR#*:}"; then break; fi
-  sleep 0.25
-done
-port_open "${GRPC_ADDR%:*}" "${GRPC_ADDR#*:}" || { echo "error: the events service did not come up in 60 s" >&2; exit 1; }
-
+say "starting relance serve events on $GRPC_ADDR (log: $RESULTS/server.log)"
+start_server
 RELANCE_API_KEY=$("$RELANCE" key create --workspace bench --scope admin --name bench)
 export RELANCE_API_KEY
 export RELANCE_ADDR=http://$GRPC_ADDR
 export BENCH_DATABASE_URL=$PG_SERVER/$DB
+stop_server
 
 # A Prometheus counter of the service, 0 when absent.
 counter() {
@@ -121,11 +134,13 @@ for rep in $(seq 1 "$REPS"); do
   "$LOADTEST" ingest-raw --method unnest --seed "$rep" "${LOAD[@]}" --save "$RESULTS/ingest-$rep-1-unnest.json"
 
   say "run $rep/$REPS: TrackBatch"
+  start_server
   quiesce
   "$LOADTEST" ingest-batch --seed "$rep" "${LOAD[@]}" --save "$RESULTS/ingest-$rep-2-trackbatch.json"
   catchup=$(wait_for_relay)
   echo "relay backlog published in: $catchup"
   RELAY_CATCHUP="$RELAY_CATCHUP${RELAY_CATCHUP:+ · }$catchup"
+  stop_server
 
   say "run $rep/$REPS: raw COPY"
   quiesce
@@ -134,6 +149,8 @@ done
 
 # --- Single Track at a fixed rate ------------------------------------------------------------
 say "Track at $RATE req/s for $DURATION s"
+STORED_BEFORE_TRACK=$(psql_bench "SELECT count(*) FROM events.events")
+start_server
 quiesce
 "$LOADTEST" track-rate --rate "$RATE" --duration "$DURATION" --seed 1000 --save "$RESULTS/track-rate.json"
 echo "relay backlog published in: $(wait_for_relay)"
@@ -155,5 +172,6 @@ pg_settings=$(psql_bench "SELECT string_agg(name || '=' || setting || coalesce(u
   --meta "Postgres=$pg_version ($pg_settings)" \
   --meta "Service=\`relance serve events\` (release), default settings (10 database connections), log level warn" \
   --meta "Relay backlog (events still to publish to RabbitMQ) drained after each TrackBatch run in=$RELAY_CATCHUP" \
+  --meta "Events already stored when the Track run started=$STORED_BEFORE_TRACK" \
   --meta "Commit=$commit"
 say "done: results in $RESULTS, summary in $OUT"

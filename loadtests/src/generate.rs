@@ -7,6 +7,7 @@
 use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use relance_kit::{Clock as _, SystemClock};
 use relance_proto::convert::{chrono_to_timestamp, json_to_struct, struct_to_json};
 use relance_proto::v1 as pb;
 use serde_json::json;
@@ -49,7 +50,11 @@ impl GenEvent {
             anonymous_id: self.anonymous_id.clone().unwrap_or_default(),
             timestamp: Some(chrono_to_timestamp(self.timestamp)),
             properties: Some(json_to_struct(&self.properties)),
-            context: self.context.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+            context: self
+                .context
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         }
     }
 
@@ -64,7 +69,15 @@ impl GenEvent {
 }
 
 const CURRENCIES: &[&str] = &["EUR", "EUR", "EUR", "DZD", "GBP", "USD"];
-const CATEGORIES: &[&str] = &["home", "kitchen", "garden", "toys", "stationery", "lighting", "gifts"];
+const CATEGORIES: &[&str] = &[
+    "home",
+    "kitchen",
+    "garden",
+    "toys",
+    "stationery",
+    "lighting",
+    "gifts",
+];
 const CHANNELS: &[&str] = &["web", "web", "ios", "android"];
 const LOCALES: &[&str] = &["fr-FR", "fr-DZ", "ar-DZ", "en-GB", "en-US"];
 const CAMPAIGNS: &[&str] = &["", "", "", "spring-sale", "newsletter-42", "cart-reminder"];
@@ -78,10 +91,19 @@ pub struct Generator {
     anchor: DateTime<Utc>,
 }
 
+/// The machine's time (through the kit's clock, like everything else in the workspace).
+pub fn now() -> DateTime<Utc> {
+    SystemClock.now()
+}
+
 impl Generator {
     /// A generator for `seed`, with event times just before `anchor`.
     pub fn new(seed: u64, shape: Shape, anchor: DateTime<Utc>) -> Generator {
-        Generator { rng: StdRng::seed_from_u64(seed), shape, anchor }
+        Generator {
+            rng: StdRng::seed_from_u64(seed),
+            shape,
+            anchor,
+        }
     }
 
     /// `count` events.
@@ -95,7 +117,9 @@ impl Generator {
 
     /// The next event: 60% product views, 25% cart updates, 15% completed orders.
     pub fn next_event(&mut self) -> GenEvent {
-        let message_id = uuid::Builder::from_random_bytes(self.rng.random()).into_uuid().to_string();
+        let message_id = uuid::Builder::from_random_bytes(self.rng.random())
+            .into_uuid()
+            .to_string();
         let roll: f64 = self.rng.random();
         let (name, properties) = if roll < 0.60 {
             ("product_viewed", self.product_viewed())
@@ -105,11 +129,20 @@ impl Generator {
             ("order_completed", self.order_completed())
         };
         // Browsing can be anonymous; buying needs an account.
-        let anonymous = name == "product_viewed" && self.rng.random_bool((self.shape.anonymous_share / 0.6).clamp(0.0, 1.0));
+        let anonymous = name == "product_viewed"
+            && self
+                .rng
+                .random_bool((self.shape.anonymous_share / 0.6).clamp(0.0, 1.0));
         let (customer_id, anonymous_id) = if anonymous {
             (None, Some(format!("anon-{:08x}", self.rng.random::<u32>())))
         } else {
-            (Some(format!("cust-{:06}", self.rng.random_range(0..self.shape.customers.max(1)))), None)
+            (
+                Some(format!(
+                    "cust-{:06}",
+                    self.rng.random_range(0..self.shape.customers.max(1))
+                )),
+                None,
+            )
         };
         let timestamp = self.anchor - Duration::milliseconds(self.rng.random_range(0..600_000));
         let mut context = vec![
@@ -139,7 +172,10 @@ impl Generator {
     }
 
     fn product_id(&mut self) -> String {
-        format!("SKU-{:05}", self.rng.random_range(0..self.shape.products.max(1)))
+        format!(
+            "SKU-{:05}",
+            self.rng.random_range(0..self.shape.products.max(1))
+        )
     }
 
     fn price(&mut self) -> f64 {
@@ -155,7 +191,9 @@ impl Generator {
             let quantity = self.rng.random_range(1..=6u32);
             let price = self.price();
             total += f64::from(quantity) * price;
-            items.push(json!({ "product_id": self.product_id(), "quantity": quantity, "price": price }));
+            items.push(
+                json!({ "product_id": self.product_id(), "quantity": quantity, "price": price }),
+            );
         }
         (items, (total * 100.0).round() / 100.0)
     }
@@ -195,12 +233,16 @@ mod tests {
     use super::*;
 
     fn shape() -> Shape {
-        Shape { customers: 100_000, products: 5_000, anonymous_share: 0.1 }
+        Shape {
+            customers: 100_000,
+            products: 5_000,
+            anonymous_share: 0.1,
+        }
     }
 
     #[test]
     fn same_seed_same_events() {
-        let anchor = Utc::now();
+        let anchor = now();
         let a = Generator::new(7, shape(), anchor).take(50);
         let b = Generator::new(7, shape(), anchor).take(50);
         for (x, y) in a.iter().zip(&b) {
@@ -211,8 +253,11 @@ mod tests {
 
     #[test]
     fn events_are_valid_and_mixed() {
-        let events = Generator::new(1, shape(), Utc::now()).take(10_000);
-        let orders = events.iter().filter(|e| e.name == "order_completed").count();
+        let events = Generator::new(1, shape(), now()).take(10_000);
+        let orders = events
+            .iter()
+            .filter(|e| e.name == "order_completed")
+            .count();
         let anonymous = events.iter().filter(|e| e.customer_id.is_none()).count();
         assert!((1_000..2_000).contains(&orders), "{orders}");
         assert!((700..1_300).contains(&anonymous), "{anonymous}");

@@ -17,23 +17,23 @@ use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Barrier;
 
 use crate::client::{Client, Target};
-use crate::generate::{GenEvent, Generator, Shape};
+use crate::generate::{self, GenEvent, Generator, Shape};
 use crate::stats::{self, IngestResult, Percentiles};
 
 /// What to send, shared by both scenarios so that they insert the same rows.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Load {
     /// Events timed (warm-up excluded).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5_000_000))]
     pub events: usize,
-    /// Events per batch.
-    #[arg(long, default_value_t = 500)]
+    /// Events per batch (the service takes at most 1,000).
+    #[arg(long, default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     pub batch: usize,
     /// Concurrent callers, each on its own connection.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub concurrency: usize,
     /// Untimed batches sent first.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100))]
     pub warmup_batches: usize,
     /// Seed of the generated events: the same seed gives the same rows (use a new one per
     /// repetition, or the service will count them as duplicates).
@@ -49,7 +49,7 @@ impl Load {
         if self.batch == 0 || self.concurrency == 0 || self.events == 0 {
             anyhow::bail!("--events, --batch and --concurrency must be at least 1");
         }
-        let mut generator = Generator::new(self.seed, self.shape.clone(), Utc::now());
+        let mut generator = Generator::new(self.seed, self.shape.clone(), generate::now());
         let warmup = generator.take(self.warmup_batches * self.batch);
         let timed = generator.take(self.events);
         Ok((warmup, timed))
@@ -109,7 +109,9 @@ pub async fn track_batch(target: &Target, load: &Load) -> anyhow::Result<IngestR
     let clients = target.connect(load.concurrency).await?;
     let mut first = clients[0].clone();
     for chunk in warmup.chunks(load.batch) {
-        send_batch(&mut first, batch_request(chunk)).await.context("warm-up batch")?;
+        send_batch(&mut first, batch_request(chunk))
+            .await
+            .context("warm-up batch")?;
     }
 
     // Encoding the generated events into proto messages is the client's work, done before
@@ -119,8 +121,12 @@ pub async fn track_batch(target: &Target, load: &Load) -> anyhow::Result<IngestR
     let mut workers = Vec::with_capacity(load.concurrency);
     for (mut client, requests) in clients.into_iter().zip(requests) {
         let start = start.clone();
+        // Made before the spawn: a worker must not fail before it reaches the barrier.
+        let mut tally = WorkerTally {
+            latencies: stats::new_histogram()?,
+            accepted: 0,
+        };
         workers.push(tokio::spawn(async move {
-            let mut tally = WorkerTally { latencies: stats::new_histogram()?, accepted: 0 };
             start.wait().await;
             for request in requests {
                 let sent = Instant::now();
@@ -143,14 +149,25 @@ pub async fn track_batch(target: &Target, load: &Load) -> anyhow::Result<IngestR
 }
 
 fn batch_request(events: &[GenEvent]) -> pb::TrackBatchRequest {
-    pb::TrackBatchRequest { events: events.iter().map(GenEvent::to_proto).collect() }
+    pb::TrackBatchRequest {
+        events: events.iter().map(GenEvent::to_proto).collect(),
+    }
 }
 
 /// One call; returns how many events were stored. A refused event is a generator bug.
 async fn send_batch(client: &mut Client, request: pb::TrackBatchRequest) -> anyhow::Result<u64> {
-    let response = client.track_batch(request).await.context("TrackBatch")?.into_inner();
+    let response = client
+        .track_batch(request)
+        .await
+        .context("TrackBatch")?
+        .into_inner();
     if let Some(refused) = response.rejected.first() {
-        anyhow::bail!("TrackBatch refused {} events, e.g. {}: {}", response.rejected.len(), refused.field, refused.reason);
+        anyhow::bail!(
+            "TrackBatch refused {} events, e.g. {}: {}",
+            response.rejected.len(),
+            refused.field,
+            refused.reason
+        );
     }
     Ok(u64::from(response.accepted))
 }
@@ -170,7 +187,11 @@ pub enum RawMethod {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RawTarget {
     /// Postgres URL (only 127.0.0.1 is ever benchmarked).
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/relance_bench")]
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/relance_bench"
+    )]
     pub database_url: String,
     #[arg(long, value_enum, default_value_t = RawMethod::Unnest)]
     pub method: RawMethod,
@@ -226,23 +247,41 @@ pub async fn raw(target: &RawTarget, load: &Load) -> anyhow::Result<IngestResult
         RawMethod::Unnest => "unnest",
         RawMethod::Copy => "copy",
     };
-    let table = target.table.clone().unwrap_or_else(|| format!("bench_raw.events_{method_name}"));
-    if !table.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+    let table = target
+        .table
+        .clone()
+        .unwrap_or_else(|| format!("bench_raw.events_{method_name}"));
+    if !table
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
         anyhow::bail!("--table {table:?}: use lowercase letters, digits, `_` and at most one `.`");
     }
+    let options: sqlx::postgres::PgConnectOptions = target
+        .database_url
+        .parse()
+        .with_context(|| format!("--database-url {}", target.database_url))?;
+    crate::client::ensure_loopback("--database-url", options.get_host())?;
     let (warmup, timed) = load.generate()?;
 
     let mut connections = Vec::with_capacity(load.concurrency);
     for _ in 0..load.concurrency {
-        let conn = PgConnection::connect(&target.database_url)
+        let conn = PgConnection::connect_with(&options)
             .await
             .with_context(|| format!("connecting to {}", target.database_url))?;
         connections.push(conn);
     }
     create_table(&mut connections[0], &table).await?;
-    let writer = Writer { method: target.method, table, workspace: target.workspace.clone() };
+    let writer = Writer {
+        method: target.method,
+        table,
+        workspace: target.workspace.clone(),
+    };
     for chunk in warmup.chunks(load.batch) {
-        writer.write(&mut connections[0], &Columns::of(chunk)).await.context("warm-up batch")?;
+        writer
+            .write(&mut connections[0], &Columns::of(chunk))
+            .await
+            .context("warm-up batch")?;
     }
 
     let batches = load.deal(timed.chunks(load.batch).map(Columns::of));
@@ -252,8 +291,11 @@ pub async fn raw(target: &RawTarget, load: &Load) -> anyhow::Result<IngestResult
     for (mut conn, batches) in connections.into_iter().zip(batches) {
         let start = start.clone();
         let writer = writer.clone();
+        let mut tally = WorkerTally {
+            latencies: stats::new_histogram()?,
+            accepted: 0,
+        };
         workers.push(tokio::spawn(async move {
-            let mut tally = WorkerTally { latencies: stats::new_histogram()?, accepted: 0 };
             start.wait().await;
             for columns in batches {
                 let sent = Instant::now();
@@ -269,7 +311,9 @@ pub async fn raw(target: &RawTarget, load: &Load) -> anyhow::Result<IngestResult
 
 async fn create_table(conn: &mut PgConnection, table: &str) -> anyhow::Result<()> {
     if let Some((schema, _)) = table.split_once('.') {
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&mut *conn).await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&mut *conn)
+            .await?;
     }
     let ddl = format!(
         "CREATE TABLE IF NOT EXISTS {table} ( \
@@ -284,7 +328,10 @@ async fn create_table(conn: &mut PgConnection, table: &str) -> anyhow::Result<()
              context       jsonb       NOT NULL, \
              PRIMARY KEY (workspace_id, message_id))"
     );
-    sqlx::query(&ddl).execute(&mut *conn).await.with_context(|| format!("creating {table}"))?;
+    sqlx::query(&ddl)
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("creating {table}"))?;
     Ok(())
 }
 
@@ -299,7 +346,7 @@ const COLUMNS: &str = "workspace_id, message_id, name, customer_id, anonymous_id
 
 impl Writer {
     async fn write(&self, conn: &mut PgConnection, columns: &Columns) -> anyhow::Result<u64> {
-        let received_at = Utc::now();
+        let received_at = generate::now();
         match self.method {
             RawMethod::Unnest => {
                 let sql = format!(

@@ -65,7 +65,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -83,9 +86,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let outcome = match cli.command {
-        Command::IngestBatch { target, load } => Outcome::Ingest(ingest::track_batch(&target, &load).await?),
+        Command::IngestBatch { target, load } => {
+            Outcome::Ingest(ingest::track_batch(&target, &load).await?)
+        }
         Command::IngestRaw { target, load } => Outcome::Ingest(ingest::raw(&target, &load).await?),
-        Command::TrackRate { target, args } => Outcome::TrackRate(rate::track_rate(&target, &args).await?),
+        Command::TrackRate { target, args } => {
+            Outcome::TrackRate(rate::track_rate(&target, &args).await?)
+        }
         Command::Report(args) => return report::run(&args),
     };
     if let Some(path) = &cli.save {

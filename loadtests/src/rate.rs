@@ -9,26 +9,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chrono::Utc;
 use relance_proto::v1 as pb;
 
 use crate::client::Target;
-use crate::generate::{Generator, Shape};
+use crate::generate::{self, Generator, Shape};
 use crate::stats::{self, Percentiles, RateResult};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RateArgs {
     /// Requests per second.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..=20_000))]
     pub rate: u32,
     /// Seconds timed.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..=600))]
     pub duration: u32,
     /// Seconds sent at the same rate first and not timed.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(0..=60))]
     pub warmup: u32,
     /// HTTP/2 connections the requests are spread over.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub connections: usize,
     /// Seed of the generated events (a new one per run, or they are duplicates).
     #[arg(long, default_value_t = 1_000)]
@@ -57,7 +56,7 @@ pub async fn track_rate(target: &Target, args: &RateArgs) -> anyhow::Result<Rate
 
     // Every request is built before the first is due, so that building them never delays
     // the schedule.
-    let mut generator = Generator::new(args.seed, args.shape.clone(), Utc::now());
+    let mut generator = Generator::new(args.seed, args.shape.clone(), generate::now());
     let mut events = Vec::with_capacity(total as usize);
     for _ in 0..total {
         events.push(generator.next_event().to_proto());
@@ -89,7 +88,9 @@ pub async fn track_rate(target: &Target, args: &RateArgs) -> anyhow::Result<Rate
             if !is_timed {
                 return;
             }
-            let mut recorder = recorder.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut recorder = recorder
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             match result {
                 Ok(_) => {
                     recorder.ok += 1;
@@ -110,11 +111,18 @@ pub async fn track_rate(target: &Target, args: &RateArgs) -> anyhow::Result<Rate
         task.await.context("a request task panicked")?;
     }
 
-    let recorder = recorder.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let recorder = recorder
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(error) = &recorder.first_error {
-        eprintln!("track-rate: {} of {timed} calls failed, the first with: {error}", recorder.errors);
+        eprintln!(
+            "track-rate: {} of {timed} calls failed, the first with: {error}",
+            recorder.errors
+        );
     }
-    let window = recorder.last_done.map_or(0.0, |last| (last - timed_start).as_secs_f64());
+    let window = recorder
+        .last_done
+        .map_or(0.0, |last| (last - timed_start).as_secs_f64());
     Ok(RateResult {
         rate: args.rate,
         duration_secs: f64::from(args.duration),
@@ -122,7 +130,11 @@ pub async fn track_rate(target: &Target, args: &RateArgs) -> anyhow::Result<Rate
         sent: timed,
         ok: recorder.ok,
         errors: recorder.errors,
-        achieved_rate: if window > 0.0 { recorder.ok as f64 / window } else { 0.0 },
+        achieved_rate: if window > 0.0 {
+            recorder.ok as f64 / window
+        } else {
+            0.0
+        },
         latency: Percentiles::of(&recorder.latency),
         service_time: Percentiles::of(&recorder.service_time),
         distribution: stats::distribution(&recorder.latency),

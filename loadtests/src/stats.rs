@@ -12,7 +12,9 @@ pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
 
 /// Records `latency`, clamping to the histogram's range (a 60 s+ call is already a failure).
 pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
-    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+    let micros = u64::try_from(latency.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
     histogram.saturating_record(micros);
 }
 
@@ -138,7 +140,11 @@ pub const DISTRIBUTION: &[f64] = &[0.50, 0.75, 0.90, 0.95, 0.99, 0.999, 0.9999, 
 pub fn distribution(histogram: &Histogram<u64>) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(DISTRIBUTION.len());
     for &quantile in DISTRIBUTION {
-        let micros = if quantile >= 1.0 { histogram.max() } else { histogram.value_at_quantile(quantile) };
+        let micros = if quantile >= 1.0 {
+            histogram.max()
+        } else {
+            histogram.value_at_quantile(quantile)
+        };
         out.push((quantile * 100.0, micros as f64 / 1000.0));
     }
     out
@@ -165,7 +171,11 @@ pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
 }
 
 #[cfg(test)]

@@ -81,4 +81,12 @@ pub struct ProfileUpdated {
     pub changed: Vec<String>,
     /// When.
     pub at: DateTime<Utc>,
+    /// The profile's attributes after the change, so that consumers (segments) need not
+    /// call back.
+    pub attributes: serde_json::Value,
+    /// The computed traits after the change (orders_count, revenue, first/last purchase,
+    /// rfm scores).
+    pub traits: serde_json::Value,
+    /// IANA timezone, if known.
+    pub timezone: Option<String>,
 }

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 /// Relance: customer engagement for e-commerce — profiles, events, segments,
 /// recommendations, flows and delivery, on your own infrastructure.
 #[derive(Debug, Parser)]
-#[command(name = "relance", version, about, long_about = None)]
+#[command(name = "relance", version)]
 struct Cli {
     /// A TOML configuration file (settings can also come from RELANCE_* variables).
     #[arg(long, global = true, env = "RELANCE_CONFIG")]

@@ -739,6 +739,9 @@ async fn announce_update(
         anonymous_ids: record.anonymous_ids.clone(),
         changed,
         at: now,
+        attributes: record.attributes.clone(),
+        traits: to_json(&record.traits),
+        timezone: record.timezone.clone(),
     };
     let message_id = uuid::Uuid::now_v7().to_string();
     outbox::enqueue(

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use chrono::{Duration, TimeZone as _, Utc};
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
 use relance_kit::messages::{
-    EventMessage, PROFILE_DELETED, PROFILE_MERGED, ProfileDeleted, ProfileMerged,
+    EventMessage, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged,
+    ProfileUpdated,
 };
 use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
 use relance_kit::{ManualClock, SharedClock};
@@ -72,6 +73,7 @@ fn attributes(profile: &pb::Profile) -> serde_json::Value {
 #[tokio::test]
 async fn upsert_merges_attributes_key_by_key_and_validates_fields() {
     let (app, _) = spawn_app().await;
+    let mut updates = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, PROFILE_UPDATED).await;
     let mut profiles = client(&app).await;
     let first = pb::UpsertProfileRequest {
         customer: known("c1"),
@@ -114,6 +116,12 @@ async fn upsert_merges_attributes_key_by_key_and_validates_fields() {
         ("Africa/Algiers", "ar-DZ")
     );
     assert_eq!(profile.push_tokens.len(), 1);
+    let (_, body) = updates.next(10).await.expect("profile.updated published");
+    let update: ProfileUpdated = serde_json::from_slice(&body).expect("json");
+    assert_eq!(update.customer_id.as_deref(), Some("c1"));
+    assert_eq!(update.attributes["first_name"], "Amina", "the update carries the values");
+    assert!(update.changed.contains(&"attributes".to_owned()) && update.changed.contains(&"addresses".to_owned()));
+    assert_eq!(update.timezone.as_deref(), Some("Africa/Algiers"));
 
     for (request, field) in [
         (
