@@ -293,7 +293,7 @@ impl Publisher {
 
 async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Result<(), BusError> {
     let trace_headers = current_trace_headers();
-    let mut confirms = Vec::with_capacity(messages.len());
+    let mut sends = Vec::with_capacity(messages.len());
     for message in messages {
         let mut headers = FieldTable::default();
         for (key, value) in message.headers.iter().chain(trace_headers.iter()) {
@@ -312,21 +312,25 @@ async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Resu
         } else {
             bus.name(&message.exchange)
         };
-        let confirm = channel
-            .basic_publish(
-                &exchange,
-                &message.routing_key,
-                BasicPublishOptions::default(),
-                &message.payload,
-                properties,
-            )
-            .await?;
-        confirms.push((confirm, &message.message_id));
+        sends.push(async move {
+            channel
+                .basic_publish(
+                    &exchange,
+                    &message.routing_key,
+                    BasicPublishOptions::default(),
+                    &message.payload,
+                    properties,
+                )
+                .await
+        });
     }
-    for (confirm, message_id) in confirms {
-        match confirm.await? {
+    // Hand every message to the connection at once (awaiting each in turn costs a
+    // round trip to lapin's I/O thread per message), then wait for the confirms.
+    let confirms = futures::future::join_all(sends).await;
+    for (confirm, message) in confirms.into_iter().zip(messages) {
+        match confirm?.await? {
             Confirmation::Ack(_) | Confirmation::NotRequested => {}
-            Confirmation::Nack(_) => return Err(BusError::Nacked(message_id.clone())),
+            Confirmation::Nack(_) => return Err(BusError::Nacked(message.message_id.clone())),
         }
     }
     Ok(())

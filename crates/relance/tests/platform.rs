@@ -407,18 +407,34 @@ async fn events_racing_an_identity_merge_all_end_up_with_the_customer() {
         let key = app.ingest_key.clone();
         writers.push(tokio::spawn(async move {
             for i in 0..50 {
-                let event = event(&format!("race-{writer}-{i}"), "product_viewed", "", "anon-race");
-                events.track(authed(&key, pb::TrackRequest { event: Some(event) })).await.expect("track");
+                let event = event(
+                    &format!("race-{writer}-{i}"),
+                    "product_viewed",
+                    "",
+                    "anon-race",
+                );
+                events
+                    .track(authed(&key, pb::TrackRequest { event: Some(event) }))
+                    .await
+                    .expect("track");
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let merge = pb::MergeProfilesRequest { anonymous_id: "anon-race".into(), customer_id: "c-race".into() };
-    profiles.merge(authed(&app.admin_key, merge)).await.expect("merge");
+    let merge = pb::MergeProfilesRequest {
+        anonymous_id: "anon-race".into(),
+        customer_id: "c-race".into(),
+    };
+    profiles
+        .merge(authed(&app.admin_key, merge))
+        .await
+        .expect("merge");
     for writer in writers {
         writer.await.expect("writer");
     }
-    let pool = db::connect(&app.platform.settings, "events").await.expect("pool");
+    let pool = db::connect(&app.platform.settings, "events")
+        .await
+        .expect("pool");
     eventually(10, "every racing event attributed to the customer", || {
         let pool = pool.clone();
         async move {

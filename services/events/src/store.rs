@@ -206,7 +206,8 @@ impl EventStore {
         .execute(&mut *tx)
         .await?;
         let moved = sqlx::query(
-            "UPDATE events SET customer_id = $3 WHERE workspace_id = $1 AND anonymous_id = $2 AND customer_id IS DISTINCT FROM $3",
+            "UPDATE events SET customer_id = $3 \
+             WHERE workspace_id = $1 AND COALESCE(customer_id, anonymous_id) = $2 AND customer_id IS NULL AND anonymous_id = $2",
         )
         .bind(&merged.workspace_id)
         .bind(&merged.anonymous_id)
@@ -225,6 +226,7 @@ impl EventStore {
         let erased = sqlx::query(
             "WITH gone AS ( \
                  DELETE FROM events WHERE workspace_id = $1 \
+                   AND COALESCE(customer_id, anonymous_id) = ANY($3::text[] || $2::text) \
                    AND (customer_id = $2 OR anonymous_id = ANY($3)) \
                  RETURNING message_id \
              ), ids AS ( \
@@ -257,11 +259,30 @@ impl EventStore {
             Some((ts, seq)) => (Some(ts), seq),
             None => (None, i64::MAX),
         };
+        // The events_person index is on COALESCE(customer_id, anonymous_id): a visitor's
+        // events are under their anonymous id until merged, then under the customer's.
+        let mut people: Vec<String> = query
+            .customer_id
+            .iter()
+            .chain(query.anonymous_id.iter())
+            .cloned()
+            .collect();
+        if let Some(anonymous_id) = &query.anonymous_id {
+            let linked: Option<String> =
+                sqlx::query_scalar("SELECT customer_id FROM identity_links WHERE workspace_id = $1 AND anonymous_id = $2")
+                    .bind(workspace_id)
+                    .bind(anonymous_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            people.extend(linked);
+        }
         let rows = sqlx::query(
             "SELECT seq, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context \
              FROM events \
              WHERE workspace_id = $1 \
-               AND (($2::text IS NOT NULL AND customer_id = $2) OR ($3::text IS NOT NULL AND anonymous_id = $3)) \
+               AND COALESCE(customer_id, anonymous_id) = ANY($10) \
+               AND ($2::text IS NULL OR customer_id = $2) \
+               AND ($3::text IS NULL OR anonymous_id = $3) \
                AND (cardinality($4::text[]) = 0 OR name = ANY($4)) \
                AND ($5::timestamptz IS NULL OR ts >= $5) \
                AND ($6::timestamptz IS NULL OR ts < $6) \
@@ -278,6 +299,7 @@ impl EventStore {
         .bind(before_ts)
         .bind(before_seq)
         .bind(query.limit)
+        .bind(&people)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -309,20 +331,28 @@ pub async fn try_lock_relay(conn: &mut PgConnection) -> sqlx::Result<bool> {
 
 /// The next events to publish after the cursor, only from transactions that have all
 /// finished (below the oldest running transaction), in (xid, seq) order.
+///
+/// The cursor is read first and bound as values: compared through a join, Postgres would
+/// walk the `(xid, seq)` index from its start on every round.
 pub async fn next_to_publish(
     conn: &mut PgConnection,
     limit: i64,
 ) -> sqlx::Result<(Vec<EventMessage>, Option<(String, i64)>)> {
+    let (cursor_xid, cursor_seq): (String, i64) =
+        sqlx::query_as("SELECT xid::text, seq FROM relay_cursor WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
     let rows = sqlx::query(
-        "SELECT e.xid::text AS xid, e.seq, e.workspace_id, e.message_id, e.name, e.customer_id, e.anonymous_id, \
-                e.ts, e.received_at, e.properties, e.context \
-         FROM events e, relay_cursor c \
-         WHERE c.id = 1 \
-           AND (e.xid, e.seq) > (c.xid, c.seq) \
-           AND e.xid < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY e.xid, e.seq \
-         LIMIT $1",
+        "SELECT xid::text AS xid, seq, workspace_id, message_id, name, customer_id, anonymous_id, \
+                ts, received_at, properties, context \
+         FROM events \
+         WHERE (xid, seq) > ($1::xid8, $2) \
+           AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY xid, seq \
+         LIMIT $3",
     )
+    .bind(&cursor_xid)
+    .bind(cursor_seq)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;

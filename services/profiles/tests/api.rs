@@ -119,8 +119,14 @@ async fn upsert_merges_attributes_key_by_key_and_validates_fields() {
     let (_, body) = updates.next(10).await.expect("profile.updated published");
     let update: ProfileUpdated = serde_json::from_slice(&body).expect("json");
     assert_eq!(update.customer_id.as_deref(), Some("c1"));
-    assert_eq!(update.attributes["first_name"], "Amina", "the update carries the values");
-    assert!(update.changed.contains(&"attributes".to_owned()) && update.changed.contains(&"addresses".to_owned()));
+    assert_eq!(
+        update.attributes["first_name"], "Amina",
+        "the update carries the values"
+    );
+    assert!(
+        update.changed.contains(&"attributes".to_owned())
+            && update.changed.contains(&"addresses".to_owned())
+    );
     assert_eq!(update.timezone.as_deref(), Some("Africa/Algiers"));
 
     for (request, field) in [
