@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use relance_kit::auth::BearerKey;
 use relance_proto::v1::events_client::EventsClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -19,23 +19,7 @@ pub struct Target {
     pub api_key: String,
 }
 
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Debug, Clone)]
-pub struct WithKey(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for WithKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-pub type Client = EventsClient<InterceptedService<Channel, WithKey>>;
+pub type Client = EventsClient<InterceptedService<Channel, BearerKey>>;
 
 /// A call that takes longer has failed: it keeps a stuck server from hanging the benchmark.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,8 +31,7 @@ impl Target {
     /// `count` clients, each on its own HTTP/2 connection, so that concurrent callers do not
     /// share one TCP stream (as separate application instances would not).
     pub async fn connect(&self, count: usize) -> anyhow::Result<Vec<Client>> {
-        let key: MetadataValue<Ascii> = format!("Bearer {}", self.api_key)
-            .parse()
+        let key = BearerKey::new(&self.api_key)
             .map_err(|_| anyhow::anyhow!("--api-key: not a valid key"))?;
         let endpoint = Endpoint::from_shared(self.addr.clone())
             .with_context(|| format!("--addr {}", self.addr))?
@@ -59,7 +42,7 @@ impl Target {
         for _ in 0..count.max(1) {
             let channel = connect_with_retry(&endpoint).await?;
             clients.push(
-                EventsClient::with_interceptor(channel, WithKey(key.clone()))
+                EventsClient::with_interceptor(channel, key.clone())
                     .max_encoding_message_size(16 * 1024 * 1024),
             );
         }

@@ -316,6 +316,33 @@ where
     }
 }
 
+/// The client side: adds `authorization: Bearer <key>` to every call of a tonic client
+/// (`EventsClient::with_interceptor(channel, BearerKey::new(key)?)`).
+#[derive(Debug, Clone)]
+pub struct BearerKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerKey {
+    /// Fails when the key holds characters a header cannot carry.
+    pub fn new(key: &str) -> ApiResult<BearerKey> {
+        format!("Bearer {key}")
+            .parse()
+            .map(BearerKey)
+            .map_err(|_| ApiError::invalid("api_key", "not a valid key"))
+    }
+}
+
+impl tonic::service::Interceptor for BearerKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
 fn refuse(error: ApiError) -> http::Response<tonic::body::Body> {
     tonic::Status::from(error).into_http()
 }

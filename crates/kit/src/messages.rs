@@ -13,8 +13,7 @@ pub const PROFILE_DELETED: &str = "profile.deleted";
 /// Routing key of [`ProfileUpdated`].
 pub const PROFILE_UPDATED: &str = "profile.updated";
 
-/// An accepted event, published with the routing key `event.<name>` and the AMQP message id
-/// `<workspace_id>:<message_id>`.
+/// An accepted event. Events travel in an [`EventBatch`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventMessage {
     /// The workspace it belongs to.
@@ -43,6 +42,27 @@ impl EventMessage {
     /// The id consumers deduplicate on: unique across workspaces.
     pub fn bus_id(&self) -> String {
         format!("{}:{}", self.workspace_id, self.message_id)
+    }
+}
+
+/// Accepted events of one workspace and one name, published with the routing key
+/// `event.<name>`: one AMQP message carries many events, because the broker's cost is per
+/// message. Within a batch, events are in commit order. Across names, consumers must not
+/// rely on delivery order (use each event's `timestamp`), and they deduplicate per event
+/// on [`EventMessage::bus_id`], since a batch can be redelivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// The events, all of the same workspace and name.
+    pub events: Vec<EventMessage>,
+}
+
+impl EventBatch {
+    /// The AMQP message id of the batch: the first event's id and the batch size.
+    pub fn bus_id(&self) -> String {
+        match self.events.first() {
+            Some(first) => format!("{}+{}", first.bus_id(), self.events.len()),
+            None => "empty".to_owned(),
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! gRPC clients of the CLI, carrying the API key.
 
+use relance_kit::auth::BearerKey;
 use relance_proto::v1::events_client::EventsClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -17,23 +17,7 @@ pub struct Target {
     pub api_key: String,
 }
 
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Debug, Clone)]
-pub struct WithKey(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for WithKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Authed = InterceptedService<Channel, WithKey>;
+type Authed = InterceptedService<Channel, BearerKey>;
 
 /// Connected clients.
 #[derive(Debug, Clone)]
@@ -45,6 +29,8 @@ pub struct Clients {
 impl Target {
     /// Connects.
     pub async fn connect(&self) -> anyhow::Result<Clients> {
+        let key = BearerKey::new(&self.api_key)
+            .map_err(|_| anyhow::anyhow!("--api-key: not a valid key"))?;
         let channel = Channel::from_shared(self.addr.clone())?
             .connect()
             .await
@@ -54,13 +40,9 @@ impl Target {
                     self.addr
                 )
             })?;
-        let key: MetadataValue<_> = format!("Bearer {}", self.api_key)
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--api-key: not a valid key"))?;
-        let with_key = WithKey(key);
         Ok(Clients {
-            profiles: ProfilesClient::with_interceptor(channel.clone(), with_key.clone()),
-            events: EventsClient::with_interceptor(channel, with_key)
+            profiles: ProfilesClient::with_interceptor(channel.clone(), key.clone()),
+            events: EventsClient::with_interceptor(channel, key)
                 .max_encoding_message_size(16 * 1024 * 1024),
         })
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use relance_kit::auth::{KeyStore, Scope};
 use relance_kit::bus::{Bus, EVENTS_EXCHANGE};
-use relance_kit::messages::EventMessage;
+use relance_kit::messages::EventBatch;
 use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
 use relance_kit::{SharedClock, SystemClock, db};
 use relance_proto::convert::json_to_struct;
@@ -264,8 +264,8 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
 
     let mut published = HashSet::new();
     while let Some((_, body)) = tap.next(1).await {
-        let message: EventMessage = serde_json::from_slice(&body).expect("json");
-        published.insert(message.message_id);
+        let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+        published.extend(batch.events.into_iter().map(|e| e.message_id));
     }
     let before_restart = published.len();
     assert!(
@@ -277,8 +277,8 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while published.len() < acknowledged.len() && tokio::time::Instant::now() < deadline {
         if let Some((_, body)) = tap.next(5).await {
-            let message: EventMessage = serde_json::from_slice(&body).expect("json");
-            published.insert(message.message_id);
+            let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+            published.extend(batch.events.into_iter().map(|e| e.message_id));
         }
     }
     assert_eq!(health(port, "relance.v1.Events").await, 1, "SERVING");

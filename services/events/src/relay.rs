@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use relance_kit::SharedClock;
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
-use relance_kit::messages::EVENT_KEY_PREFIX;
+use std::collections::HashMap;
+
+use relance_kit::messages::{EVENT_KEY_PREFIX, EventBatch, EventMessage};
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -66,24 +68,24 @@ impl Relay {
                 }
                 continue;
             };
-            let mut outgoing = Vec::with_capacity(messages.len());
-            for message in &messages {
+            let count = messages.len();
+            let newest = messages.last().map(|m| m.received_at);
+            let mut outgoing = Vec::new();
+            for batch in batches_by_workspace_and_name(messages) {
+                let first = &batch.events[0];
                 outgoing.push(Outgoing {
                     exchange: EVENTS_EXCHANGE.to_owned(),
-                    routing_key: format!("{EVENT_KEY_PREFIX}{}", message.name),
-                    message_id: message.bus_id(),
-                    payload: serde_json::to_vec(message)?,
-                    headers: [("workspace_id".to_owned(), message.workspace_id.clone())].into(),
+                    routing_key: format!("{EVENT_KEY_PREFIX}{}", first.name),
+                    message_id: batch.bus_id(),
+                    headers: [("workspace_id".to_owned(), first.workspace_id.clone())].into(),
+                    payload: serde_json::to_vec(&batch)?,
                 });
             }
             self.publisher.publish_all(&outgoing).await?;
             store::advance_cursor(&mut conn, &xid, seq).await?;
-            metrics::counter!("relance_events_published_total").increment(outgoing.len() as u64);
-            if let Some(newest) = messages.last() {
-                let lag = (self.clock.now() - newest.received_at)
-                    .num_milliseconds()
-                    .max(0) as f64
-                    / 1000.0;
+            metrics::counter!("relance_events_published_total").increment(count as u64);
+            if let Some(newest) = newest {
+                let lag = (self.clock.now() - newest).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::gauge!("relance_events_relay_lag_seconds").set(lag);
             }
         }
@@ -91,10 +93,67 @@ impl Relay {
     }
 }
 
+/// Groups events by (workspace, name), in order of first appearance, keeping commit order
+/// within each group.
+pub fn batches_by_workspace_and_name(events: Vec<EventMessage>) -> Vec<EventBatch> {
+    let mut batches: Vec<EventBatch> = Vec::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    for event in events {
+        let key = (event.workspace_id.clone(), event.name.clone());
+        match index.get(&key) {
+            Some(&at) => batches[at].events.push(event),
+            None => {
+                index.insert(key, batches.len());
+                batches.push(EventBatch {
+                    events: vec![event],
+                });
+            }
+        }
+    }
+    batches
+}
+
 /// Sleeps for `duration`; returns true if shutdown came first.
 async fn pause(shutdown: &CancellationToken, duration: Duration) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => true,
         _ = tokio::time::sleep(duration) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(workspace: &str, name: &str, id: &str) -> EventMessage {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+        EventMessage {
+            workspace_id: workspace.into(),
+            seq: 0,
+            message_id: id.into(),
+            name: name.into(),
+            customer_id: Some("c".into()),
+            anonymous_id: None,
+            timestamp: at,
+            received_at: at,
+            properties: serde_json::json!({}),
+            context: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn batches_group_by_workspace_and_name_keeping_order() {
+        let batches = batches_by_workspace_and_name(vec![
+            event("a", "cart_updated", "1"),
+            event("a", "order_completed", "2"),
+            event("b", "cart_updated", "3"),
+            event("a", "cart_updated", "4"),
+        ]);
+        let ids: Vec<Vec<&str>> = batches
+            .iter()
+            .map(|b| b.events.iter().map(|e| e.message_id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["1", "4"], vec!["2"], vec!["3"]]);
+        assert_eq!(batches[0].bus_id(), "a:1+2");
     }
 }

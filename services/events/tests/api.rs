@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone as _, Utc};
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
-use relance_kit::messages::{EventMessage, PROFILE_MERGED, ProfileMerged};
+use relance_kit::messages::{EventBatch, PROFILE_MERGED, ProfileMerged};
 use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
 use relance_kit::{ManualClock, SharedClock};
 use relance_proto::convert::{chrono_to_timestamp, json_to_struct};
@@ -106,7 +106,9 @@ async fn a_retried_track_stores_and_publishes_once() {
 
     let (routing_key, body) = tap.next(10).await.expect("published");
     assert_eq!(routing_key, "event.order_completed");
-    let message: EventMessage = serde_json::from_slice(&body).expect("json");
+    let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+    assert_eq!(batch.events.len(), 1);
+    let message = &batch.events[0];
     assert_eq!(
         (message.message_id.as_str(), message.workspace_id.as_str()),
         ("m-1", app.workspace.as_str())

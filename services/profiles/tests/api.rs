@@ -5,8 +5,8 @@ use std::sync::Arc;
 use chrono::{Duration, TimeZone as _, Utc};
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
 use relance_kit::messages::{
-    EventMessage, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged,
-    ProfileUpdated,
+    EventBatch, EventMessage, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted,
+    ProfileMerged, ProfileUpdated,
 };
 use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
 use relance_kit::{ManualClock, SharedClock};
@@ -268,7 +268,39 @@ fn purchase(
     days_ago: i64,
     now: chrono::DateTime<Utc>,
 ) -> Outgoing {
-    let event = EventMessage {
+    batch_of(vec![purchase_event(
+        app,
+        message_id,
+        name,
+        customer_id,
+        revenue,
+        days_ago,
+        now,
+    )])
+}
+
+/// The events as the relay publishes them: one message per batch.
+fn batch_of(events: Vec<EventMessage>) -> Outgoing {
+    let batch = EventBatch { events };
+    Outgoing {
+        exchange: EVENTS_EXCHANGE.into(),
+        routing_key: format!("event.{}", batch.events[0].name),
+        message_id: batch.bus_id(),
+        payload: serde_json::to_vec(&batch).expect("json"),
+        headers: Default::default(),
+    }
+}
+
+fn purchase_event(
+    app: &TestApp,
+    message_id: &str,
+    name: &str,
+    customer_id: &str,
+    revenue: f64,
+    days_ago: i64,
+    now: chrono::DateTime<Utc>,
+) -> EventMessage {
+    EventMessage {
         workspace_id: app.workspace.clone(),
         seq: 1,
         message_id: message_id.into(),
@@ -279,13 +311,6 @@ fn purchase(
         received_at: now,
         properties: serde_json::json!({"revenue": revenue}),
         context: serde_json::json!({}),
-    };
-    Outgoing {
-        exchange: EVENTS_EXCHANGE.into(),
-        routing_key: format!("event.{name}"),
-        message_id: event.bus_id(),
-        payload: serde_json::to_vec(&event).expect("json"),
-        headers: Default::default(),
     }
 }
 
@@ -351,12 +376,13 @@ async fn rfm_scores_rank_buyers_by_quintile() {
     let (app, clock) = spawn_app().await;
     let now = relance_kit::Clock::now(clock.as_ref());
     let publisher = Publisher::new(app.platform.bus.clone());
-    // Ten buyers: buyer i bought i times, i × 100 in all, last (100 - 10 i) days ago.
-    let mut messages = Vec::new();
+    // Ten buyers: buyer i bought i times, i × 100 in all, last (100 - 10 i) days ago; all
+    // 55 orders in one batch, as the relay sends them.
+    let mut events = Vec::new();
     for i in 1..=10i64 {
         for order in 0..i {
             let days = if order == 0 { 100 - 10 * i } else { 200 };
-            messages.push(purchase(
+            events.push(purchase_event(
                 &app,
                 &format!("o-{i}-{order}"),
                 "order_completed",
@@ -367,7 +393,10 @@ async fn rfm_scores_rank_buyers_by_quintile() {
             ));
         }
     }
-    publisher.publish_all(&messages).await.expect("publish");
+    publisher
+        .publish_all(&[batch_of(events)])
+        .await
+        .expect("publish");
     let mut profiles = client(&app).await;
     eventually(15, "all 55 orders applied", || {
         let mut profiles = profiles.clone();
