@@ -5,8 +5,14 @@ use std::sync::Arc;
 use relance_kit::SharedClock;
 use tokio::sync::Notify;
 
-use crate::domain::{self, FieldError, Limits, RawEvent};
-use crate::store::EventStore;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use relance_kit::messages::EventMessage;
+
+use crate::domain::{self, FieldError, Limits, NewEvent, RawEvent};
+use crate::relay::RelayCache;
+use crate::store::{EventStore, RelayKey, Stored};
 
 /// The outcome of ingesting a batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -27,6 +33,43 @@ pub struct Ingestor {
     pub limits: Limits,
     /// Notified after each commit so that the relay publishes at once.
     pub relay_wake: Arc<Notify>,
+    /// Where committed events wait for the relay.
+    pub relay_cache: Arc<RelayCache>,
+}
+
+/// The stored events as the relay publishes them.
+fn to_publish(
+    workspace_id: &str,
+    events: Vec<NewEvent>,
+    stored: Vec<Stored>,
+    received_at: DateTime<Utc>,
+) -> Vec<(RelayKey, EventMessage)> {
+    let mut by_id: HashMap<String, NewEvent> = HashMap::with_capacity(events.len());
+    for event in events {
+        by_id.insert(event.message_id.clone(), event);
+    }
+    let mut out = Vec::with_capacity(stored.len());
+    for row in stored {
+        let Some(event) = by_id.remove(&row.message_id) else {
+            continue;
+        };
+        out.push((
+            row.key,
+            EventMessage {
+                workspace_id: workspace_id.to_owned(),
+                seq: row.key.seq,
+                message_id: row.message_id,
+                name: event.name,
+                customer_id: row.customer_id,
+                anonymous_id: event.anonymous_id,
+                timestamp: event.timestamp,
+                received_at,
+                properties: event.properties_value,
+                context: event.context_value,
+            },
+        ));
+    }
+    out
 }
 
 impl Ingestor {
@@ -43,12 +86,15 @@ impl Ingestor {
         }
         let (unique, repeats) = domain::first_of_each_id(valid);
         let events: Vec<_> = unique.into_iter().map(|(_, event)| event).collect();
+        let submitted = events.len() as u64;
         let stored = self.store.insert(workspace_id, &events, now).await?;
-        if stored > 0 {
+        outcome.accepted = stored.len() as u64;
+        outcome.duplicates = (submitted - outcome.accepted) + repeats as u64;
+        if !stored.is_empty() {
+            self.relay_cache
+                .put(to_publish(workspace_id, events, stored, now));
             self.relay_wake.notify_one();
         }
-        outcome.accepted = stored;
-        outcome.duplicates = (events.len() as u64 - stored) + repeats as u64;
         metrics::counter!("relance_events_accepted_total").increment(outcome.accepted);
         metrics::counter!("relance_events_duplicates_total").increment(outcome.duplicates);
         metrics::counter!("relance_events_rejected_total").increment(outcome.rejected.len() as u64);

@@ -59,8 +59,10 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     let store = Arc::new(store::EventStore::new(pool.clone()));
     let relay_wake = Arc::new(Notify::new());
 
+    let relay_cache = Arc::new(relay::RelayCache::default());
     let relay = relay::Relay {
         clock: platform.clock.clone(),
+        cache: relay_cache.clone(),
         publisher: Arc::new(Publisher::new(platform.bus.clone())),
         wake: relay_wake.clone(),
         batch: config.relay_batch,
@@ -87,6 +89,7 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         clock: platform.clock.clone(),
         limits: config.limits,
         relay_wake,
+        relay_cache,
     };
     server.add_service(
         EventsServer::new(api::EventsApi { ingestor })

@@ -65,20 +65,20 @@ impl EventStore {
         &self.pool
     }
 
-    /// Stores the events that were never stored before; returns how many were new.
+    /// Stores the events that were never stored before; returns those it stored.
     ///
-    /// One statement inserts the new message ids and, for those only, the events — with the
-    /// customer id filled in from a known identity link. Batches holding anonymous-only
-    /// events first take their identity buckets in shared mode (see
-    /// [`domain::identity_bucket`]).
+    /// One statement inserts the new message ids and, for those only, the events. Batches
+    /// holding anonymous-only events first take their identity buckets in shared mode (see
+    /// [`domain::identity_bucket`]) and fill in the customer id from a known identity link;
+    /// other batches skip that join.
     pub async fn insert(
         &self,
         workspace_id: &str,
         events: &[NewEvent],
         received_at: DateTime<Utc>,
-    ) -> sqlx::Result<u64> {
+    ) -> sqlx::Result<Vec<Stored>> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         self.ensure_partitions(domain::months_of(events.iter().map(|e| &e.timestamp)))
             .await?;
@@ -106,7 +106,15 @@ impl EventStore {
         buckets.sort_unstable();
         buckets.dedup();
 
-        let insert = sqlx::query(
+        let (customer, link_join) = if buckets.is_empty() {
+            ("i.customer_id", "")
+        } else {
+            (
+                "COALESCE(i.customer_id, l.customer_id)",
+                "LEFT JOIN identity_links l ON l.workspace_id = $1 AND l.anonymous_id = i.anonymous_id AND i.customer_id IS NULL",
+            )
+        };
+        let sql = format!(
             "WITH input AS ( \
                  SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[]) \
                      AS t(message_id, name, customer_id, anonymous_id, ts, properties, context) \
@@ -115,39 +123,48 @@ impl EventStore {
                  SELECT $1, message_id, ts FROM input \
                  ON CONFLICT DO NOTHING \
                  RETURNING message_id \
-             ), stored AS ( \
-                 INSERT INTO events (workspace_id, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context) \
-                 SELECT $1, i.message_id, i.name, COALESCE(i.customer_id, l.customer_id), i.anonymous_id, i.ts, $9, \
-                        i.properties::jsonb, i.context::jsonb \
-                 FROM input i \
-                 JOIN fresh f USING (message_id) \
-                 LEFT JOIN identity_links l ON l.workspace_id = $1 AND l.anonymous_id = i.anonymous_id AND i.customer_id IS NULL \
-                 RETURNING 1 \
-             ) SELECT count(*) FROM stored",
-        )
-        .bind(workspace_id)
-        .bind(&message_ids)
-        .bind(&names)
-        .bind(&customers)
-        .bind(&anonymous)
-        .bind(&times)
-        .bind(&properties)
-        .bind(&contexts)
-        .bind(received_at);
+             ) \
+             INSERT INTO events (workspace_id, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context) \
+             SELECT $1, i.message_id, i.name, {customer}, i.anonymous_id, i.ts, $9, i.properties::jsonb, i.context::jsonb \
+             FROM input i JOIN fresh f USING (message_id) {link_join} \
+             RETURNING message_id, seq, xid::text, customer_id"
+        );
+        let insert = sqlx::query_as::<_, (String, i64, String, Option<String>)>(&sql)
+            .bind(workspace_id)
+            .bind(&message_ids)
+            .bind(&names)
+            .bind(&customers)
+            .bind(&anonymous)
+            .bind(&times)
+            .bind(&properties)
+            .bind(&contexts)
+            .bind(received_at);
 
-        if buckets.is_empty() {
-            let stored: i64 = insert.fetch_one(&self.pool).await?.try_get(0)?;
-            return Ok(stored as u64);
+        let rows = if buckets.is_empty() {
+            insert.fetch_all(&self.pool).await?
+        } else {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1, b) FROM unnest($2::int[]) AS b")
+                .bind(IDENTITY_LOCK_CLASS)
+                .bind(&buckets)
+                .execute(&mut *tx)
+                .await?;
+            let rows = insert.fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            rows
+        };
+        let mut stored = Vec::with_capacity(rows.len());
+        for (message_id, seq, xid, customer_id) in rows {
+            stored.push(Stored {
+                message_id,
+                key: RelayKey {
+                    xid: parse_xid(&xid)?,
+                    seq,
+                },
+                customer_id,
+            });
         }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, b) FROM unnest($2::int[]) AS b")
-            .bind(IDENTITY_LOCK_CLASS)
-            .bind(&buckets)
-            .execute(&mut *tx)
-            .await?;
-        let stored: i64 = insert.fetch_one(&mut *tx).await?.try_get(0)?;
-        tx.commit().await?;
-        Ok(stored as u64)
+        Ok(stored)
     }
 
     /// Creates the monthly partitions `months` need, once per process.
@@ -329,61 +346,108 @@ pub async fn try_lock_relay(conn: &mut PgConnection) -> sqlx::Result<bool> {
         .await
 }
 
-/// The next events to publish after the cursor, only from transactions that have all
-/// finished (below the oldest running transaction), in (xid, seq) order.
+/// The keys of the next events to publish after the cursor, only from transactions that
+/// have all finished (below the oldest running transaction), in (xid, seq) order.
 ///
 /// The cursor is read first and bound as values: compared through a join, Postgres would
-/// walk the `(xid, seq)` index from its start on every round.
-pub async fn next_to_publish(
-    conn: &mut PgConnection,
-    limit: i64,
-) -> sqlx::Result<(Vec<EventMessage>, Option<(String, i64)>)> {
+/// walk the `(xid, seq)` index from its start on every round. Only keys are read: the
+/// events themselves usually come from the ingesting process's memory (see
+/// `relay::RelayCache`), and [`fetch_events`] reads the others.
+pub async fn next_keys(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<RelayKey>> {
     let (cursor_xid, cursor_seq): (String, i64) =
         sqlx::query_as("SELECT xid::text, seq FROM relay_cursor WHERE id = 1")
             .fetch_one(&mut *conn)
             .await?;
-    let rows = sqlx::query(
-        "SELECT xid::text AS xid, seq, workspace_id, message_id, name, customer_id, anonymous_id, \
-                ts, received_at, properties, context \
-         FROM events \
-         WHERE (xid, seq) > ($1::xid8, $2) \
-           AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY xid, seq \
-         LIMIT $3",
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT xid::text, seq FROM events \
+         WHERE (xid, seq) > ($1::xid8, $2) AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY xid, seq LIMIT $3",
     )
     .bind(&cursor_xid)
     .bind(cursor_seq)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let mut messages = Vec::with_capacity(rows.len());
-    let mut last = None;
-    for row in rows {
-        last = Some((
-            row.try_get::<String, _>("xid")?,
-            row.try_get::<i64, _>("seq")?,
-        ));
-        messages.push(EventMessage {
-            workspace_id: row.try_get("workspace_id")?,
-            seq: row.try_get("seq")?,
-            message_id: row.try_get("message_id")?,
-            name: row.try_get("name")?,
-            customer_id: row.try_get("customer_id")?,
-            anonymous_id: row.try_get("anonymous_id")?,
-            timestamp: row.try_get("ts")?,
-            received_at: row.try_get("received_at")?,
-            properties: row.try_get("properties")?,
-            context: row.try_get("context")?,
+    let mut keys = Vec::with_capacity(rows.len());
+    for (xid, seq) in rows {
+        keys.push(RelayKey {
+            xid: parse_xid(&xid)?,
+            seq,
         });
     }
-    Ok((messages, last))
+    Ok(keys)
+}
+
+/// Reads whole events by relay key (those the relay did not find in memory).
+pub async fn fetch_events(
+    conn: &mut PgConnection,
+    keys: &[RelayKey],
+) -> sqlx::Result<Vec<(RelayKey, EventMessage)>> {
+    let xids: Vec<String> = keys.iter().map(|k| k.xid.to_string()).collect();
+    let seqs: Vec<i64> = keys.iter().map(|k| k.seq).collect();
+    let rows = sqlx::query(
+        "SELECT xid::text AS xid, seq, workspace_id, message_id, name, customer_id, anonymous_id, \
+                ts, received_at, properties, context \
+         FROM events \
+         WHERE (xid, seq) IN (SELECT x::xid8, s FROM unnest($1::text[], $2::bigint[]) AS k(x, s)) \
+         ORDER BY xid, seq",
+    )
+    .bind(&xids)
+    .bind(&seqs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key = RelayKey {
+            xid: parse_xid(&row.try_get::<String, _>("xid")?)?,
+            seq: row.try_get("seq")?,
+        };
+        events.push((
+            key,
+            EventMessage {
+                workspace_id: row.try_get("workspace_id")?,
+                seq: row.try_get("seq")?,
+                message_id: row.try_get("message_id")?,
+                name: row.try_get("name")?,
+                customer_id: row.try_get("customer_id")?,
+                anonymous_id: row.try_get("anonymous_id")?,
+                timestamp: row.try_get("ts")?,
+                received_at: row.try_get("received_at")?,
+                properties: row.try_get("properties")?,
+                context: row.try_get("context")?,
+            },
+        ));
+    }
+    Ok(events)
+}
+
+/// Where an event stands in publication order: the id of the transaction that wrote it,
+/// then its sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelayKey {
+    pub xid: u64,
+    pub seq: i64,
+}
+
+/// An event the insert stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub message_id: String,
+    pub key: RelayKey,
+    /// The customer id as stored (filled in from an identity link when the event had none).
+    pub customer_id: Option<String>,
+}
+
+fn parse_xid(text: &str) -> sqlx::Result<u64> {
+    text.parse()
+        .map_err(|_| sqlx::Error::Decode(format!("not a transaction id: {text:?}").into()))
 }
 
 /// Moves the relay cursor past what was published.
-pub async fn advance_cursor(conn: &mut PgConnection, xid: &str, seq: i64) -> sqlx::Result<()> {
+pub async fn advance_cursor(conn: &mut PgConnection, last: RelayKey) -> sqlx::Result<()> {
     sqlx::query("UPDATE relay_cursor SET xid = $1::xid8, seq = $2 WHERE id = 1")
-        .bind(xid)
-        .bind(seq)
+        .bind(last.xid.to_string())
+        .bind(last.seq)
         .execute(conn)
         .await?;
     Ok(())

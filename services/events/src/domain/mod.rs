@@ -43,10 +43,13 @@ pub struct NewEvent {
     pub customer_id: Option<String>,
     pub anonymous_id: Option<String>,
     pub timestamp: DateTime<Utc>,
-    /// Properties as a JSON object, already encoded.
+    /// Properties as a JSON object, already encoded (for Postgres).
     pub properties: String,
-    /// Context as a JSON object of strings, already encoded.
+    /// Context as a JSON object of strings, already encoded (for Postgres).
     pub context: String,
+    /// The same two, decoded (for publishing without reading the rows back).
+    pub properties_value: serde_json::Value,
+    pub context_value: serde_json::Value,
 }
 
 /// An event as received, before validation (the API layer fills it from the proto).
@@ -138,7 +141,8 @@ pub fn validate(
             format!("nested deeper than {} levels", limits.max_depth),
         ));
     }
-    let properties = properties.to_string();
+    let properties_value = properties;
+    let properties = properties_value.to_string();
     if properties.len() > limits.max_properties_bytes {
         return Err(refuse(
             "properties",
@@ -184,7 +188,9 @@ pub fn validate(
         anonymous_id: non_empty(raw.anonymous_id),
         timestamp,
         properties,
-        context: serde_json::Value::Object(context).to_string(),
+        properties_value,
+        context: serde_json::Value::Object(context.clone()).to_string(),
+        context_value: serde_json::Value::Object(context),
     })
 }
 
