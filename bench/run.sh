@@ -123,7 +123,17 @@ wait_for_relay() {
 
 # Each timed run starts from a checkpoint, so that one run's dirty pages are not written
 # during the next.
-quiesce() { psql_bench "CHECKPOINT" >/dev/null; }
+# Every run starts from the same state: what earlier runs wrote is vacuumed and analysed,
+# flushed, and no autovacuum worker is left running to steal CPU from the next method (one
+# vacuuming the previous run's table skewed whichever method came next).
+quiesce() {
+  psql_bench "VACUUM (ANALYZE)" >/dev/null
+  psql_bench "CHECKPOINT" >/dev/null
+  for _ in $(seq 1 600); do
+    [ "$(psql "$PG_SERVER/postgres" -Atqc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")" = 0 ] && return 0
+    sleep 0.1
+  done
+}
 
 # --- Batched ingestion: TrackBatch vs raw, interleaved -------------------------------------
 LOAD=(--events "$EVENTS" --batch "$BATCH" --concurrency "$CONCURRENCY")
