@@ -90,8 +90,10 @@ impl EventStore {
         let mut times = Vec::with_capacity(events.len());
         let mut properties = Vec::with_capacity(events.len());
         let mut contexts = Vec::with_capacity(events.len());
+        let mut dedup_keys = Vec::with_capacity(events.len());
         let mut buckets = Vec::new();
         for event in events {
+            dedup_keys.push(domain::dedup_key(workspace_id, &event.message_id));
             message_ids.push(event.message_id.as_str());
             names.push(event.name.as_str());
             customers.push(event.customer_id.as_deref());
@@ -116,17 +118,16 @@ impl EventStore {
         };
         let sql = format!(
             "WITH input AS ( \
-                 SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[]) \
-                     AS t(message_id, name, customer_id, anonymous_id, ts, properties, context) \
+                 SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[], $10::uuid[]) \
+                     AS t(message_id, name, customer_id, anonymous_id, ts, properties, context, dedup_key) \
              ), fresh AS ( \
-                 INSERT INTO event_ids (workspace_id, message_id, ts) \
-                 SELECT $1, message_id, ts FROM input \
+                 INSERT INTO event_ids (id) SELECT dedup_key FROM input \
                  ON CONFLICT DO NOTHING \
-                 RETURNING message_id \
+                 RETURNING id \
              ) \
              INSERT INTO events (workspace_id, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context) \
              SELECT $1, i.message_id, i.name, {customer}, i.anonymous_id, i.ts, $9, i.properties::jsonb, i.context::jsonb \
-             FROM input i JOIN fresh f USING (message_id) {link_join} \
+             FROM input i JOIN fresh f ON f.id = i.dedup_key {link_join} \
              RETURNING message_id, seq, xid::text, customer_id"
         );
         let insert = sqlx::query_as::<_, (String, i64, String, Option<String>)>(&sql)
@@ -138,7 +139,8 @@ impl EventStore {
             .bind(&times)
             .bind(&properties)
             .bind(&contexts)
-            .bind(received_at);
+            .bind(received_at)
+            .bind(&dedup_keys);
 
         let rows = if buckets.is_empty() {
             insert.fetch_all(&self.pool).await?
@@ -240,22 +242,26 @@ impl EventStore {
     pub async fn erase(&self, deleted: &ProfileDeleted) -> sqlx::Result<u64> {
         let mut tx = self.pool.begin().await?;
         let customer = deleted.customer_id.as_deref();
-        let erased = sqlx::query(
-            "WITH gone AS ( \
-                 DELETE FROM events WHERE workspace_id = $1 \
-                   AND COALESCE(customer_id, anonymous_id) = ANY($3::text[] || $2::text) \
-                   AND (customer_id = $2 OR anonymous_id = ANY($3)) \
-                 RETURNING message_id \
-             ), ids AS ( \
-                 DELETE FROM event_ids WHERE workspace_id = $1 AND message_id IN (SELECT message_id FROM gone) RETURNING 1 \
-             ) SELECT count(*) FROM gone",
+        let gone: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM events WHERE workspace_id = $1 \
+               AND COALESCE(customer_id, anonymous_id) = ANY($3::text[] || $2::text) \
+               AND (customer_id = $2 OR anonymous_id = ANY($3)) \
+             RETURNING message_id",
         )
         .bind(&deleted.workspace_id)
         .bind(customer)
         .bind(&deleted.anonymous_ids)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get::<i64, _>(0)?;
+        .fetch_all(&mut *tx)
+        .await?;
+        let keys: Vec<String> = gone
+            .iter()
+            .map(|id| domain::dedup_key(&deleted.workspace_id, id))
+            .collect();
+        sqlx::query("DELETE FROM event_ids WHERE id = ANY($1::uuid[])")
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await?;
+        let erased = gone.len();
         sqlx::query("DELETE FROM identity_links WHERE workspace_id = $1 AND (customer_id = $2 OR anonymous_id = ANY($3))")
             .bind(&deleted.workspace_id)
             .bind(customer)

@@ -321,6 +321,23 @@ pub fn identity_bucket(workspace_id: &str, anonymous_id: &str) -> i32 {
     (hash % IDENTITY_BUCKETS) as i32
 }
 
+/// The key under which an accepted message id is remembered for dedup: the first 16 bytes
+/// of SHA-256(`<workspace_id>:<message_id>`), written as a UUID. A fixed-size key keeps the
+/// dedup index small (migration 0003 computes the same for ids stored before it).
+pub fn dedup_key(workspace_id: &str, message_id: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(format!("{workspace_id}:{message_id}").as_bytes());
+    let hex = hex::encode(&digest[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 /// Number of identity lock buckets: few enough that a batch never holds more than this many
 /// locks, enough that merges rarely wait on ingestion.
 pub const IDENTITY_BUCKETS: u32 = 64;
@@ -447,6 +464,16 @@ mod tests {
             next_month(NaiveDate::from_ymd_opt(2026, 12, 1).expect("d")),
             NaiveDate::from_ymd_opt(2027, 1, 1).expect("d")
         );
+    }
+
+    #[test]
+    fn dedup_keys_match_the_migration_s_sql() {
+        // SELECT encode(substring(sha256(convert_to('ws:m1', 'UTF8')) FROM 1 FOR 16), 'hex')::uuid
+        assert_eq!(
+            dedup_key("ws", "m1"),
+            "5a48ee8e-615d-f5d2-53f9-c8d35c4d49ae"
+        );
+        assert_ne!(dedup_key("ws", "m1"), dedup_key("other", "m1"));
     }
 
     #[test]
