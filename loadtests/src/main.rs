@@ -22,6 +22,11 @@ use clap::{Parser, Subcommand};
 
 use crate::stats::Outcome;
 
+/// The same allocator as the `relance` binary: the load generator builds many small values
+/// per event and shares the two cores with the service, so its own cost should be small.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load scenarios for Relance's event ingestion.
 #[derive(Debug, Parser)]
 #[command(name = "relance-loadtest", version, about)]

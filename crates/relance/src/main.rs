@@ -13,6 +13,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Ingestion decodes, re-encodes and hands over many small values per event; mimalloc's
+/// thread-local free lists make that allocation cheaper than glibc's (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Relance: customer engagement for e-commerce — profiles, events, segments,
 /// recommendations, flows and delivery, on your own infrastructure.
 #[derive(Debug, Parser)]
