@@ -24,20 +24,6 @@ pub struct EventStore {
     partitions: Mutex<HashSet<NaiveDate>>,
 }
 
-/// A stored event, as read back.
-#[derive(Debug, Clone)]
-pub struct StoredRow {
-    pub seq: i64,
-    pub message_id: String,
-    pub name: String,
-    pub customer_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub timestamp: DateTime<Utc>,
-    pub received_at: DateTime<Utc>,
-    pub properties: serde_json::Value,
-    pub context: serde_json::Value,
-}
-
 /// Which events to read back.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -277,7 +263,7 @@ impl EventStore {
         &self,
         workspace_id: &str,
         query: &EventQuery,
-    ) -> sqlx::Result<Vec<StoredRow>> {
+    ) -> sqlx::Result<Vec<EventMessage>> {
         let (before_ts, before_seq) = match query.before {
             Some((ts, seq)) => (Some(ts), seq),
             None => (None, i64::MAX),
@@ -300,7 +286,7 @@ impl EventStore {
             people.extend(linked);
         }
         let rows = sqlx::query(
-            "SELECT seq, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context \
+            "SELECT workspace_id, seq, message_id, name, customer_id, anonymous_id, ts, received_at, properties, context \
              FROM events \
              WHERE workspace_id = $1 \
                AND COALESCE(customer_id, anonymous_id) = ANY($10) \
@@ -326,18 +312,8 @@ impl EventStore {
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            out.push(StoredRow {
-                seq: row.try_get("seq")?,
-                message_id: row.try_get("message_id")?,
-                name: row.try_get("name")?,
-                customer_id: row.try_get("customer_id")?,
-                anonymous_id: row.try_get("anonymous_id")?,
-                timestamp: row.try_get("ts")?,
-                received_at: row.try_get("received_at")?,
-                properties: row.try_get("properties")?,
-                context: row.try_get("context")?,
-            });
+        for row in &rows {
+            out.push(event_from_row(row)?);
         }
         Ok(out)
     }
@@ -408,23 +384,26 @@ pub async fn fetch_events(
             xid: parse_xid(&row.try_get::<String, _>("xid")?)?,
             seq: row.try_get("seq")?,
         };
-        events.push((
-            key,
-            EventMessage {
-                workspace_id: row.try_get("workspace_id")?,
-                seq: row.try_get("seq")?,
-                message_id: row.try_get("message_id")?,
-                name: row.try_get("name")?,
-                customer_id: row.try_get("customer_id")?,
-                anonymous_id: row.try_get("anonymous_id")?,
-                timestamp: row.try_get("ts")?,
-                received_at: row.try_get("received_at")?,
-                properties: row.try_get("properties")?,
-                context: row.try_get("context")?,
-            },
-        ));
+        events.push((key, event_from_row(&row)?));
     }
     Ok(events)
+}
+
+/// An event row (`workspace_id, seq, message_id, name, customer_id, anonymous_id, ts,
+/// received_at, properties, context`) as the message it is published as.
+fn event_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<EventMessage> {
+    Ok(EventMessage {
+        workspace_id: row.try_get("workspace_id")?,
+        seq: row.try_get("seq")?,
+        message_id: row.try_get("message_id")?,
+        name: row.try_get("name")?,
+        customer_id: row.try_get("customer_id")?,
+        anonymous_id: row.try_get("anonymous_id")?,
+        timestamp: row.try_get("ts")?,
+        received_at: row.try_get("received_at")?,
+        properties: row.try_get("properties")?,
+        context: row.try_get("context")?,
+    })
 }
 
 /// Where an event stands in publication order: the id of the transaction that wrote it,
