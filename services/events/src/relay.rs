@@ -9,6 +9,7 @@ use relance_kit::SharedClock;
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use relance_kit::messages::{EVENT_KEY_PREFIX, EventBatch, EventMessage};
 use sqlx::PgConnection;
@@ -24,6 +25,9 @@ use crate::store::{self, RelayKey};
 #[derive(Debug, Default)]
 pub struct RelayCache {
     entries: Mutex<BTreeMap<RelayKey, EventMessage>>,
+    /// Only the replica whose relay is active keeps events: the others' would never be
+    /// taken.
+    active: AtomicBool,
 }
 
 /// Most events kept waiting for the relay (about 100 MB of typical events).
@@ -32,6 +36,9 @@ const RELAY_CACHE_CAPACITY: usize = 200_000;
 impl RelayCache {
     /// Keeps committed events for the relay.
     pub fn put(&self, events: Vec<(RelayKey, EventMessage)>) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.extend(events);
         while entries.len() > RELAY_CACHE_CAPACITY {
@@ -51,6 +58,17 @@ impl RelayCache {
             }
         }
         (found, missing)
+    }
+
+    /// Starts or stops keeping events, as this replica's relay takes or loses the lead.
+    fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Relaxed);
+        if !active {
+            self.entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
     }
 
     /// Forgets everything up to `last` (published by this or another replica's relay).
@@ -91,7 +109,9 @@ impl Relay {
                     continue;
                 }
             };
-            if let Err(error) = self.relay_while_leader(conn, &shutdown).await {
+            let led = self.relay_while_leader(conn, &shutdown).await;
+            self.cache.set_active(false);
+            if let Err(error) = led {
                 tracing::warn!(error = %format!("{error:#}"), "relay interrupted, restarting");
                 pause(&shutdown, Duration::from_millis(500)).await;
             }
@@ -211,6 +231,12 @@ mod tests {
     fn the_cache_hands_over_what_it_has_and_forgets_what_was_published() {
         let cache = RelayCache::default();
         let key = |xid, seq| RelayKey { xid, seq };
+        cache.put(vec![(key(1, 1), event("a", "x", "0"))]);
+        assert!(
+            cache.take(&[key(1, 1)]).0.is_empty(),
+            "a replica that does not relay keeps nothing"
+        );
+        cache.set_active(true);
         cache.put(vec![
             (key(10, 1), event("a", "x", "1")),
             (key(10, 2), event("a", "x", "2")),
