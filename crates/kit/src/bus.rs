@@ -23,7 +23,7 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::Mutex;
@@ -609,13 +609,5 @@ async fn record_depth(channel: &Channel, queue: &str) {
     {
         metrics::gauge!("relance_queue_depth", "queue" => queue.to_owned())
             .set(f64::from(state.message_count()));
-    }
-}
-
-/// Reads a header of type string.
-pub fn header_str<'a>(headers: &'a FieldTable, key: &str) -> Option<&'a [u8]> {
-    match headers.inner().get(&ShortString::from(key)) {
-        Some(AMQPValue::LongString(text)) => Some(text.as_bytes()),
-        _ => None,
     }
 }

@@ -68,26 +68,6 @@ impl TestEnv {
         }
     }
 
-    /// Settings with extra overrides (e.g. a service's section).
-    pub fn settings_with(&self, extra: &[(&str, &str)]) -> Settings {
-        let url = format!("{}/{}", server_url(), self.database);
-        let amqp_prefix = format!("t-{}.", self.id);
-        let redis_prefix = format!("t-{}:", self.id);
-        let mut pairs: Vec<(&str, &str)> = vec![
-            ("database_url", url.as_str()),
-            ("database_max_connections", "8"),
-            ("amqp_prefix", amqp_prefix.as_str()),
-            ("amqp_ephemeral", "true"),
-            ("redis_prefix", redis_prefix.as_str()),
-            ("grpc_addr", "127.0.0.1:0"),
-            ("admin_addr", "127.0.0.1:0"),
-            ("log_format", "pretty"),
-            ("shutdown_grace_secs", "5"),
-        ];
-        pairs.extend_from_slice(extra);
-        Settings::from_pairs(&pairs).expect("test settings")
-    }
-
     /// The database URL (for assertions made directly in SQL).
     pub fn database_url(&self) -> String {
         format!("{}/{}", server_url(), self.database)

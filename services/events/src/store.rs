@@ -46,11 +46,6 @@ impl EventStore {
         }
     }
 
-    /// The pool (for the relay's dedicated connection).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Stores the events that were never stored before; returns those it stored.
     ///
     /// One statement inserts the new message ids and, for those only, the events. Batches

@@ -48,11 +48,6 @@ impl ProfileStore {
         ProfileStore { pool, outbox_wake }
     }
 
-    /// The pool (for the outbox relay).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// One profile.
     pub async fn get(&self, workspace_id: &str, key: &CustomerKey) -> Result<ProfileRecord> {
         let mut conn = self.pool.acquire().await?;
