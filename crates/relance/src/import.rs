@@ -123,17 +123,25 @@ pub async fn import_online_retail(
     chunk: usize,
     progress: bool,
 ) -> anyhow::Result<ImportSummary> {
-    let mut reader = Reader::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let opened =
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let size = opened.metadata().map(|m| m.len()).unwrap_or(0);
+    // The bar follows the bytes read from the file (compressed or not): a true fraction of
+    // the work, with an estimate of the time left.
     let bar = if progress {
-        ProgressBar::new_spinner()
+        ProgressBar::new(size)
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
+    let mut reader = Reader::from_reader(bar.wrap_read(opened))
+        .with_context(|| format!("reading {}", file.display()))?;
 
     // Parsing is CPU work: a blocking thread reads, the async side sends.
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(8);
