@@ -94,9 +94,10 @@ impl Bus {
             }
             tracing::warn!("rabbitmq connection lost, reconnecting");
         }
-        let connection = Arc::new(
-            Connection::connect(self.url.expose_secret(), ConnectionProperties::default()).await?,
-        );
+        // Named after the deployment, so an operator (or a test) can find it in the broker.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("{}relance", self.prefix).into());
+        let connection = Arc::new(Connection::connect(self.url.expose_secret(), properties).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }

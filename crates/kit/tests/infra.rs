@@ -1,4 +1,5 @@
-//! The kit against the real servers: consumer retries and dead letters, Redis prefixes.
+//! The kit against the real servers: consumer retries and dead letters, reconnection after
+//! the broker drops the connection, Redis prefixes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -96,4 +97,85 @@ async fn redis_keys_carry_the_deployment_prefix_and_the_workspace() {
     let _: () = conn.set(&key, "22423").await.expect("set");
     let value: String = conn.get(&key).await.expect("get");
     assert_eq!(value, "22423");
+}
+
+/// Closes, from the broker's side, every connection whose name contains `name`.
+async fn close_connections_named(name: &str) -> usize {
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .await
+        .expect("rabbitmqctl (runs where RabbitMQ runs)");
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        if !line.contains(name) {
+            continue;
+        }
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let output = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by a test"])
+            .output()
+            .await
+            .expect("rabbitmqctl close_connection");
+        if output.status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_and_consuming_resume_after_the_broker_drops_the_connection() {
+    let env = TestEnv::new().await;
+    let bus = Bus::connect(&env.settings).await.expect("bus");
+    let spec = ConsumerSpec::new("kit.reconnect").bind(EVENTS_EXCHANGE, "event.test");
+    bus::declare(&bus, &spec).await.expect("declare");
+    let handler = Arc::new(Flaky::default());
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(bus::run_consumer(
+        bus.clone(),
+        spec,
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let publisher = Publisher::new(bus.clone());
+    publisher
+        .publish_all(&[message("before")])
+        .await
+        .expect("publish");
+    eventually(10, "the first message handled", || {
+        let done = handler.done.load(Ordering::SeqCst);
+        async move { (done == 1).then_some(()) }
+    })
+    .await;
+
+    let name = format!("t-{}.relance", env.id);
+    assert!(
+        close_connections_named(&name).await >= 1,
+        "the test's connection was found and closed"
+    );
+    // The publisher reconnects on its next call (a call in flight when the connection
+    // drops fails, and the caller retries: the outbox and the relay do).
+    let mut published = false;
+    for _ in 0..20 {
+        if publisher.publish_all(&[message("after")]).await.is_ok() {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(published, "publishing works again after reconnecting");
+    eventually(
+        20,
+        "the consumer reconnected and handled the second message",
+        || {
+            let done = handler.done.load(Ordering::SeqCst);
+            async move { (done >= 2).then_some(()) }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    consumer.await.expect("consumer stops");
 }
