@@ -451,3 +451,72 @@ async fn events_racing_an_identity_merge_all_end_up_with_the_customer() {
     .await;
     app.stop().await;
 }
+
+/// Sends one raw HTTP/1.1 request and returns the whole response.
+async fn http_exchange(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("request");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_tracks_an_event_over_grpc_web() {
+    let app = spawn_platform().await;
+    // The CORS preflight a browser sends before the call.
+    let preflight = format!(
+        "OPTIONS /relance.v1.Events/Track HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://shop.example\r\n\
+         Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization,content-type,x-grpc-web\r\n\
+         Connection: close\r\n\r\n",
+        addr = app.addr
+    );
+    let answer = String::from_utf8_lossy(&http_exchange(app.addr, preflight.as_bytes()).await)
+        .to_lowercase();
+    assert!(
+        answer.contains("access-control-allow-origin: https://shop.example"),
+        "{answer}"
+    );
+
+    // The call itself, framed as gRPC-Web: a 0 flag byte, the length, the protobuf message.
+    let track = pb::TrackRequest {
+        event: Some(event("web-1", "product_viewed", "c-web", "")),
+    };
+    let message = prost::Message::encode_to_vec(&track);
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = format!(
+        "POST /relance.v1.Events/Track HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://shop.example\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: {length}\r\nConnection: close\r\n\r\n",
+        addr = app.addr,
+        key = app.ingest_key,
+        length = body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let response = http_exchange(app.addr, &request).await;
+    let text = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("grpc-status:0"),
+        "the trailers frame says OK: {text}"
+    );
+
+    let mut events = EventsClient::new(app.channel().await);
+    let page = events
+        .query(authed(
+            &app.admin_key,
+            pb::QueryEventsRequest {
+                customer: known("c-web"),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(page.events.len(), 1, "the browser's event is stored");
+    app.stop().await;
+}
