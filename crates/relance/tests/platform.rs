@@ -269,6 +269,10 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
         published.extend(batch.events.into_iter().map(|e| e.message_id));
     }
     let before_restart = published.len();
+    eprintln!(
+        "published before the kill: {before_restart} of {}",
+        acknowledged.len()
+    );
     assert!(
         before_restart < 5000,
         "the relay was still behind when killed ({before_restart} published)"
