@@ -286,6 +286,53 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
             published.extend(batch.events.into_iter().map(|e| e.message_id));
         }
     }
+    assert_eq!(
+        published, acknowledged,
+        "every acknowledged event was published ({before_restart} before the kill)"
+    );
+
+    // The backlog was read back from Postgres; from now on the relay takes what this
+    // process ingests from memory.
+    let read_back = |metrics: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("relance_events_relay_read_back_total"));
+        line.and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = read_back(&http_get(admin_port, "/metrics").await);
+    assert!(
+        before > 0,
+        "the backlog left by the killed process was read back"
+    );
+    let fresh: Vec<_> = (0..100)
+        .map(|i| event(&format!("after-{i}"), "product_viewed", "c-after", ""))
+        .collect();
+    events = connect(port).await;
+    events
+        .track_batch(authed(&key, pb::TrackBatchRequest { events: fresh }))
+        .await
+        .expect("track after restart");
+    let mut seen = 0;
+    while seen < 100 {
+        let Some((_, body)) = tap.next(10).await else {
+            break;
+        };
+        let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+        seen += batch
+            .events
+            .iter()
+            .filter(|e| e.message_id.starts_with("after-"))
+            .count();
+    }
+    assert_eq!(seen, 100, "the new events were published");
+    assert_eq!(
+        read_back(&http_get(admin_port, "/metrics").await),
+        before,
+        "new events came from memory, not from Postgres"
+    );
+
     assert_eq!(health(port, "relance.v1.Events").await, 1, "SERVING");
     // SIGTERM: stop accepting, drain, exit cleanly.
     let terminated = Command::new("kill")
@@ -299,10 +346,6 @@ async fn acknowledged_events_survive_sigkill_and_are_published_after_restart() {
     })
     .await;
     assert!(status.success(), "exit status after SIGTERM: {status}");
-    assert_eq!(
-        published, acknowledged,
-        "every acknowledged event was published ({before_restart} before the kill)"
-    );
 }
 
 async fn import_sample(app: &TestApp) -> String {

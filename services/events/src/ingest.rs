@@ -87,12 +87,20 @@ impl Ingestor {
         let (unique, repeats) = domain::first_of_each_id(valid);
         let events: Vec<_> = unique.into_iter().map(|(_, event)| event).collect();
         let submitted = events.len() as u64;
-        let stored = self.store.insert(workspace_id, &events, now).await?;
+        let mut pending = self.store.insert(workspace_id, &events, now).await?;
+        let stored = std::mem::take(&mut pending.stored);
         outcome.accepted = stored.len() as u64;
         outcome.duplicates = (submitted - outcome.accepted) + repeats as u64;
+        // Handed over before the commit, so the relay (which sees rows only once they are
+        // committed) finds them in memory instead of reading them back. Should the commit
+        // fail, their keys never appear in the log: the relay never asks for them, and they
+        // leave the cache once the relay has moved past them.
         if !stored.is_empty() {
             self.relay_cache
                 .put(to_publish(workspace_id, events, stored, now));
+        }
+        pending.commit().await?;
+        if outcome.accepted > 0 {
             self.relay_wake.notify_one();
         }
         metrics::counter!("relance_events_accepted_total").increment(outcome.accepted);

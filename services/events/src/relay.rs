@@ -133,6 +133,7 @@ impl Relay {
         sqlx::query("SET synchronous_commit TO off")
             .execute(&mut conn)
             .await?;
+        self.cache.set_active(true);
         tracing::info!("relay is active");
         while !shutdown.is_cancelled() {
             let keys = store::next_keys(&mut conn, self.batch).await?;
@@ -149,6 +150,8 @@ impl Relay {
             };
             let (mut events, missing) = self.cache.take(&keys);
             if !missing.is_empty() {
+                metrics::counter!("relance_events_relay_read_back_total")
+                    .increment(missing.len() as u64);
                 events.extend(store::fetch_events(&mut conn, &missing).await?);
                 events.sort_by_key(|(key, _)| *key);
             }

@@ -46,7 +46,9 @@ impl EventStore {
         }
     }
 
-    /// Stores the events that were never stored before; returns those it stored.
+    /// Stores the events that were never stored before, in a transaction left open: the
+    /// caller hands the stored events to the relay before committing (so the relay, which
+    /// sees rows only once committed, always finds them in memory), then commits.
     ///
     /// One statement inserts the new message ids and, for those only, the events. Batches
     /// holding anonymous-only events first take their identity buckets in shared mode (see
@@ -57,12 +59,16 @@ impl EventStore {
         workspace_id: &str,
         events: &[NewEvent],
         received_at: DateTime<Utc>,
-    ) -> sqlx::Result<Vec<Stored>> {
+    ) -> sqlx::Result<PendingInsert> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PendingInsert {
+                tx: None,
+                stored: Vec::new(),
+            });
         }
         self.ensure_partitions(domain::months_of(events.iter().map(|e| &e.timestamp)))
             .await?;
+        let mut tx = self.pool.begin().await?;
 
         let mut message_ids = Vec::with_capacity(events.len());
         let mut names = Vec::with_capacity(events.len());
@@ -123,19 +129,14 @@ impl EventStore {
             .bind(received_at)
             .bind(&dedup_keys);
 
-        let rows = if buckets.is_empty() {
-            insert.fetch_all(&self.pool).await?
-        } else {
-            let mut tx = self.pool.begin().await?;
+        if !buckets.is_empty() {
             sqlx::query("SELECT pg_advisory_xact_lock_shared($1, b) FROM unnest($2::int[]) AS b")
                 .bind(IDENTITY_LOCK_CLASS)
                 .bind(&buckets)
                 .execute(&mut *tx)
                 .await?;
-            let rows = insert.fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            rows
-        };
+        }
+        let rows = insert.fetch_all(&mut *tx).await?;
         let mut stored = Vec::with_capacity(rows.len());
         for (message_id, seq, xid, customer_id) in rows {
             stored.push(Stored {
@@ -147,7 +148,10 @@ impl EventStore {
                 customer_id,
             });
         }
-        Ok(stored)
+        Ok(PendingInsert {
+            tx: Some(tx),
+            stored,
+        })
     }
 
     /// Creates the monthly partitions `months` need, once per process.
@@ -407,6 +411,24 @@ fn event_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<EventMessage> {
 pub struct RelayKey {
     pub xid: u64,
     pub seq: i64,
+}
+
+/// Events inserted in a transaction not yet committed.
+#[derive(Debug)]
+pub struct PendingInsert {
+    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    /// What the insert stored (empty when every event was a duplicate).
+    pub stored: Vec<Stored>,
+}
+
+impl PendingInsert {
+    /// Makes the events durable (and visible to the relay).
+    pub async fn commit(self) -> sqlx::Result<()> {
+        match self.tx {
+            Some(tx) => tx.commit().await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// An event the insert stored.
