@@ -182,6 +182,22 @@ impl ProfileStore {
         customer_id: &str,
         now: DateTime<Utc>,
     ) -> Result<(ProfileRecord, bool)> {
+        // Every event of a signed-in visitor carries both ids: answer the common "already
+        // merged" case with a read, without a transaction or a lock.
+        let owner: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT i.profile_id, p.customer_id FROM identities i JOIN profiles p ON p.id = i.profile_id \
+             WHERE i.workspace_id = $1 AND i.anonymous_id = $2",
+        )
+        .bind(workspace_id)
+        .bind(anonymous_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((profile, Some(owner))) = owner {
+            if owner == customer_id {
+                let mut conn = self.pool.acquire().await?;
+                return Ok((load(&mut conn, profile).await?, false));
+            }
+        }
         let mut tx = self.pool.begin().await?;
         lock_identity(&mut tx, workspace_id, anonymous_id).await?;
         let known = find_or_create(
