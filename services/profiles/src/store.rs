@@ -192,11 +192,11 @@ impl ProfileStore {
         .bind(anonymous_id)
         .fetch_optional(&self.pool)
         .await?;
-        if let Some((profile, Some(owner))) = owner {
-            if owner == customer_id {
-                let mut conn = self.pool.acquire().await?;
-                return Ok((load(&mut conn, profile).await?, false));
-            }
+        if let Some((profile, Some(owner))) = owner
+            && owner == customer_id
+        {
+            let mut conn = self.pool.acquire().await?;
+            return Ok((load(&mut conn, profile).await?, false));
         }
         let mut tx = self.pool.begin().await?;
         lock_identity(&mut tx, workspace_id, anonymous_id).await?;
