@@ -6,8 +6,7 @@ CARGO ?= cargo
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
-	$(CARGO) build -p relance
-	./target/debug/relance demo $(DEMO_ARGS)
+	$(CARGO) run -p relance -- demo $(DEMO_ARGS)
 
 ## Every test, against the real servers.
 test: services
