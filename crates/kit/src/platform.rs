@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::KeyStore;
-use crate::bus::Bus;
+use crate::bus::{self, Bus, ConsumerSpec, Handler};
 use crate::clock::SharedClock;
 use crate::config::Settings;
 use crate::db;
@@ -72,6 +72,24 @@ impl Platform {
     {
         tracing::debug!(task = name, "background task started");
         self.tasks.spawn(task);
+    }
+
+    /// Declares a consumer's queues now (so that what is published before it runs is
+    /// kept), then consumes them in the background until shutdown.
+    pub async fn consume(
+        &self,
+        task: &'static str,
+        spec: ConsumerSpec,
+        handler: Arc<dyn Handler>,
+    ) -> anyhow::Result<()> {
+        bus::declare(&self.bus, &spec)
+            .await
+            .with_context(|| format!("declaring the queues of {}", spec.queue))?;
+        self.spawn(
+            task,
+            bus::run_consumer(self.bus.clone(), spec, handler, self.shutdown.clone()),
+        );
+        Ok(())
     }
 
     /// Cancels the shutdown token on SIGTERM or Ctrl-C.

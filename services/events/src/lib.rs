@@ -17,7 +17,7 @@ pub mod store;
 use std::sync::Arc;
 
 use relance_kit::Platform;
-use relance_kit::bus::{self, Publisher};
+use relance_kit::bus::Publisher;
 use relance_kit::grpc::GrpcServer;
 use relance_proto::v1::events_server::EventsServer;
 use serde::Deserialize;
@@ -69,20 +69,12 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     };
     platform.spawn("events-relay", relay.run(pool, platform.shutdown.clone()));
 
-    let identity = consumer::spec();
-    bus::declare(&platform.bus, &identity).await?;
     let handler = Arc::new(consumer::IdentityHandler {
         store: store.clone(),
     });
-    platform.spawn(
-        "events-identity",
-        bus::run_consumer(
-            platform.bus.clone(),
-            identity,
-            handler,
-            platform.shutdown.clone(),
-        ),
-    );
+    platform
+        .consume("events-identity", consumer::spec(), handler)
+        .await?;
 
     let ingestor = ingest::Ingestor {
         store,

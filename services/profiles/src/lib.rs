@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use relance_kit::bus::{self, Publisher};
+use relance_kit::bus::Publisher;
 use relance_kit::grpc::GrpcServer;
 use relance_kit::{Platform, SharedClock, outbox};
 use relance_proto::v1::profiles_server::ProfilesServer;
@@ -65,22 +65,14 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     );
 
     let purchases_seen = Arc::new(AtomicBool::new(false));
-    let events = consumer::spec();
-    bus::declare(&platform.bus, &events).await?;
     let handler = Arc::new(consumer::EventHandler {
         store: store.clone(),
         clock: platform.clock.clone(),
         purchases_seen: purchases_seen.clone(),
     });
-    platform.spawn(
-        "profiles-events",
-        bus::run_consumer(
-            platform.bus.clone(),
-            events,
-            handler,
-            platform.shutdown.clone(),
-        ),
-    );
+    platform
+        .consume("profiles-events", consumer::spec(), handler)
+        .await?;
     platform.spawn(
         "profiles-rfm",
         rescore_loop(
