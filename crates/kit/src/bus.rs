@@ -283,13 +283,6 @@ impl Publisher {
         }
         result
     }
-
-    /// Declares exchange `base` on the publishing channel.
-    pub async fn declare_exchange(&self, base: &str) -> Result<(), BusError> {
-        let mut slot = self.channel.lock().await;
-        let channel = self.ready_channel(&mut slot).await?;
-        self.bus.declare_exchange(&channel, base).await
-    }
 }
 
 async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Result<(), BusError> {

@@ -66,17 +66,3 @@ pub fn init(settings: &Settings, service: &str) -> anyhow::Result<TelemetryGuard
         .context("a global tracing subscriber is already installed")?;
     Ok(TelemetryGuard { provider })
 }
-
-/// The W3C trace id of the current span, for log fields and responses; empty when none.
-pub fn current_trace_id() -> String {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let span_context = span.span_context();
-    if span_context.is_valid() {
-        span_context.trace_id().to_string()
-    } else {
-        String::new()
-    }
-}

@@ -181,6 +181,7 @@ pub fn validate(
     } else {
         raw.message_id
     };
+    let context_value = serde_json::Value::Object(context);
     Ok(NewEvent {
         message_id,
         name: raw.name,
@@ -189,8 +190,8 @@ pub fn validate(
         timestamp,
         properties,
         properties_value,
-        context: serde_json::Value::Object(context.clone()).to_string(),
-        context_value: serde_json::Value::Object(context),
+        context: context_value.to_string(),
+        context_value,
     })
 }
 
