@@ -1,0 +1,4 @@
+//! The segmentation service.
+#![forbid(unsafe_code)]
+
+pub mod domain;
