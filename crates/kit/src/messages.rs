@@ -12,6 +12,10 @@ pub const PROFILE_MERGED: &str = "profile.merged";
 pub const PROFILE_DELETED: &str = "profile.deleted";
 /// Routing key of [`ProfileUpdated`].
 pub const PROFILE_UPDATED: &str = "profile.updated";
+/// Routing key of a [`SegmentChanged`] that is an entry.
+pub const SEGMENT_ENTERED: &str = "segment.entered";
+/// Routing key of a [`SegmentChanged`] that is an exit.
+pub const SEGMENT_EXITED: &str = "segment.exited";
 
 /// An accepted event. Events travel in an [`EventBatch`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,4 +113,31 @@ pub struct ProfileUpdated {
     pub traits: serde_json::Value,
     /// IANA timezone, if known.
     pub timezone: Option<String>,
+}
+
+/// A customer entered or left a segment (routing key `segment.entered` / `segment.exited`
+/// on the events exchange).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentChanged {
+    /// Unique per change: consumers deduplicate on it.
+    pub id: String,
+    /// The workspace.
+    pub workspace_id: String,
+    /// The segment's name.
+    pub segment: String,
+    /// The segment version whose membership changed.
+    pub version: u32,
+    /// True for an entry, false for an exit.
+    pub entered: bool,
+    /// The known customer, if the member is one.
+    pub customer_id: Option<String>,
+    /// The anonymous visitor, if the member is one (and not known).
+    pub anonymous_id: Option<String>,
+    /// The time that caused the change: the event's timestamp, the window boundary that
+    /// passed, or the moment a new definition took effect.
+    pub reason_at: DateTime<Utc>,
+    /// What caused it: `event`, `profile`, `time`, `merge` or `definition`.
+    pub cause: String,
+    /// When segmentation decided it.
+    pub at: DateTime<Utc>,
 }

@@ -55,7 +55,11 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
 }
 
 /// Whether an event's properties pass a selector's filter.
-pub fn filter_passes(filter: &Filter, properties: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> bool {
+pub fn filter_passes(
+    filter: &Filter,
+    properties: &serde_json::Value,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
     match filter {
         Filter::All(parts) => parts.iter().all(|p| filter_passes(p, properties, now)),
         Filter::Any(parts) => parts.iter().any(|p| filter_passes(p, properties, now)),

@@ -114,14 +114,19 @@ pub fn holds(condition: &Condition, facts: &Facts<'_>, now: DateTime<Utc>) -> bo
                 Source::Trait => facts.traits,
             };
             let values = values_at(object, &attribute.path);
-            attribute.tests.iter().all(|test| passes(test, &values, now))
+            attribute
+                .tests
+                .iter()
+                .all(|test| passes(test, &values, now))
         }
         Condition::Event(event) => event_holds(event, facts, now),
     }
 }
 
 fn event_holds(event: &EventCondition, facts: &Facts<'_>, now: DateTime<Utc>) -> bool {
-    let series = facts.series.get(&super::aggregate::selector_id(&event.events));
+    let series = facts
+        .series
+        .get(&super::aggregate::selector_id(&event.events));
     let (first, last) = event.window.days(day_of(now));
     let (count, sum) = series.map_or((0, 0.0), |s| s.totals(first, last));
     let count_bounds = match event.count {
@@ -236,8 +241,7 @@ fn collect_changes(
                         consider(start_of_day(day + edge), now, earliest);
                     }
                 }
-                if let (Some(follow_up), Some(last_at)) = (&event.not_followed_by, series.last_at)
-                {
+                if let (Some(follow_up), Some(last_at)) = (&event.not_followed_by, series.last_at) {
                     consider(
                         last_at + chrono::Duration::seconds(follow_up.within_secs),
                         now,
@@ -302,7 +306,9 @@ fn passes_one(test: &Test, value: &serde_json::Value, now: DateTime<Utc>) -> boo
         Test::Eq(expected) => same(value, expected),
         Test::In(list) => list.iter().any(|e| same(value, e)),
         Test::Contains(part) => value.as_str().is_some_and(|s| s.contains(part.as_str())),
-        Test::StartsWith(prefix) => value.as_str().is_some_and(|s| s.starts_with(prefix.as_str())),
+        Test::StartsWith(prefix) => value
+            .as_str()
+            .is_some_and(|s| s.starts_with(prefix.as_str())),
         Test::Gt(b) => number().is_some_and(|n| n > *b),
         Test::Gte(b) => number().is_some_and(|n| n >= *b),
         Test::Lt(b) => number().is_some_and(|n| n < *b),
@@ -467,10 +473,16 @@ mod tests {
 
     #[test]
     fn lapsed_60_days_flips_on_day_61_and_the_sweeper_knows_when() {
-        let lapsed = condition("  all:\n    - event: order_completed\n    - not:\n        event: order_completed\n        within: 60d\n");
+        let lapsed = condition(
+            "  all:\n    - event: order_completed\n    - not:\n        event: order_completed\n        within: 60d\n",
+        );
         let mut person = Person::new();
         let order_at = at("2024-01-01T15:00:00Z");
-        person.series.entry(selector_of(&lapsed)).or_default().add(order_at, 0.0);
+        person
+            .series
+            .entry(selector_of(&lapsed))
+            .or_default()
+            .add(order_at, 0.0);
         let day_60 = at("2024-03-01T12:00:00Z"); // 60 days after Jan 1 (leap year)
         assert!(!holds(&lapsed, &person.facts(), day_60));
         let wake = next_change(&lapsed, &person.facts(), day_60).expect("a boundary ahead");
@@ -487,7 +499,11 @@ mod tests {
         let now = at("2024-06-01T10:00:00Z");
         let id = selector_of(&older);
         assert_eq!(id, selector_of(&recent));
-        person.series.entry(id).or_default().add(now - chrono::Duration::days(30), 0.0);
+        person
+            .series
+            .entry(id)
+            .or_default()
+            .add(now - chrono::Duration::days(30), 0.0);
         assert!(!holds(&older, &person.facts(), now));
         assert!(holds(&recent, &person.facts(), now));
         let wake = next_change(&older, &person.facts(), now).expect("enters the older window");
@@ -497,7 +513,9 @@ mod tests {
 
     #[test]
     fn nested_all_any_not_and_in_segment() {
-        let c = condition("  any:\n    - all:\n        - trait: rfm.recency\n          gte: 4\n        - not: { attribute: country, in: [FR, BE] }\n    - in_segment: vip\n");
+        let c = condition(
+            "  any:\n    - all:\n        - trait: rfm.recency\n          gte: 4\n        - not: { attribute: country, in: [FR, BE] }\n    - in_segment: vip\n",
+        );
         let mut person = Person::new();
         let now = at("2024-06-01T10:00:00Z");
         person.traits = serde_json::json!({"rfm": {"recency": 5}});
@@ -515,31 +533,55 @@ mod tests {
 
     #[test]
     fn sums_averages_and_counts() {
-        let c = condition("  event: order_completed\n  count: { gte: 2 }\n  avg: { property: revenue, gte: 50 }\n  within: 30d\n");
+        let c = condition(
+            "  event: order_completed\n  count: { gte: 2 }\n  avg: { property: revenue, gte: 50 }\n  within: 30d\n",
+        );
         let mut person = Person::new();
         let now = at("2024-06-30T10:00:00Z");
         let series = person.series.entry(selector_of(&c)).or_default();
         series.add(at("2024-06-10T10:00:00Z"), 40.0);
         assert!(!holds(&c, &person.facts(), now), "one order only");
-        person.series.get_mut(&selector_of(&c)).expect("series").add(at("2024-06-11T10:00:00Z"), 70.0);
+        person
+            .series
+            .get_mut(&selector_of(&c))
+            .expect("series")
+            .add(at("2024-06-11T10:00:00Z"), 70.0);
         assert!(holds(&c, &person.facts(), now), "avg 55 over two orders");
         let zero = condition("  event: order_completed\n  count: { lt: 1 }\n  within: 7d\n");
-        assert!(holds(&zero, &Person::new().facts(), now), "no orders at all passes lt 1");
+        assert!(
+            holds(&zero, &Person::new().facts(), now),
+            "no orders at all passes lt 1"
+        );
     }
 
     #[test]
     fn abandoned_cart_waits_for_the_deadline_and_clears_on_order() {
-        let c = condition("  event: cart_updated\n  within: 7d\n  not_followed_by: { event: order_completed, within: 24h }\n");
-        let Condition::Event(event) = &c else { panic!() };
+        let c = condition(
+            "  event: cart_updated\n  within: 7d\n  not_followed_by: { event: order_completed, within: 24h }\n",
+        );
+        let Condition::Event(event) = &c else {
+            panic!()
+        };
         let order_id = selector_id(&event.not_followed_by.as_ref().expect("follow-up").events);
         let mut person = Person::new();
         let cart_at = at("2024-06-01T10:00:00Z");
-        person.series.entry(selector_of(&c)).or_default().add(cart_at, 0.0);
+        person
+            .series
+            .entry(selector_of(&c))
+            .or_default()
+            .add(cart_at, 0.0);
         let now = at("2024-06-01T20:00:00Z");
         assert!(!holds(&c, &person.facts(), now));
-        assert_eq!(next_change(&c, &person.facts(), now), Some(at("2024-06-02T10:00:00Z")));
+        assert_eq!(
+            next_change(&c, &person.facts(), now),
+            Some(at("2024-06-02T10:00:00Z"))
+        );
         assert!(holds(&c, &person.facts(), at("2024-06-02T10:00:00Z")));
-        person.series.entry(order_id).or_default().add(at("2024-06-02T11:00:00Z"), 0.0);
+        person
+            .series
+            .entry(order_id)
+            .or_default()
+            .add(at("2024-06-02T11:00:00Z"), 0.0);
         assert!(!holds(&c, &person.facts(), at("2024-06-02T12:00:00Z")));
     }
 
@@ -566,7 +608,11 @@ mod tests {
         assert!(!holds(&c, &person.facts(), now));
         let wake = next_change(&c, &person.facts(), now).expect("boundary");
         assert_eq!(wake, at("2024-01-31T00:00:00Z"));
-        assert!(holds(&c, &person.facts(), wake + chrono::Duration::seconds(1)));
+        assert!(holds(
+            &c,
+            &person.facts(),
+            wake + chrono::Duration::seconds(1)
+        ));
     }
 
     #[test]

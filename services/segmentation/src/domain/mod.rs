@@ -31,7 +31,9 @@ impl Compiled {
         let mut stack = vec![&definition.condition];
         while let Some(node) = stack.pop() {
             match node {
-                Condition::All(children) | Condition::Any(children) => stack.extend(children.iter()),
+                Condition::All(children) | Condition::Any(children) => {
+                    stack.extend(children.iter())
+                }
                 Condition::Not(child) => stack.push(child),
                 Condition::Event(event) => {
                     let mut found = vec![&event.events];
@@ -94,7 +96,8 @@ impl Person {
         if let Some(id) = key.strip_prefix("c:") {
             return Some(Person::Customer(id.to_owned()));
         }
-        key.strip_prefix("v:").map(|id| Person::Visitor(id.to_owned()))
+        key.strip_prefix("v:")
+            .map(|id| Person::Visitor(id.to_owned()))
     }
 }
 
@@ -111,7 +114,9 @@ pub enum SegmentError {
     #[error("no segment named {0:?}")]
     NotFound(String),
     /// Another active segment refers to it.
-    #[error("segment {name:?} is used by {used_by:?} through in_segment; archive or change those first")]
+    #[error(
+        "segment {name:?} is used by {used_by:?} through in_segment; archive or change those first"
+    )]
     InUse { name: String, used_by: Vec<String> },
     /// Postgres failed.
     #[error(transparent)]
@@ -143,7 +148,9 @@ impl From<SegmentError> for relance_kit::ApiError {
                 }
                 ApiError::InvalidArgument { field, reason }
             }
-            SegmentError::InvalidField { field, reason } => ApiError::InvalidArgument { field, reason },
+            SegmentError::InvalidField { field, reason } => {
+                ApiError::InvalidArgument { field, reason }
+            }
             error @ SegmentError::NotFound(_) => ApiError::NotFound(error.to_string()),
             error @ SegmentError::InUse { .. } => ApiError::FailedPrecondition(error.to_string()),
             SegmentError::Database(error) => ApiError::from(error),
@@ -162,8 +169,15 @@ mod tests {
         )
         .expect("valid");
         let compiled = Compiled::new(definition);
-        assert_eq!(compiled.selectors.len(), 2, "order_completed twice is one selector");
-        assert_eq!(compiled.event_names, vec!["cart_updated", "order_completed"]);
+        assert_eq!(
+            compiled.selectors.len(),
+            2,
+            "order_completed twice is one selector"
+        );
+        assert_eq!(
+            compiled.event_names,
+            vec!["cart_updated", "order_completed"]
+        );
         assert_eq!(compiled.depends_on, vec!["vip"]);
         assert!(compiled.time_dependent);
     }
@@ -172,7 +186,10 @@ mod tests {
     fn persons_round_trip_and_customers_sort_first() {
         let c = Person::of(Some("42"), Some("anon")).expect("person");
         assert_eq!(c.key(), "c:42");
-        assert_eq!(Person::from_key("v:abc"), Some(Person::Visitor("abc".into())));
+        assert_eq!(
+            Person::from_key("v:abc"),
+            Some(Person::Visitor("abc".into()))
+        );
         assert!(Person::Customer("z".into()).key() < Person::Visitor("a".into()).key());
     }
 
@@ -180,11 +197,20 @@ mod tests {
     fn invalid_documents_list_every_problem_by_path() {
         let problems = parse::parse_definition("kind: Segment\nname: x\nwhere:\n  all:\n    - event: a\n      within: 3x\n    - trait: t\n      gtt: 1\n")
             .expect_err("invalid");
-        let status = tonic::Status::from(relance_kit::ApiError::from(SegmentError::Invalid(problems)));
+        let status =
+            tonic::Status::from(relance_kit::ApiError::from(SegmentError::Invalid(problems)));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         let lines: Vec<&str> = status.message().lines().collect();
         assert_eq!(lines.len(), 2, "{}", status.message());
-        assert!(lines[0].starts_with("where.all[0].within: \"3x\" is not a duration"), "{}", lines[0]);
-        assert!(lines[1].starts_with("where.all[1].gtt: unknown operator"), "{}", lines[1]);
+        assert!(
+            lines[0].starts_with("where.all[0].within: \"3x\" is not a duration"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].starts_with("where.all[1].gtt: unknown operator"),
+            "{}",
+            lines[1]
+        );
     }
 }

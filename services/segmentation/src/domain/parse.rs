@@ -67,6 +67,41 @@ pub fn parse_definition(text: &str) -> Result<Definition, Vec<Problem>> {
     Err(reader.problems)
 }
 
+/// Reads back a stored selector (see `store::selector_json`): name, filter (canonical
+/// JSON, which is also YAML) and summed value.
+pub fn parse_selector_json(json: &serde_json::Value) -> Result<EventSelector, String> {
+    let name = json
+        .get("name")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("stored selector without a name")?
+        .to_owned();
+    let filter_json = json
+        .get("where")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let filter = if filter_json.is_null() {
+        None
+    } else {
+        let node = yaml::parse(&filter_json.to_string()).map_err(|p| p.to_string())?;
+        let mut reader = Reader::default();
+        let filter = reader.filter(&node, "where", 0);
+        if let Some(problem) = reader.problems.first() {
+            return Err(problem.to_string());
+        }
+        filter
+    };
+    let value = json
+        .get("value")
+        .and_then(serde_json::Value::as_str)
+        .map(split_path);
+    Ok(EventSelector {
+        name,
+        filter,
+        filter_json,
+        value,
+    })
+}
+
 /// The `name:` of a document, when it can be read, so that errors can still be reported
 /// against a segment.
 pub fn document_name(text: &str) -> String {
@@ -130,7 +165,11 @@ impl Reader {
 
     fn definition(&mut self, root: &Node) -> Option<Definition> {
         if root.as_map().is_none() {
-            self.fail(root, "", format!("expected a mapping, found {}", root.kind()));
+            self.fail(
+                root,
+                "",
+                format!("expected a mapping, found {}", root.kind()),
+            );
             return None;
         }
         self.unknown_keys(root, "", &["kind", "name", "description", "where"]);
@@ -238,7 +277,9 @@ impl Reader {
                         .condition(child, &child_path, depth + 1)
                         .map(|c| Condition::Not(Box::new(c))),
                     _ => match child.as_str() {
-                        Some(name) if valid_name(name) => Some(Condition::InSegment(name.to_owned())),
+                        Some(name) if valid_name(name) => {
+                            Some(Condition::InSegment(name.to_owned()))
+                        }
                         _ => {
                             self.fail(child, &child_path, "must be the name of a segment");
                             None
@@ -272,7 +313,11 @@ impl Reader {
         let property = match source_node.as_str() {
             Some(p) if valid_path(p) => split_path(p),
             _ => {
-                self.fail(source_node, &field_path, "must be a dotted property path such as `country` or `rfm.recency`");
+                self.fail(
+                    source_node,
+                    &field_path,
+                    "must be a dotted property path such as `country` or `rfm.recency`",
+                );
                 return None;
             }
         };
@@ -284,7 +329,11 @@ impl Reader {
             }
             let op_path = join(path, key);
             if key == "attribute" || key == "trait" {
-                self.fail(value, &op_path, "use one of `attribute` or `trait` per condition");
+                self.fail(
+                    value,
+                    &op_path,
+                    "use one of `attribute` or `trait` per condition",
+                );
                 ok = false;
                 continue;
             }
@@ -322,7 +371,11 @@ impl Reader {
             match json.as_f64() {
                 Some(n) => Some(n),
                 None => {
-                    reader.fail(value, path, format!("expected a number, found {}", show(&json)));
+                    reader.fail(
+                        value,
+                        path,
+                        format!("expected a number, found {}", show(&json)),
+                    );
                     None
                 }
             }
@@ -337,7 +390,10 @@ impl Reader {
         };
         let list = |reader: &mut Reader| -> Option<Vec<serde_json::Value>> {
             match json.as_array() {
-                Some(items) if !items.is_empty() && items.iter().all(|i| !i.is_object() && !i.is_array()) => {
+                Some(items)
+                    if !items.is_empty()
+                        && items.iter().all(|i| !i.is_object() && !i.is_array()) =>
+                {
                     Some(items.clone())
                 }
                 _ => {
@@ -377,7 +433,11 @@ impl Reader {
                     return None;
                 };
                 if low > high {
-                    self.fail(value, path, format!("impossible range: {low} is above {high}"));
+                    self.fail(
+                        value,
+                        path,
+                        format!("impossible range: {low} is above {high}"),
+                    );
                     return None;
                 }
                 Test::Between(low, high)
@@ -404,7 +464,10 @@ impl Reader {
                 self.fail(
                     value,
                     path,
-                    format!("unknown operator (expected one of {})", ATTRIBUTE_OPERATORS.join(", ")),
+                    format!(
+                        "unknown operator (expected one of {})",
+                        ATTRIBUTE_OPERATORS.join(", ")
+                    ),
                 );
                 return None;
             }
@@ -414,7 +477,11 @@ impl Reader {
     /// A timestamp (`2011-06-01`, RFC 3339) or a duration ago (`30d`).
     fn instant(&mut self, node: &Node, path: &str) -> Option<Instant> {
         let Some(text) = node.as_str() else {
-            self.fail(node, path, "expected a date, a timestamp or a duration ago such as 30d");
+            self.fail(
+                node,
+                path,
+                "expected a date, a timestamp or a duration ago such as 30d",
+            );
             return None;
         };
         if let Some(at) = parse_timestamp(text) {
@@ -426,7 +493,10 @@ impl Reader {
         self.fail(
             node,
             path,
-            format!("{} is neither a date, a timestamp nor a duration", quote(text)),
+            format!(
+                "{} is neither a date, a timestamp nor a duration",
+                quote(text)
+            ),
         );
         None
     }
@@ -435,8 +505,15 @@ impl Reader {
         match node.as_str().and_then(parse_duration_secs) {
             Some(seconds) => Some(seconds),
             None => {
-                let shown = node.as_str().map(quote).unwrap_or_else(|| node.kind().to_owned());
-                self.fail(node, path, format!("{shown} is not a duration (e.g. 30d, 12h, 2w)"));
+                let shown = node
+                    .as_str()
+                    .map(quote)
+                    .unwrap_or_else(|| node.kind().to_owned());
+                self.fail(
+                    node,
+                    path,
+                    format!("{shown} is not a duration (e.g. 30d, 12h, 2w)"),
+                );
                 None
             }
         }
@@ -471,7 +548,12 @@ impl Reader {
                 self.fail(event_node, &join(&event_path, "name"), "is required");
                 return None;
             };
-            (event_node, event_path.clone(), name_node, join(&event_path, "name"))
+            (
+                event_node,
+                event_path.clone(),
+                name_node,
+                join(&event_path, "name"),
+            )
         } else {
             (node, path.to_owned(), event_node, join(path, "event"))
         };
@@ -480,7 +562,11 @@ impl Reader {
         let name = match name_node.as_str() {
             Some(n) if valid_event_name(n) => n.to_owned(),
             _ => {
-                self.fail(name_node, &name_path, "must be a snake_case event name such as order_completed");
+                self.fail(
+                    name_node,
+                    &name_path,
+                    "must be a snake_case event name such as order_completed",
+                );
                 String::new()
             }
         };
@@ -496,18 +582,30 @@ impl Reader {
             let measure_node = body.get(key)?;
             let measure_path = join(&body_path, key);
             let Some(property) = measure_node.get("property") else {
-                reader.fail(measure_node, &join(&measure_path, "property"), "is required: the numeric event property to add up");
+                reader.fail(
+                    measure_node,
+                    &join(&measure_path, "property"),
+                    "is required: the numeric event property to add up",
+                );
                 return None;
             };
             let property_path = join(&measure_path, "property");
             let Some(p) = property.as_str().filter(|p| valid_path(p)) else {
-                reader.fail(property, &property_path, "must be a dotted property path such as revenue");
+                reader.fail(
+                    property,
+                    &property_path,
+                    "must be a dotted property path such as revenue",
+                );
                 return None;
             };
             let p = split_path(p);
             match &value_path {
                 Some(existing) if *existing != p => {
-                    reader.fail(property, &property_path, "`sum` and `avg` of one condition must use the same property");
+                    reader.fail(
+                        property,
+                        &property_path,
+                        "`sum` and `avg` of one condition must use the same property",
+                    );
                     return None;
                 }
                 _ => value_path = Some(p),
@@ -528,7 +626,10 @@ impl Reader {
         if self.problems.len() > problems_before {
             return None;
         }
-        let filter_json = body.get("where").map(Node::to_json).unwrap_or(serde_json::Value::Null);
+        let filter_json = body
+            .get("where")
+            .map(Node::to_json)
+            .unwrap_or(serde_json::Value::Null);
         Some(EventCondition {
             events: EventSelector {
                 name,
@@ -565,7 +666,11 @@ impl Reader {
         let within_secs = match node.get("within") {
             Some(w) => self.duration(w, &join(path, "within"))?,
             None => {
-                self.fail(node, &join(path, "within"), "is required: how long to wait for the follow-up event");
+                self.fail(
+                    node,
+                    &join(path, "within"),
+                    "is required: how long to wait for the follow-up event",
+                );
                 return None;
             }
         };
@@ -573,7 +678,10 @@ impl Reader {
             events: EventSelector {
                 name,
                 filter,
-                filter_json: node.get("where").map(Node::to_json).unwrap_or(serde_json::Value::Null),
+                filter_json: node
+                    .get("where")
+                    .map(Node::to_json)
+                    .unwrap_or(serde_json::Value::Null),
                 value: None,
             },
             within_secs,
@@ -585,12 +693,20 @@ impl Reader {
         let between = body.get("between");
         let from = body.get("from");
         let to = body.get("to");
-        let given = [within.is_some(), between.is_some(), from.is_some() || to.is_some()]
-            .iter()
-            .filter(|g| **g)
-            .count();
+        let given = [
+            within.is_some(),
+            between.is_some(),
+            from.is_some() || to.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
         if given > 1 {
-            self.fail(body, path, "use one window: `within`, `between`, or `from`/`to`");
+            self.fail(
+                body,
+                path,
+                "use one window: `within`, `between`, or `from`/`to`",
+            );
             return None;
         }
         if let Some(node) = within {
@@ -599,8 +715,16 @@ impl Reader {
         }
         if let Some(node) = between {
             let between_path = join(path, "between");
-            let Some([older, newer]) = node.as_seq().filter(|s| s.len() == 2).map(|s| [&s[0], &s[1]]) else {
-                self.fail(node, &between_path, "expected two durations ago: [90d, 30d]");
+            let Some([older, newer]) = node
+                .as_seq()
+                .filter(|s| s.len() == 2)
+                .map(|s| [&s[0], &s[1]])
+            else {
+                self.fail(
+                    node,
+                    &between_path,
+                    "expected two durations ago: [90d, 30d]",
+                );
                 return None;
             };
             let older_days = self.days(older, &format!("{between_path}[0]"));
@@ -620,9 +744,15 @@ impl Reader {
             });
         }
         if from.is_some() || to.is_some() {
-            let mut date = |reader: &mut Reader, node: Option<&Node>, key: &str| -> Result<Option<NaiveDate>, ()> {
+            let date = |reader: &mut Reader,
+                        node: Option<&Node>,
+                        key: &str|
+             -> Result<Option<NaiveDate>, ()> {
                 let Some(node) = node else { return Ok(None) };
-                match node.as_str().and_then(|t| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok()) {
+                match node
+                    .as_str()
+                    .and_then(|t| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok())
+                {
                     Some(d) => Ok(Some(d)),
                     None => {
                         reader.fail(node, &join(path, key), "expected a date such as 2011-06-30");
@@ -638,7 +768,11 @@ impl Reader {
             if let (Some(f), Some(t)) = (from_date, to_date)
                 && f > t
             {
-                self.fail(body, &join(path, "to"), format!("impossible window: {t} is before {f}"));
+                self.fail(
+                    body,
+                    &join(path, "to"),
+                    format!("impossible window: {t} is before {f}"),
+                );
                 return None;
             }
             return Some(Window::Dates {
@@ -666,7 +800,14 @@ impl Reader {
         for (key, value) in node.as_map().unwrap_or(&[]) {
             let key_path = join(path, key);
             if !BOUND_KEYS.contains(&key.as_str()) {
-                self.fail(value, &key_path, format!("unknown operator (expected one of {})", BOUND_KEYS.join(", ")));
+                self.fail(
+                    value,
+                    &key_path,
+                    format!(
+                        "unknown operator (expected one of {})",
+                        BOUND_KEYS.join(", ")
+                    ),
+                );
                 ok = false;
                 continue;
             }
@@ -696,13 +837,27 @@ impl Reader {
             self.fail(node, path, "expected at least one bound such as gte: 1");
             return None;
         }
-        let low = bounds.gt.into_iter().chain(bounds.gte).chain(bounds.eq).fold(f64::MIN, f64::max);
-        let high = bounds.lt.into_iter().chain(bounds.lte).chain(bounds.eq).fold(f64::MAX, f64::min);
+        let low = bounds
+            .gt
+            .into_iter()
+            .chain(bounds.gte)
+            .chain(bounds.eq)
+            .fold(f64::MIN, f64::max);
+        let high = bounds
+            .lt
+            .into_iter()
+            .chain(bounds.lte)
+            .chain(bounds.eq)
+            .fold(f64::MAX, f64::min);
         let empty = low > high
             || (low == high && (bounds.gt == Some(low) || bounds.lt == Some(high)))
             || bounds.eq.is_some_and(|e| !bounds.holds(e));
         if empty {
-            self.fail(node, path, "impossible bounds: no number satisfies them all");
+            self.fail(
+                node,
+                path,
+                "impossible bounds: no number satisfies them all",
+            );
             return None;
         }
         Some(bounds)
@@ -714,12 +869,19 @@ impl Reader {
             return None;
         }
         let Some(entries) = node.as_map() else {
-            self.fail(node, path, "expected property tests such as { channel: push }");
+            self.fail(
+                node,
+                path,
+                "expected property tests such as { channel: push }",
+            );
             return None;
         };
+        // Key order carries no meaning; sorting makes a stored filter read back identically.
+        let mut sorted: Vec<&(String, Node)> = entries.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut parts = Vec::with_capacity(entries.len());
         let mut ok = true;
-        for (key, value) in entries {
+        for (key, value) in sorted {
             let key_path = join(path, key);
             let part = match key.as_str() {
                 "all" | "any" => match value.as_seq() {
@@ -731,14 +893,20 @@ impl Reader {
                                 None => ok = false,
                             }
                         }
-                        Some(if key == "all" { Filter::All(children) } else { Filter::Any(children) })
+                        Some(if key == "all" {
+                            Filter::All(children)
+                        } else {
+                            Filter::Any(children)
+                        })
                     }
                     None => {
                         self.fail(value, &key_path, "expected a list of property tests");
                         None
                     }
                 },
-                "not" => self.filter(value, &key_path, depth + 1).map(|f| Filter::Not(Box::new(f))),
+                "not" => self
+                    .filter(value, &key_path, depth + 1)
+                    .map(|f| Filter::Not(Box::new(f))),
                 property if valid_path(property) => {
                     let tests = match &value.value {
                         Value::Map(ops) => {
@@ -831,7 +999,9 @@ pub fn parse_duration_secs(text: &str) -> Option<i64> {
         "w" => 7 * 86_400,
         _ => return None,
     };
-    amount.checked_mul(unit_secs).filter(|s| *s <= MAX_WINDOW_DAYS * 86_400)
+    amount
+        .checked_mul(unit_secs)
+        .filter(|s| *s <= MAX_WINDOW_DAYS * 86_400)
 }
 
 /// `2011-06-01` (midnight UTC) or RFC 3339.
@@ -885,8 +1055,13 @@ mod tests {
             found,
             vec!["where.all[1].event.within: \"30x\" is not a duration (e.g. 30d, 12h, 2w)"]
         );
-        let flat = problems("kind: Segment\nname: x\nwhere:\n  any:\n    - event: app_opened\n      within: 3 days\n");
-        assert_eq!(flat, vec!["where.any[0].within: \"3 days\" is not a duration (e.g. 30d, 12h, 2w)"]);
+        let flat = problems(
+            "kind: Segment\nname: x\nwhere:\n  any:\n    - event: app_opened\n      within: 3 days\n",
+        );
+        assert_eq!(
+            flat,
+            vec!["where.any[0].within: \"3 days\" is not a duration (e.g. 30d, 12h, 2w)"]
+        );
     }
 
     #[test]
@@ -895,18 +1070,37 @@ mod tests {
             "kind: Segment\nname: x\nwhere:\n  all:\n    - attribute: country\n      equals: DZ\n    - event: order_completed\n      between: [30d, 90d]\n    - event: order_completed\n      cuont: { gte: 1 }\n    - event: order_completed\n      count: { gte: 5, lt: 2 }\n    - event: order_completed\n      from: 2011-06-01\n      to: 2011-01-01\n    - event: order_completed\n      within: 12h\n",
         );
         assert_eq!(found.len(), 6, "{found:#?}");
-        assert!(found[0].starts_with("where.all[0].equals: unknown operator"), "{found:#?}");
-        assert!(found[1].starts_with("where.all[1].between: impossible window"), "{found:#?}");
-        assert!(found[2].starts_with("where.all[2].cuont: unknown field"), "{found:#?}");
-        assert!(found[3].starts_with("where.all[3].count: impossible bounds"), "{found:#?}");
-        assert!(found[4].starts_with("where.all[4].to: impossible window"), "{found:#?}");
-        assert!(found[5].starts_with("where.all[5].within: windows are counted in whole days"), "{found:#?}");
+        assert!(
+            found[0].starts_with("where.all[0].equals: unknown operator"),
+            "{found:#?}"
+        );
+        assert!(
+            found[1].starts_with("where.all[1].between: impossible window"),
+            "{found:#?}"
+        );
+        assert!(
+            found[2].starts_with("where.all[2].cuont: unknown field"),
+            "{found:#?}"
+        );
+        assert!(
+            found[3].starts_with("where.all[3].count: impossible bounds"),
+            "{found:#?}"
+        );
+        assert!(
+            found[4].starts_with("where.all[4].to: impossible window"),
+            "{found:#?}"
+        );
+        assert!(
+            found[5].starts_with("where.all[5].within: windows are counted in whole days"),
+            "{found:#?}"
+        );
     }
 
     #[test]
     fn reports_positions() {
-        let errors = parse_definition("kind: Segment\nname: x\nwhere:\n  attribute: age\n  gte: old\n")
-            .expect_err("bad number");
+        let errors =
+            parse_definition("kind: Segment\nname: x\nwhere:\n  attribute: age\n  gte: old\n")
+                .expect_err("bad number");
         assert_eq!(errors[0].field, "where.gte");
         assert_eq!((errors[0].line, errors[0].column), (5, 8));
     }
@@ -917,7 +1111,8 @@ mod tests {
             problems("kind: Flow\nname: Bad_Name\n"),
             vec![
                 "kind: must be `Segment`".to_owned(),
-                "name: must be 1 to 64 lowercase letters, digits or `-`, starting with a letter".to_owned(),
+                "name: must be 1 to 64 lowercase letters, digits or `-`, starting with a letter"
+                    .to_owned(),
                 "where: is required: the condition members meet".to_owned(),
             ]
         );
@@ -951,5 +1146,23 @@ mod tests {
         assert!(parse_timestamp("2011-06-01").is_some());
         assert!(parse_timestamp("2011-06-01T10:00:00Z").is_some());
         assert!(parse_timestamp("June").is_none());
+    }
+
+    #[test]
+    fn stored_selectors_read_back_identically() {
+        let definition = parse_definition(
+            "kind: Segment\nname: x\nwhere:\n  event: order_completed\n  where: { items.category: Home, any: [ { total: { gt: 10 } }, { coupon: { exists: true } } ] }\n  sum: { property: revenue, gte: 1 }\n",
+        )
+        .expect("valid");
+        let Condition::Event(event) = definition.condition else {
+            panic!()
+        };
+        let stored = serde_json::json!({
+            "name": event.events.name,
+            "where": event.events.filter_json,
+            "value": "revenue",
+        });
+        let back = parse_selector_json(&stored).expect("reads back");
+        assert_eq!(back, event.events);
     }
 }
