@@ -131,6 +131,27 @@ impl Settings {
         Ok(settings)
     }
 
+    /// A copy with some settings replaced, e.g. `("segmentation.sweep_every_ms", "50")`.
+    pub fn with(&self, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(layers) = &self.layers {
+            builder = builder.add_source(layers.clone());
+        }
+        for (key, value) in pairs {
+            builder = builder
+                .set_override(*key, *value)
+                .map_err(|e| ConfigError(format!("{key}: {e}")))?;
+        }
+        let layers = builder.build().map_err(|e| ConfigError(e.to_string()))?;
+        let mut settings: Settings = layers
+            .clone()
+            .try_deserialize()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.layers = Some(layers);
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// A service's own section (`[events]` in the file, `RELANCE_EVENTS__*` in the
     /// environment); missing keys take the section type's defaults.
     pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {

@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod import;
 mod profile;
+mod segment;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +46,11 @@ enum Command {
     /// Read, export or erase a customer's profile.
     #[command(subcommand)]
     Profile(profile::ProfileCommand),
+    /// Apply segment (and, later, flow) definitions: `relance apply -f examples/segments/`.
+    Apply(segment::ApplyArgs),
+    /// Read segments: list, get, count, members, preview.
+    #[command(subcommand)]
+    Segment(segment::SegmentCommand),
     /// Start the platform, import the Online Retail sample and show what it made of it.
     Demo(demo::DemoArgs),
 }
@@ -133,6 +139,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Import(command) => import::run(command).await,
         Command::Profile(command) => profile::run(command).await,
+        Command::Apply(args) => segment::apply(args).await,
+        Command::Segment(command) => segment::run(command).await,
         Command::Demo(args) => demo::run(settings, args).await,
     }
 }

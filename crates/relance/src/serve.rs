@@ -9,11 +9,11 @@ use relance_kit::grpc::GrpcServer;
 use relance_kit::{Platform, Settings, SharedClock, SystemClock, db};
 
 /// The services this binary can run, in start order.
-pub const SERVICES: &[&str] = &["profiles", "events"];
+pub const SERVICES: &[&str] = &["profiles", "events", "segmentation"];
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Services to run (profiles, events).
+    /// Services to run (profiles, events, segmentation).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(SERVICES))]
     services: Vec<String>,
     /// Run every service.
@@ -61,6 +61,9 @@ pub async fn start(
             "events" => relance_events::serve(&platform, &mut server)
                 .await
                 .context("starting events")?,
+            "segmentation" => relance_segmentation::serve(&platform, &mut server)
+                .await
+                .context("starting segmentation")?,
             other => anyhow::bail!("unknown service {other:?} (known: {})", SERVICES.join(", ")),
         }
     }
@@ -90,10 +93,11 @@ pub async fn start(
 
 /// Applies every schema's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let schemas: [(&str, &sqlx::migrate::Migrator); 3] = [
+    let schemas: [(&str, &sqlx::migrate::Migrator); 4] = [
         ("auth", &relance_kit::platform::AUTH_MIGRATOR),
         (relance_profiles::SCHEMA, &relance_profiles::MIGRATOR),
         (relance_events::SCHEMA, &relance_events::MIGRATOR),
+        (relance_segmentation::SCHEMA, &relance_segmentation::MIGRATOR),
     ];
     for (schema, migrator) in schemas {
         let pool = db::connect(settings, schema).await?;

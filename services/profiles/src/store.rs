@@ -540,23 +540,40 @@ impl ProfileStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let mut changed: Vec<i64> = Vec::new();
         for (chunk_ids, chunk_scores) in ids.chunks(10_000).zip(scores.chunks(10_000)) {
             let r: Vec<i16> = chunk_scores.iter().map(|s| s.recency).collect();
             let f: Vec<i16> = chunk_scores.iter().map(|s| s.frequency).collect();
             let m: Vec<i16> = chunk_scores.iter().map(|s| s.monetary).collect();
-            sqlx::query(
+            // Only customers whose scores moved are announced (segments follow them).
+            let moved: Vec<i64> = sqlx::query_scalar(
                 "UPDATE profiles p SET rfm_recency = s.r, rfm_frequency = s.f, rfm_monetary = s.m, rfm_scored_at = $5 \
-                 FROM unnest($1::bigint[], $2::smallint[], $3::smallint[], $4::smallint[]) AS s(id, r, f, m) WHERE p.id = s.id",
+                 FROM unnest($1::bigint[], $2::smallint[], $3::smallint[], $4::smallint[]) AS s(id, r, f, m) \
+                 WHERE p.id = s.id AND (p.rfm_recency, p.rfm_frequency, p.rfm_monetary) IS DISTINCT FROM (s.r, s.f, s.m) \
+                 RETURNING p.id",
             )
             .bind(chunk_ids)
             .bind(&r)
             .bind(&f)
             .bind(&m)
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
+            changed.extend(moved);
+            sqlx::query("UPDATE profiles SET rfm_scored_at = $2 WHERE id = ANY($1)")
+                .bind(chunk_ids)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for id in &changed {
+            let record = load(&mut tx, *id).await?;
+            announce_update(&mut tx, workspace_id, &record, vec!["traits".to_owned()], now).await?;
         }
         tx.commit().await?;
+        if !changed.is_empty() {
+            self.outbox_wake.notify_one();
+        }
         Ok(Some((thresholds, ids.len())))
     }
 }
