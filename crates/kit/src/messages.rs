@@ -12,6 +12,8 @@ pub const PROFILE_MERGED: &str = "profile.merged";
 pub const PROFILE_DELETED: &str = "profile.deleted";
 /// Routing key of [`ProfileUpdated`].
 pub const PROFILE_UPDATED: &str = "profile.updated";
+/// Routing key of [`ProfilesRescored`].
+pub const PROFILES_RESCORED: &str = "profile.rescored";
 /// Routing key of a [`SegmentChanged`] that is an entry.
 pub const SEGMENT_ENTERED: &str = "segment.entered";
 /// Routing key of a [`SegmentChanged`] that is an exit.
@@ -113,6 +115,16 @@ pub struct ProfileUpdated {
     pub traits: serde_json::Value,
     /// IANA timezone, if known.
     pub timezone: Option<String>,
+}
+
+/// RFM rescoring moved the scores of many customers at once: one message per chunk of
+/// them (a `profile.updated` each would flood the broker after a large import).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfilesRescored {
+    /// The workspace.
+    pub workspace_id: String,
+    /// Each moved profile, as in [`ProfileUpdated`] (`changed` is `["traits"]`).
+    pub profiles: Vec<ProfileUpdated>,
 }
 
 /// A customer entered or left a segment (routing key `segment.entered` / `segment.exited`

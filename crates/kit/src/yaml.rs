@@ -117,7 +117,9 @@ impl Node {
             Value::Null => serde_json::Value::Null,
             Value::Scalar { text, plain: false } => serde_json::Value::String(text.clone()),
             Value::Scalar { text, plain: true } => plain_scalar(text),
-            Value::Seq(items) => serde_json::Value::Array(items.iter().map(Node::to_json).collect()),
+            Value::Seq(items) => {
+                serde_json::Value::Array(items.iter().map(Node::to_json).collect())
+            }
             Value::Map(entries) => {
                 let mut object = serde_json::Map::new();
                 for (key, node) in entries {

@@ -88,14 +88,22 @@ fn read_documents(paths: &[PathBuf]) -> anyhow::Result<Vec<Document>> {
     }
     let mut documents = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        for (i, yaml) in relance_kit::yaml::split_documents(&text).into_iter().enumerate() {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for (i, yaml) in relance_kit::yaml::split_documents(&text)
+            .into_iter()
+            .enumerate()
+        {
             let kind = relance_kit::yaml::parse(&yaml)
                 .ok()
                 .and_then(|root| root.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
                 .unwrap_or_default();
             documents.push(Document {
-                origin: if i == 0 { display(&file) } else { format!("{} (document {})", display(&file), i + 1) },
+                origin: if i == 0 {
+                    display(&file)
+                } else {
+                    format!("{} (document {})", display(&file), i + 1)
+                },
                 kind,
                 yaml,
             });
@@ -122,11 +130,17 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         match document.kind.as_str() {
             "Segment" => pending.push(document),
             "Flow" => {
-                eprintln!("{}: kind Flow is applied by the campaigns service, which this Relance does not run yet", document.origin);
+                eprintln!(
+                    "{}: kind Flow is applied by the campaigns service, which this Relance does not run yet",
+                    document.origin
+                );
                 failed += 1;
             }
             other => {
-                eprintln!("{}: kind: {other:?} is not a kind Relance knows (Segment, Flow)", document.origin);
+                eprintln!(
+                    "{}: kind: {other:?} is not a kind Relance knows (Segment, Flow)",
+                    document.origin
+                );
                 failed += 1;
             }
         }
@@ -149,7 +163,14 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                     if !response.errors.is_empty() {
                         failed += 1;
                         for error in &response.errors {
-                            eprintln!("{}:{}:{}: {}: {}", document.origin, error.line, error.column, error.field, error.reason);
+                            eprintln!(
+                                "{}:{}:{}: {}: {}",
+                                document.origin,
+                                error.line,
+                                error.column,
+                                error.field,
+                                error.reason
+                            );
                         }
                         continue;
                     }
@@ -159,7 +180,10 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                         (false, true) => "applied",
                         (false, false) => "unchanged",
                     };
-                    println!("segment/{} {what} (version {})", response.name, response.version);
+                    println!(
+                        "segment/{} {what} (version {})",
+                        response.name, response.version
+                    );
                     applied_names.push(response.name);
                 }
                 Err(status) if status.message().contains("no active segment named") => {
@@ -202,10 +226,15 @@ async fn wait_until_built(clients: &mut Clients, names: &[String]) -> anyhow::Re
         loop {
             let segment = clients
                 .segments
-                .get(pb::GetSegmentRequest { name: name.clone(), version: 0 })
+                .get(pb::GetSegmentRequest {
+                    name: name.clone(),
+                    version: 0,
+                })
                 .await?
                 .into_inner();
-            if segment.status == pb::SegmentStatus::Active as i32 && segment.version == segment.latest_version {
+            if segment.status == pb::SegmentStatus::Active as i32
+                && segment.version == segment.latest_version
+            {
                 println!("segment/{name} built: {} members", segment.member_count);
                 break;
             }
@@ -244,11 +273,18 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
         SegmentCommand::List { target } => {
             let mut clients = target.connect().await?;
             let mut page_token = String::new();
-            println!("{:<32} {:>8} {:>10} {:>10}  {}", "NAME", "VERSION", "STATUS", "MEMBERS", "EVENTS");
+            println!(
+                "{:<32} {:>8} {:>10} {:>10}  {}",
+                "NAME", "VERSION", "STATUS", "MEMBERS", "EVENTS"
+            );
             loop {
                 let page = clients
                     .segments
-                    .list(pb::ListSegmentsRequest { page_token, page_size: 1000, ..Default::default() })
+                    .list(pb::ListSegmentsRequest {
+                        page_token,
+                        page_size: 1000,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 for s in &page.segments {
@@ -269,20 +305,44 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
         }
         SegmentCommand::Get { name, target } => {
             let mut clients = target.connect().await?;
-            let s = clients.segments.get(pb::GetSegmentRequest { name, version: 0 }).await?.into_inner();
-            println!("# segment/{} version {} of {} — {}, {} members", s.name, s.version, s.latest_version, status_name(s.status), s.member_count);
+            let s = clients
+                .segments
+                .get(pb::GetSegmentRequest { name, version: 0 })
+                .await?
+                .into_inner();
+            println!(
+                "# segment/{} version {} of {} — {}, {} members",
+                s.name,
+                s.version,
+                s.latest_version,
+                status_name(s.status),
+                s.member_count
+            );
             print!("{}", s.yaml);
         }
         SegmentCommand::Count { name, target } => {
             let mut clients = target.connect().await?;
-            let count = clients.segments.count(pb::CountSegmentRequest { name }).await?.into_inner();
+            let count = clients
+                .segments
+                .count(pb::CountSegmentRequest { name })
+                .await?
+                .into_inner();
             println!("{}", count.count);
         }
-        SegmentCommand::Members { name, limit, target } => {
+        SegmentCommand::Members {
+            name,
+            limit,
+            target,
+        } => {
             let mut clients = target.connect().await?;
             let mut stream = clients
                 .segments
-                .list_members(pb::ListSegmentMembersRequest { name, limit, page_size: 5000, ..Default::default() })
+                .list_members(pb::ListSegmentMembersRequest {
+                    name,
+                    limit,
+                    page_size: 5000,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             while let Some(page) = stream.message().await? {
@@ -291,17 +351,32 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        SegmentCommand::Preview { file, sample, target } => {
-            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        SegmentCommand::Preview {
+            file,
+            sample,
+            target,
+        } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let mut clients = target.connect().await?;
             let preview = clients
                 .segments
-                .preview(pb::PreviewSegmentRequest { yaml, sample_size: sample })
+                .preview(pb::PreviewSegmentRequest {
+                    yaml,
+                    sample_size: sample,
+                })
                 .await?
                 .into_inner();
             if !preview.errors.is_empty() {
                 for error in &preview.errors {
-                    eprintln!("{}:{}:{}: {}: {}", file.display(), error.line, error.column, error.field, error.reason);
+                    eprintln!(
+                        "{}:{}:{}: {}: {}",
+                        file.display(),
+                        error.line,
+                        error.column,
+                        error.field,
+                        error.reason
+                    );
                 }
                 return Ok(ExitCode::from(crate::exit::PARTIAL));
             }
@@ -310,7 +385,10 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
             } else {
                 0.0
             };
-            println!("{} of {} customers ({share:.1}%)", preview.count, preview.population);
+            println!(
+                "{} of {} customers ({share:.1}%)",
+                preview.count, preview.population
+            );
             for member in &preview.sample {
                 println!("  {}", member_line(member));
             }

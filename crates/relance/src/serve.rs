@@ -97,7 +97,10 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
         ("auth", &relance_kit::platform::AUTH_MIGRATOR),
         (relance_profiles::SCHEMA, &relance_profiles::MIGRATOR),
         (relance_events::SCHEMA, &relance_events::MIGRATOR),
-        (relance_segmentation::SCHEMA, &relance_segmentation::MIGRATOR),
+        (
+            relance_segmentation::SCHEMA,
+            &relance_segmentation::MIGRATOR,
+        ),
     ];
     for (schema, migrator) in schemas {
         let pool = db::connect(settings, schema).await?;

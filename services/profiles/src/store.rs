@@ -6,7 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use relance_kit::bus::EVENTS_EXCHANGE;
 use relance_kit::messages::{
-    PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged, ProfileUpdated,
+    PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, PROFILES_RESCORED, ProfileDeleted,
+    ProfileMerged, ProfileUpdated, ProfilesRescored,
 };
 use relance_kit::{db, outbox};
 use sha2::{Digest as _, Sha256};
@@ -566,10 +567,7 @@ impl ProfileStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        for id in &changed {
-            let record = load(&mut tx, *id).await?;
-            announce_update(&mut tx, workspace_id, &record, vec!["traits".to_owned()], now).await?;
-        }
+        announce_rescored(&mut tx, workspace_id, &changed, now).await?;
         tx.commit().await?;
         if !changed.is_empty() {
             self.outbox_wake.notify_one();
@@ -749,6 +747,66 @@ async fn load_thresholds(
             monetary: four(m)?,
         })
     }))
+}
+
+/// Announces the customers whose scores moved, a chunk of them per message.
+async fn announce_rescored(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    for chunk in ids.chunks(1000) {
+        let rows = sqlx::query(
+            "SELECT p.customer_id, p.attributes, p.timezone, p.orders_count, p.revenue, p.refunded, \
+                    p.first_purchase_at, p.last_purchase_at, p.rfm_recency, p.rfm_frequency, p.rfm_monetary, p.rfm_scored_at, \
+                    COALESCE((SELECT array_agg(i.anonymous_id ORDER BY i.created_at, i.anonymous_id) \
+                              FROM identities i WHERE i.profile_id = p.id), '{}') AS anonymous_ids \
+             FROM profiles p WHERE p.id = ANY($1)",
+        )
+        .bind(chunk)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut profiles = Vec::with_capacity(rows.len());
+        for row in rows {
+            let traits = Traits {
+                orders_count: row.try_get("orders_count")?,
+                revenue: row.try_get("revenue")?,
+                refunded: row.try_get("refunded")?,
+                first_purchase_at: row.try_get("first_purchase_at")?,
+                last_purchase_at: row.try_get("last_purchase_at")?,
+                rfm: Scores {
+                    recency: row.try_get("rfm_recency")?,
+                    frequency: row.try_get("rfm_frequency")?,
+                    monetary: row.try_get("rfm_monetary")?,
+                },
+                rfm_scored_at: row.try_get("rfm_scored_at")?,
+            };
+            profiles.push(ProfileUpdated {
+                workspace_id: workspace_id.to_owned(),
+                customer_id: row.try_get("customer_id")?,
+                anonymous_ids: row.try_get("anonymous_ids")?,
+                changed: vec!["traits".to_owned()],
+                at: now,
+                attributes: row.try_get("attributes")?,
+                traits: to_json(&traits),
+                timezone: row.try_get("timezone")?,
+            });
+        }
+        let message = ProfilesRescored {
+            workspace_id: workspace_id.to_owned(),
+            profiles,
+        };
+        outbox::enqueue(
+            conn,
+            EVENTS_EXCHANGE,
+            PROFILES_RESCORED,
+            &uuid::Uuid::now_v7().to_string(),
+            &to_json(&message),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn announce_update(

@@ -5,8 +5,8 @@ use futures::future::BoxFuture;
 use relance_kit::SharedClock;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
 use relance_kit::messages::{
-    EventBatch, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, ProfileDeleted, ProfileMerged,
-    ProfileUpdated,
+    EventBatch, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, PROFILES_RESCORED,
+    ProfileDeleted, ProfileMerged, ProfileUpdated, ProfilesRescored,
 };
 
 use crate::domain::SegmentError;
@@ -19,6 +19,7 @@ pub fn spec() -> ConsumerSpec {
     ConsumerSpec::new(QUEUE)
         .bind(EVENTS_EXCHANGE, "event.#")
         .bind(EVENTS_EXCHANGE, PROFILE_UPDATED)
+        .bind(EVENTS_EXCHANGE, PROFILES_RESCORED)
         .bind(EVENTS_EXCHANGE, PROFILE_MERGED)
         .bind(EVENTS_EXCHANGE, PROFILE_DELETED)
 }
@@ -48,7 +49,15 @@ impl Handler for ChangeHandler {
                     let updated: ProfileUpdated =
                         serde_json::from_slice(message.payload).map_err(malformed)?;
                     self.store
-                        .profile_updated(&updated, now)
+                        .profiles_updated(std::slice::from_ref(&updated), now)
+                        .await
+                        .map_err(retry)?;
+                }
+                PROFILES_RESCORED => {
+                    let rescored: ProfilesRescored =
+                        serde_json::from_slice(message.payload).map_err(malformed)?;
+                    self.store
+                        .profiles_updated(&rescored.profiles, now)
                         .await
                         .map_err(retry)?;
                 }

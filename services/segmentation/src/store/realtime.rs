@@ -128,49 +128,70 @@ impl SegmentStore {
         Ok(fresh.len())
     }
 
-    /// Records a profile's new attributes and traits and re-evaluates the customer. An
-    /// older announcement than the one recorded is ignored (redeliveries can reorder).
-    pub async fn profile_updated(
+    /// Records profiles' new attributes and traits and re-evaluates those customers, in one
+    /// transaction. An announcement older than the one recorded is ignored (redeliveries
+    /// can reorder); applying one twice changes nothing (it is a state, not an increment).
+    pub async fn profiles_updated(
         &self,
-        updated: &ProfileUpdated,
+        updates: &[ProfileUpdated],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let person = Person::of(
-            updated.customer_id.as_deref(),
-            updated.anonymous_ids.first().map(String::as_str),
-        );
-        let Some(person) = person else { return Ok(()) };
-        let key = person.key();
-        let mut tx = self.pool.begin().await?;
-        let recorded = sqlx::query(
-            "INSERT INTO people (workspace_id, person, attributes, traits, profile_at, touched_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (workspace_id, person) DO UPDATE SET attributes = excluded.attributes, \
-             traits = excluded.traits, profile_at = excluded.profile_at \
-             WHERE people.profile_at IS NULL OR people.profile_at <= excluded.profile_at",
-        )
-        .bind(&updated.workspace_id)
-        .bind(&key)
-        .bind(&updated.attributes)
-        .bind(&updated.traits)
-        .bind(updated.at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if recorded.rows_affected() == 0 {
-            return Ok(());
+        let mut by_workspace: BTreeMap<&str, BTreeMap<String, &ProfileUpdated>> = BTreeMap::new();
+        for updated in updates {
+            let person = Person::of(
+                updated.customer_id.as_deref(),
+                updated.anonymous_ids.first().map(String::as_str),
+            );
+            if let Some(person) = person {
+                // The latest announcement per person wins within a batch too.
+                let slot = by_workspace
+                    .entry(&updated.workspace_id)
+                    .or_default()
+                    .entry(person.key())
+                    .or_insert(updated);
+                if updated.at >= slot.at {
+                    *slot = updated;
+                }
+            }
         }
-        let evaluated = self
-            .evaluate(
-                &mut tx,
-                &updated.workspace_id,
-                &[(key, updated.at)],
-                Cause::Profile,
-                now,
+        for (workspace_id, people) in by_workspace {
+            let mut keys = Vec::with_capacity(people.len());
+            let mut attributes = Vec::with_capacity(people.len());
+            let mut traits = Vec::with_capacity(people.len());
+            let mut ats = Vec::with_capacity(people.len());
+            for (key, updated) in &people {
+                keys.push(key.as_str());
+                attributes.push(&updated.attributes);
+                traits.push(&updated.traits);
+                ats.push(updated.at);
+            }
+            let mut tx = self.pool.begin().await?;
+            let recorded: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+                "INSERT INTO people (workspace_id, person, attributes, traits, profile_at, touched_at) \
+                 SELECT $1, p, a, t, at, $6 FROM unnest($2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[]) AS u(p, a, t, at) \
+                 ORDER BY p \
+                 ON CONFLICT (workspace_id, person) DO UPDATE SET attributes = excluded.attributes, \
+                 traits = excluded.traits, profile_at = excluded.profile_at \
+                 WHERE people.profile_at IS NULL OR people.profile_at <= excluded.profile_at \
+                 RETURNING person, profile_at",
             )
+            .bind(workspace_id)
+            .bind(&keys)
+            .bind(&attributes)
+            .bind(&traits)
+            .bind(&ats)
+            .bind(now)
+            .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.after_commit(&updated.workspace_id, evaluated).await;
+            if recorded.is_empty() {
+                continue;
+            }
+            let evaluated = self
+                .evaluate(&mut tx, workspace_id, &recorded, Cause::Profile, now)
+                .await?;
+            tx.commit().await?;
+            self.after_commit(workspace_id, evaluated).await;
+        }
         Ok(())
     }
 
