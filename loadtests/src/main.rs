@@ -13,6 +13,7 @@ mod generate;
 mod ingest;
 mod rate;
 mod report;
+mod segments;
 mod stats;
 
 use std::process::ExitCode;
@@ -66,6 +67,17 @@ enum Command {
     },
     /// Write the results of a folder of runs into BENCHMARKS.md.
     Report(report::ReportArgs),
+    /// Batch evaluation of a segment: evaluator, SQL baseline, full build.
+    SegmentBatch(segments::BatchArgs),
+    /// Track acknowledged → segment.entered published, at a fixed rate.
+    SegmentLatency {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(flatten)]
+        args: segments::LatencyArgs,
+    },
+    /// Write the segmentation results into BENCHMARKS.md.
+    SegmentReport(segments::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +111,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Outcome::TrackRate(rate::track_rate(&target, &args).await?)
         }
         Command::Report(args) => return report::run(&args),
+        Command::SegmentBatch(args) => {
+            let result = segments::batch(&args).await?;
+            println!("{}", serde_json::to_string(&result)?);
+            return Ok(());
+        }
+        Command::SegmentLatency { target, args } => {
+            let result = segments::latency(&target, &args).await?;
+            println!("{}", serde_json::to_string(&result)?);
+            return Ok(());
+        }
+        Command::SegmentReport(args) => return segments::report(&args),
     };
     if let Some(path) = &cli.save {
         std::fs::write(path, serde_json::to_string_pretty(&outcome)? + "\n")

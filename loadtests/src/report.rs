@@ -27,7 +27,7 @@ pub struct ReportArgs {
     pub section: String,
 }
 
-fn parse_meta(text: &str) -> Result<(String, String), String> {
+pub fn parse_meta(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) => Ok((key.trim().to_owned(), value.trim().to_owned())),
         None => Err(format!("{text:?}: expected KEY=VALUE")),
@@ -53,6 +53,22 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         args.section,
         args.out.display()
     );
+    Ok(())
+}
+
+/// Writes `body` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of `out`.
+pub fn write_section(out: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let section = format!("{begin}\n{body}{end}\n");
+    let current = match std::fs::read_to_string(out) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n\n".to_owned(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", out.display())),
+    };
+    std::fs::write(out, replace_section(&current, &begin, &end, &section))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("updated the {name} section of {}", out.display());
     Ok(())
 }
 
