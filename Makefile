@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments lint fmt services build
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -17,8 +17,15 @@ test: services
 	fi
 
 ## Benchmarks (release build); results are written to BENCHMARKS.md.
-bench: services
+bench: bench-ingest bench-segments
+
+## Event ingestion: TrackBatch and Track against raw Postgres baselines.
+bench-ingest: services
 	bash bench/run.sh
+
+## Segmentation: batch evaluation (Online Retail, 1 M generated) and Track → segment.entered.
+bench-segments: services
+	bash bench/segments.sh
 
 ## Formatting and clippy, as CI would.
 lint:

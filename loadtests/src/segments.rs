@@ -75,31 +75,68 @@ pub struct BatchResult {
 }
 
 pub async fn batch(args: &BatchArgs) -> anyhow::Result<BatchResult> {
-    let settings = relance_kit::Settings::from_pairs(&[("database_url", args.database_url.as_str())])?;
+    let settings =
+        relance_kit::Settings::from_pairs(&[("database_url", args.database_url.as_str())])?;
     let pool = relance_kit::db::connect(&settings, relance_segmentation::SCHEMA).await?;
-    relance_kit::db::migrate(&pool, &relance_segmentation::MIGRATOR, relance_segmentation::SCHEMA).await?;
-    let definition = parse::parse_definition(THREE_CONDITIONS).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    relance_kit::db::migrate(
+        &pool,
+        &relance_segmentation::MIGRATOR,
+        relance_segmentation::SCHEMA,
+    )
+    .await?;
+    let definition =
+        parse::parse_definition(THREE_CONDITIONS).map_err(|p| anyhow::anyhow!("{p:?}"))?;
     let compiled = Compiled::new(definition);
-    let order_id = aggregate::selector_id(&compiled.selectors[0]);
-    let view_id = aggregate::selector_id(&compiled.selectors[1]);
+    let order_id = selector_named(&compiled, "order_completed")?;
+    let view_id = selector_named(&compiled, "product_viewed")?;
     let (workspace, now, customers, events, population_name) = match &args.online_retail {
         Some(file) => {
-            let now = Utc.with_ymd_and_hms(2011, 12, 10, 0, 0, 0).single().context("date")?;
+            let now = Utc
+                .with_ymd_and_hms(2011, 12, 10, 0, 0, 0)
+                .single()
+                .context("date")?;
             let (customers, events) = load_online_retail(&pool, file, &compiled, now).await?;
-            ("bench-online-retail".to_owned(), now, customers, events, "Online Retail".to_owned())
+            (
+                "bench-online-retail".to_owned(),
+                now,
+                customers,
+                events,
+                "Online Retail".to_owned(),
+            )
         }
         None => {
             let now = relance_kit::Clock::now(&relance_kit::SystemClock);
             let workspace = format!("bench-generated-{}", args.customers);
-            let events = generate(&pool, &workspace, args.customers, args.events_per_customer, order_id, view_id, &compiled, now).await?;
-            let name = format!("generated ({} customers, {} events)", args.customers, events);
+            let events = generate(
+                &pool,
+                &workspace,
+                args.customers,
+                args.events_per_customer,
+                order_id,
+                view_id,
+                &compiled,
+                now,
+            )
+            .await?;
+            let name = format!(
+                "generated ({} customers, {} events)",
+                args.customers, events
+            );
             (workspace, now, u64::from(args.customers), events, name)
         }
     };
-    sqlx::query("VACUUM ANALYZE segments.people").execute(&pool).await?;
-    sqlx::query("VACUUM ANALYZE segments.aggregates").execute(&pool).await?;
+    sqlx::query("VACUUM ANALYZE segments.people")
+        .execute(&pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE segments.aggregates")
+        .execute(&pool)
+        .await?;
 
-    let store = SegmentStore::new(pool.clone(), Mirror::new(None), Arc::new(tokio::sync::Notify::new()));
+    let store = SegmentStore::new(
+        pool.clone(),
+        Mirror::new(None),
+        Arc::new(tokio::sync::Notify::new()),
+    );
     let mut result = BatchResult {
         population_name,
         customers,
@@ -127,16 +164,27 @@ pub async fn batch(args: &BatchArgs) -> anyhow::Result<BatchResult> {
         // A new version each repetition: the document changes by its description.
         let yaml = format!("{THREE_CONDITIONS}description: rep {rep}\n");
         store.apply(&workspace, &yaml, false, now).await?;
-        let built = store.build_pending(|| now).await?;
+        // The build's clock moves on from `now`, as a real one would: customers touched
+        // before the build started are not re-checked at the switch.
+        let base = Instant::now();
+        let built = store
+            .build_pending(|| now + chrono::Duration::from_std(base.elapsed()).unwrap_or_default())
+            .await?;
         let done = built.first().context("the version was not built")?;
-        anyhow::ensure!(done.members as u64 == preview.members, "the build found {} members", done.members);
+        anyhow::ensure!(
+            done.members as u64 == preview.members,
+            "the build found {} members",
+            done.members
+        );
         result.build_secs.push(done.seconds);
         eprintln!(
-            "rep {}: evaluator {:.2} s, sql {:.2} s, build {:.2} s ({} members of {})",
+            "rep {}: evaluator {:.2} s, sql {:.2} s, build {:.2} s (evaluate and write {:.2} s, switch {:.2} s) ({} members of {})",
             rep + 1,
             result.evaluator_secs.last().copied().unwrap_or_default(),
             result.sql_secs.last().copied().unwrap_or_default(),
             done.seconds,
+            done.evaluate_secs,
+            done.switch_secs,
             preview.members,
             preview.population
         );
@@ -147,8 +195,23 @@ pub async fn batch(args: &BatchArgs) -> anyhow::Result<BatchResult> {
     Ok(result)
 }
 
+fn selector_named(compiled: &Compiled, name: &str) -> anyhow::Result<i64> {
+    compiled
+        .selectors
+        .iter()
+        .find(|s| s.name == name)
+        .map(aggregate::selector_id)
+        .with_context(|| format!("no {name} selector"))
+}
+
 /// The segment as one hand-written SQL query over the same tables: a count, no writes.
-async fn sql_baseline(pool: &PgPool, workspace: &str, order_id: i64, view_id: i64, now: DateTime<Utc>) -> anyhow::Result<u64> {
+async fn sql_baseline(
+    pool: &PgPool,
+    workspace: &str,
+    order_id: i64,
+    view_id: i64,
+    now: DateTime<Utc>,
+) -> anyhow::Result<u64> {
     let today = now.timestamp().div_euclid(86_400) as i32;
     let count: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM segments.people p
@@ -169,7 +232,12 @@ async fn sql_baseline(pool: &PgPool, workspace: &str, order_id: i64, view_id: i6
 }
 
 /// Ready selectors for the compiled segment, so that nothing is backfilled.
-async fn register_selectors(pool: &PgPool, workspace: &str, compiled: &Compiled, now: DateTime<Utc>) -> anyhow::Result<()> {
+async fn register_selectors(
+    pool: &PgPool,
+    workspace: &str,
+    compiled: &Compiled,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     for selector in &compiled.selectors {
         sqlx::query(
             "INSERT INTO segments.selectors (workspace_id, id, event_name, definition, status, created_at) \
@@ -199,10 +267,11 @@ async fn generate(
     compiled: &Compiled,
     now: DateTime<Utc>,
 ) -> anyhow::Result<u64> {
-    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM segments.people WHERE workspace_id = $1")
-        .bind(workspace)
-        .fetch_one(pool)
-        .await?;
+    let existing: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM segments.people WHERE workspace_id = $1")
+            .bind(workspace)
+            .fetch_one(pool)
+            .await?;
     let orders = 4.min(events_per_customer);
     let views = events_per_customer - orders;
     let events = u64::from(customers) * u64::from(events_per_customer);
@@ -212,10 +281,12 @@ async fn generate(
     }
     let started = Instant::now();
     for table in ["people", "aggregates", "selectors"] {
-        sqlx::query(&format!("DELETE FROM segments.{table} WHERE workspace_id = $1"))
-            .bind(workspace)
-            .execute(pool)
-            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM segments.{table} WHERE workspace_id = $1"
+        ))
+        .bind(workspace)
+        .execute(pool)
+        .await?;
     }
     register_selectors(pool, workspace, compiled, now).await?;
     let today = now.timestamp().div_euclid(86_400) as i32;
@@ -256,24 +327,35 @@ async fn generate(
             .await?;
         }
         from = to;
-        eprintln!("generated {to} of {customers} customers ({:.0} s)", started.elapsed().as_secs_f64());
+        eprintln!(
+            "generated {to} of {customers} customers ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(events)
 }
 
 /// The Online Retail customers: each buyer's orders as the service would aggregate them,
 /// and their net revenue as a trait. Returns (customers, events).
-async fn load_online_retail(pool: &PgPool, file: &std::path::Path, compiled: &Compiled, now: DateTime<Utc>) -> anyhow::Result<(u64, u64)> {
+async fn load_online_retail(
+    pool: &PgPool,
+    file: &std::path::Path,
+    compiled: &Compiled,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(u64, u64)> {
     let workspace = "bench-online-retail";
     for table in ["people", "aggregates", "selectors"] {
-        sqlx::query(&format!("DELETE FROM segments.{table} WHERE workspace_id = $1"))
-            .bind(workspace)
-            .execute(pool)
-            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM segments.{table} WHERE workspace_id = $1"
+        ))
+        .bind(workspace)
+        .execute(pool)
+        .await?;
     }
     register_selectors(pool, workspace, compiled, now).await?;
-    let order_id = aggregate::selector_id(&compiled.selectors[0]);
-    let reader = relance_retail_data::Reader::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let order_id = selector_named(compiled, "order_completed")?;
+    let reader = relance_retail_data::Reader::open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
     let mut series: HashMap<String, Series> = HashMap::new();
     let mut revenue: HashMap<String, f64> = HashMap::new();
     let mut events = 0u64;
@@ -294,7 +376,10 @@ async fn load_online_retail(pool: &PgPool, file: &std::path::Path, compiled: &Co
     let people: Vec<&String> = revenue.keys().collect();
     for chunk in people.chunks(5_000) {
         let keys: Vec<&str> = chunk.iter().map(|p| p.as_str()).collect();
-        let traits: Vec<serde_json::Value> = chunk.iter().map(|p| serde_json::json!({"revenue": revenue[*p]})).collect();
+        let traits: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|p| serde_json::json!({"revenue": revenue[*p]}))
+            .collect();
         sqlx::query(
             "INSERT INTO segments.people (workspace_id, person, traits, touched_at) SELECT $1, p, t, $4 FROM unnest($2::text[], $3::jsonb[]) AS u(p, t)",
         )
@@ -337,7 +422,11 @@ pub struct LatencyArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// RabbitMQ the service publishes to.
-    #[arg(long, env = "RELANCE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "RELANCE_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// The service's queue and exchange name prefix.
     #[arg(long, env = "RELANCE_AMQP_PREFIX", default_value = "")]
@@ -365,17 +454,29 @@ where:
   within: 1d
 ";
 
-pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyhow::Result<LatencyResult> {
-    let channel = tonic::transport::Channel::from_shared(target.addr.clone())?.connect().await?;
-    let key = relance_kit::auth::BearerKey::new(&target.api_key).map_err(|_| anyhow::anyhow!("--api-key"))?;
+pub async fn latency(
+    target: &crate::client::Target,
+    args: &LatencyArgs,
+) -> anyhow::Result<LatencyResult> {
+    let channel = tonic::transport::Channel::from_shared(target.addr.clone())?
+        .connect()
+        .await?;
+    let key = relance_kit::auth::BearerKey::new(&target.api_key)
+        .map_err(|_| anyhow::anyhow!("--api-key"))?;
     let mut segments = pb::segments_client::SegmentsClient::with_interceptor(channel, key);
     let applied = segments
-        .apply(pb::ApplySegmentRequest { yaml: LATENCY_SEGMENT.into(), dry_run: false })
+        .apply(pb::ApplySegmentRequest {
+            yaml: LATENCY_SEGMENT.into(),
+            dry_run: false,
+        })
         .await?
         .into_inner();
     loop {
         let segment = segments
-            .get(pb::GetSegmentRequest { name: applied.name.clone(), version: 0 })
+            .get(pb::GetSegmentRequest {
+                name: applied.name.clone(),
+                version: 0,
+            })
             .await?
             .into_inner();
         if segment.status == pb::SegmentStatus::Active as i32 {
@@ -395,7 +496,10 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
     let prefix = format!("lat{}-", args.seed);
     let warmup = u64::from(args.rate) * u64::from(args.warmup);
     let mut watchers = Vec::new();
-    for (pattern, histogram) in [("event.product_viewed", published.clone()), ("segment.entered", entered.clone())] {
+    for (pattern, histogram) in [
+        ("event.product_viewed", published.clone()),
+        ("segment.entered", entered.clone()),
+    ] {
         let (mut consumer, channel) = subscribe(&bus, pattern).await?;
         let acked = acked.clone();
         let prefix = prefix.clone();
@@ -403,7 +507,8 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
             let _channel = channel;
             while let Some(Ok(delivery)) = consumer.next().await {
                 let arrived = Instant::now();
-                let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&delivery.data).unwrap_or_default();
                 let mut customers = Vec::new();
                 if let Some(events) = body.get("events").and_then(|e| e.as_array()) {
                     for event in events {
@@ -417,7 +522,10 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
                     customers.push(id.to_owned());
                 }
                 for id in customers {
-                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok()) else { continue };
+                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
                     if index < warmup {
                         continue;
                     }
@@ -451,7 +559,11 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
                 timestamp: Some(relance_proto::convert::chrono_to_timestamp(today)),
                 ..Default::default()
             };
-            if client.track(pb::TrackRequest { event: Some(event) }).await.is_ok() {
+            if client
+                .track(pb::TrackRequest { event: Some(event) })
+                .await
+                .is_ok()
+            {
                 let done = Instant::now();
                 if let Ok(mut acked) = acked.lock() {
                     acked.insert(customer, done);
@@ -480,13 +592,20 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
     for watcher in &watchers {
         watcher.abort();
     }
-    let segment_entered = Percentiles::of(&*entered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let segment_entered =
+        Percentiles::of(&*entered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let result = LatencyResult {
         rate: args.rate,
         duration_secs: args.duration,
         sent: timed,
-        track_ack: Percentiles::of(&*ack_histogram.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
-        event_published: Percentiles::of(&*published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+        track_ack: Percentiles::of(
+            &*ack_histogram
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?,
+        ),
+        event_published: Percentiles::of(
+            &*published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?,
+        ),
         missing: timed.saturating_sub(segment_entered.count),
         segment_entered,
     };
@@ -496,19 +615,45 @@ pub async fn latency(target: &crate::client::Target, args: &LatencyArgs) -> anyh
     Ok(result)
 }
 
-async fn subscribe(bus: &relance_kit::bus::Bus, pattern: &str) -> anyhow::Result<(lapin::Consumer, lapin::Channel)> {
+async fn subscribe(
+    bus: &relance_kit::bus::Bus,
+    pattern: &str,
+) -> anyhow::Result<(lapin::Consumer, lapin::Channel)> {
     use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
     let channel = bus.channel().await?;
-    bus.declare_exchange(&channel, relance_kit::bus::EVENTS_EXCHANGE).await?;
+    bus.declare_exchange(&channel, relance_kit::bus::EVENTS_EXCHANGE)
+        .await?;
     let queue = channel
-        .queue_declare("", QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .queue_bind(queue.name().as_str(), &bus.name(relance_kit::bus::EVENTS_EXCHANGE), pattern, QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            queue.name().as_str(),
+            &bus.name(relance_kit::bus::EVENTS_EXCHANGE),
+            pattern,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let consumer = channel
-        .basic_consume(queue.name().as_str(), "bench", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            queue.name().as_str(),
+            "bench",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
     Ok((consumer, channel))
 }
@@ -529,10 +674,16 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let mut batches: Vec<BatchResult> = Vec::new();
     let mut latency: Option<LatencyResult> = None;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.results)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.results)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     files.sort();
     for file in files {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         let text = std::fs::read(&file)?;
         if name.starts_with("segment-batch") {
             batches.push(serde_json::from_slice(&text)?);
@@ -553,7 +704,10 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
         body,
         "Median of the repetitions, seconds (customers per second). *Evaluator*: the service's batch evaluator counting the members (pages of 5,000 customers: their traits and daily aggregates read in key order, the same Rust evaluation as real time; what Preview runs). *SQL*: the same segment compiled by hand into one query, counting only — the baseline the design weighed. *Build*: what Apply costs end to end — evaluation, writing the memberships, the atomic switch.\n"
     )?;
-    writeln!(body, "| population | customers | events | members | evaluator | SQL (baseline) | build (evaluate + write + switch) |")?;
+    writeln!(
+        body,
+        "| population | customers | events | members | evaluator | SQL (baseline) | build (evaluate + write + switch) |"
+    )?;
     writeln!(body, "|---|---:|---:|---:|---:|---:|---:|")?;
     for b in &batches {
         let cell = |secs: &[f64]| {
@@ -573,21 +727,38 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
         )?;
     }
     if let Some(l) = &latency {
-        writeln!(body, "\n### Real time: Track acknowledged → `segment.entered` published\n")?;
+        writeln!(
+            body,
+            "\n### Real time: Track acknowledged → `segment.entered` published\n"
+        )?;
         writeln!(
             body,
             "{} events/s for {} s (timed; a warm-up before), each a new customer who qualifies for `event: product_viewed, within: 1d` at once. Latencies from the moment the Track call was acknowledged to the moment a client of RabbitMQ received the message; the baseline row is the event itself reaching the bus (the events relay), so the difference is segmentation's share: consume, aggregate, evaluate, commit with the outbox, publish.\n",
             l.rate, l.duration_secs
         )?;
-        writeln!(body, "| path | received | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            body,
+            "| path | received | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|---:|"
+        )?;
         for (name, p) in [
             ("Track call (scheduled → acknowledged)", &l.track_ack),
-            ("baseline: ack → `event.product_viewed` on the bus", &l.event_published),
+            (
+                "baseline: ack → `event.product_viewed` on the bus",
+                &l.event_published,
+            ),
             ("ack → `segment.entered` on the bus", &l.segment_entered),
         ] {
-            writeln!(body, "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |", p.count, p.p50, p.p90, p.p99, p.max)?;
+            writeln!(
+                body,
+                "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+                p.count, p.p50, p.p90, p.p99, p.max
+            )?;
         }
-        writeln!(body, "\nEntries not received within 30 s of the last Track: {}.", l.missing)?;
+        writeln!(
+            body,
+            "\nEntries not received within 30 s of the last Track: {}.",
+            l.missing
+        )?;
     }
     crate::report::write_section(&args.out, "segments", &body)
 }

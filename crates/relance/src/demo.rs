@@ -1,6 +1,7 @@
 //! `relance demo`: starts every service in this process, imports the Online Retail sample
 //! into a `demo` workspace, waits for the profiles service to compute traits and RFM scores
-//! from the events it consumed, and prints what came out.
+//! from the events it consumed, applies the built-in segments of `examples/segments/`, and
+//! prints what came out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use relance_kit::{Settings, SharedClock, SystemClock};
 use relance_proto::v1 as pb;
 
 use crate::client::Target;
-use crate::{import, serve};
+use crate::{import, segment, serve};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -74,7 +75,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     println!("  took {:.1}s", started.elapsed().as_secs_f64());
 
     println!("\nWaiting for the profiles service to consume the events …");
-    wait_until_consumed(&platform.bus).await?;
+    wait_until_consumed(&platform.bus, relance_profiles::store::TRAITS_CONSUMER).await?;
     let pool = relance_kit::db::connect(&settings, relance_profiles::SCHEMA).await?;
     let store =
         relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
@@ -124,6 +125,23 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
             traits.rfm_monetary
         );
     }
+    println!("\nApplying the built-in segments (examples/segments/) …");
+    segment::apply(segment::ApplyArgs {
+        files: vec![PathBuf::from("examples/segments")],
+        dry_run: false,
+        wait: false,
+        target: target.clone(),
+    })
+    .await?;
+    wait_until_consumed(&platform.bus, relance_segmentation::consumer::QUEUE).await?;
+    segment::wait_until_built(&mut clients.clone(), &[]).await?;
+    println!("\nSegments (as of today: recency and inactivity count from now, so this 2011 shop's");
+    println!("customers are all long inactive; the RFM grid is relative and spreads them out):");
+    segment::run(segment::SegmentCommand::List {
+        target: target.clone(),
+    })
+    .await?;
+
     if let Some(first) = top.first() {
         println!("\nTry:");
         println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
@@ -132,6 +150,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
             "  target/debug/relance profile export {} | head -40",
             first.customer_id
         );
+        println!("  target/debug/relance segment members champions | head");
+        println!("  target/debug/relance segment preview -f examples/segments/inactive.yaml");
     }
 
     if args.exit {
@@ -144,18 +164,16 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits until the profiles consumer's queue has stayed empty for a moment (at most 5 min).
-async fn wait_until_consumed(bus: &relance_kit::bus::Bus) -> anyhow::Result<()> {
+/// Waits until a consumer's queue has stayed empty for a moment (at most 5 min).
+async fn wait_until_consumed(bus: &relance_kit::bus::Bus, queue: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut empty_polls = 0;
     while empty_polls < 4 {
         if Instant::now() > deadline {
-            anyhow::bail!("the profiles service did not catch up within 5 minutes");
+            anyhow::bail!("{queue} did not catch up within 5 minutes");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let depth = bus
-            .queue_depth(relance_profiles::store::TRAITS_CONSUMER)
-            .await?;
+        let depth = bus.queue_depth(queue).await?;
         if depth == 0 {
             empty_polls += 1
         } else {

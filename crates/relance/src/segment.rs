@@ -13,15 +13,15 @@ use crate::client::{Clients, Target};
 pub struct ApplyArgs {
     /// A YAML file (several documents separated by `---` are fine) or a directory of them.
     #[arg(short = 'f', long = "file", required = true)]
-    files: Vec<PathBuf>,
+    pub files: Vec<PathBuf>,
     /// Validate only: report problems, store nothing.
     #[arg(long)]
-    dry_run: bool,
+    pub dry_run: bool,
     /// Wait until every applied segment's membership is built.
     #[arg(long)]
-    wait: bool,
+    pub wait: bool,
     #[command(flatten)]
-    target: Target,
+    pub target: Target,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -221,8 +221,22 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn wait_until_built(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
-    for name in names {
+/// Waits until the named segments (all of the workspace's when `names` is empty) answer
+/// with their latest version.
+pub async fn wait_until_built(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
+    let mut names = names.to_vec();
+    if names.is_empty() {
+        let listed = clients
+            .segments
+            .list(pb::ListSegmentsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        names = listed.segments.into_iter().map(|s| s.name).collect();
+    }
+    for name in &names {
         loop {
             let segment = clients
                 .segments

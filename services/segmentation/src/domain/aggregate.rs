@@ -7,14 +7,20 @@ use sha2::{Digest, Sha256};
 use super::eval::{passes, values_at};
 use super::model::{EventSelector, Filter};
 
-/// The selector's stable id: the first 8 bytes of SHA-256 over its canonical JSON.
+/// The selector's stable id (computed when it was built).
 pub fn selector_id(selector: &EventSelector) -> i64 {
+    selector.id
+}
+
+/// A selector's identity: the first 8 bytes of SHA-256 over its canonical form (name,
+/// filter JSON with sorted keys, summed property).
+pub fn hash_selector(name: &str, filter_json: &serde_json::Value, value: Option<&[String]>) -> i64 {
     let mut canonical = String::new();
-    canonical.push_str(&selector.name);
+    canonical.push_str(name);
     canonical.push('\u{1f}');
-    write_canonical(&selector.filter_json, &mut canonical);
+    write_canonical(filter_json, &mut canonical);
     canonical.push('\u{1f}');
-    if let Some(value) = &selector.value {
+    if let Some(value) = value {
         canonical.push_str(&value.join("."));
     }
     let digest = Sha256::digest(canonical.as_bytes());
@@ -105,12 +111,12 @@ mod tests {
     use super::*;
 
     fn selector(filter: serde_json::Value) -> EventSelector {
-        EventSelector {
-            name: "order_completed".into(),
-            filter: None,
-            filter_json: filter,
-            value: Some(vec!["revenue".into()]),
-        }
+        EventSelector::new(
+            "order_completed".into(),
+            None,
+            filter,
+            Some(vec!["revenue".into()]),
+        )
     }
 
     #[test]
@@ -125,11 +131,15 @@ mod tests {
     #[test]
     fn contributions_follow_name_filter_and_value() {
         let now = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default();
-        let mut s = selector(serde_json::Value::Null);
-        s.filter = Some(Filter::Property {
-            path: vec!["items".into(), "category".into()],
-            tests: vec![super::super::model::Test::Eq(serde_json::json!("Home"))],
-        });
+        let s = EventSelector::new(
+            "order_completed".into(),
+            Some(Filter::Property {
+                path: vec!["items".into(), "category".into()],
+                tests: vec![super::super::model::Test::Eq(serde_json::json!("Home"))],
+            }),
+            serde_json::Value::Null,
+            Some(vec!["revenue".into()]),
+        );
         let home = serde_json::json!({"revenue": 30.5, "items": [{"category": "Home"}]});
         let toys = serde_json::json!({"revenue": 12, "items": [{"category": "Toys"}]});
         assert_eq!(contribution(&s, "order_completed", &home, now), Some(30.5));

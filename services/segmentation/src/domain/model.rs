@@ -210,6 +210,26 @@ pub struct EventSelector {
     pub filter_json: serde_json::Value,
     /// Dotted path of the numeric property summed (for `sum:`/`avg:`).
     pub value: Option<Vec<String>>,
+    /// The stable id of the above (see [`super::aggregate::hash_selector`]), computed once.
+    pub id: i64,
+}
+
+impl EventSelector {
+    pub fn new(
+        name: String,
+        filter: Option<Filter>,
+        filter_json: serde_json::Value,
+        value: Option<Vec<String>>,
+    ) -> EventSelector {
+        let id = super::aggregate::hash_selector(&name, &filter_json, value.as_deref());
+        EventSelector {
+            name,
+            filter,
+            filter_json,
+            value,
+            id,
+        }
+    }
 }
 
 /// The follow-up event of `not_followed_by:`.

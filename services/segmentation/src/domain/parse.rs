@@ -94,12 +94,7 @@ pub fn parse_selector_json(json: &serde_json::Value) -> Result<EventSelector, St
         .get("value")
         .and_then(serde_json::Value::as_str)
         .map(split_path);
-    Ok(EventSelector {
-        name,
-        filter,
-        filter_json,
-        value,
-    })
+    Ok(EventSelector::new(name, filter, filter_json, value))
 }
 
 /// The `name:` of a document, when it can be read, so that errors can still be reported
@@ -631,12 +626,7 @@ impl Reader {
             .map(Node::to_json)
             .unwrap_or(serde_json::Value::Null);
         Some(EventCondition {
-            events: EventSelector {
-                name,
-                filter,
-                filter_json,
-                value: value_path,
-            },
+            events: EventSelector::new(name, filter, filter_json, value_path),
             count,
             sum,
             avg,
@@ -675,15 +665,14 @@ impl Reader {
             }
         };
         Some(FollowUp {
-            events: EventSelector {
+            events: EventSelector::new(
                 name,
                 filter,
-                filter_json: node
-                    .get("where")
+                node.get("where")
                     .map(Node::to_json)
                     .unwrap_or(serde_json::Value::Null),
-                value: None,
-            },
+                None,
+            ),
             within_secs,
         })
     }

@@ -42,6 +42,10 @@ pub struct Built {
     pub members: i64,
     pub population: u64,
     pub seconds: f64,
+    /// Of which: evaluating everyone and writing the members.
+    pub evaluate_secs: f64,
+    /// Of which: the switch (re-checking who changed meanwhile, announcing, switching).
+    pub switch_secs: f64,
 }
 
 impl SegmentStore {
@@ -189,43 +193,46 @@ impl SegmentStore {
             .bind(version)
             .execute(&mut *conn)
             .await?;
-        let mut wakes: Vec<(String, DateTime<Utc>)> = Vec::new();
-        let mut population = 0u64;
-        let mut after = String::new();
-        loop {
-            let page = self
-                .evaluate_page(
-                    &mut conn,
-                    workspace_id,
-                    &compiled,
-                    &dependencies,
-                    &HashMap::new(),
-                    build_started_at,
-                    Selection::After(&mut after),
-                )
-                .await?;
-            let Some(page) = page else { break };
-            population += page.len() as u64;
-            let mut members = Vec::new();
-            for verdict in page {
-                if let Some(at) = verdict.wake {
-                    wakes.push((verdict.person.clone(), at));
-                }
-                if verdict.member {
-                    members.push(verdict.person);
-                }
-            }
-            insert_members(
-                &mut conn,
-                segment_id,
-                version,
-                old_version,
-                &members,
+        drop(conn);
+        let wakes: std::sync::Mutex<Vec<(String, DateTime<Utc>)>> =
+            std::sync::Mutex::new(Vec::new());
+        let population = self
+            .evaluate_all(
+                workspace_id,
+                &compiled,
+                &dependencies,
+                &HashMap::new(),
                 build_started_at,
+                |conn, verdicts| {
+                    let mut members = Vec::new();
+                    let mut found = Vec::new();
+                    for verdict in verdicts {
+                        if let Some(at) = verdict.wake {
+                            found.push((verdict.person.clone(), at));
+                        }
+                        if verdict.member {
+                            members.push(verdict.person);
+                        }
+                    }
+                    if let Ok(mut wakes) = wakes.lock() {
+                        wakes.extend(found);
+                    }
+                    Box::pin(async move {
+                        insert_members(
+                            conn,
+                            segment_id,
+                            version,
+                            old_version,
+                            &members,
+                            build_started_at,
+                        )
+                        .await
+                    })
+                },
             )
             .await?;
-        }
-        drop(conn);
+        let evaluate_secs = started.elapsed().as_secs_f64();
+        let switch_started = std::time::Instant::now();
         let switched = self
             .switch(
                 workspace_id,
@@ -235,13 +242,14 @@ impl SegmentStore {
                 &compiled,
                 &dependencies,
                 build_started_at,
-                &wakes,
+                &wakes.into_inner().unwrap_or_default(),
                 now(),
             )
             .await?;
         let Some(members) = switched else {
             return Ok(None);
         };
+        let switch_secs = switch_started.elapsed().as_secs_f64();
         self.after_switch(workspace_id, segment_id, version, old_version)
             .await?;
         let seconds = started.elapsed().as_secs_f64();
@@ -254,6 +262,8 @@ impl SegmentStore {
             members,
             population,
             seconds,
+            evaluate_secs,
+            switch_secs,
         }))
     }
 
@@ -291,9 +301,8 @@ impl SegmentStore {
         Ok(Some(out))
     }
 
-    /// Evaluates a definition for the next page of customers after `after` (a person key,
-    /// advanced past the page); `None` when there are no more. `overrides` replaces stored
-    /// aggregates for selectors that have none yet (previews).
+    /// Evaluates a definition for one page of customers; `None` when it is empty.
+    /// `overrides` replaces stored aggregates for selectors that have none yet (previews).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn evaluate_page(
         &self,
@@ -305,126 +314,85 @@ impl SegmentStore {
         now: DateTime<Utc>,
         selection: Selection<'_>,
     ) -> Result<Option<Vec<Verdict>>> {
-        let reads_profile = reads_profile(&compiled.definition.condition);
-        let columns = if reads_profile {
-            "person, attributes, traits"
+        let page = fetch_page(conn, workspace_id, compiled, overrides, &selection).await?;
+        let Some(page) = page else { return Ok(None) };
+        Ok(Some(judge_page(compiled, dependencies, page, now)))
+    }
+
+    /// Evaluates everyone, in two lanes over halves of the person key space (so Postgres
+    /// serves two reads at once), each lane reading its next page while this page is judged
+    /// and written. `on_page` gets each page's verdicts and may write with the connection
+    /// it is given; it is called from both lanes.
+    pub(crate) async fn evaluate_all<F>(
+        &self,
+        workspace_id: &str,
+        compiled: &Compiled,
+        dependencies: &HashMap<String, HashSet<String>>,
+        overrides: &HashMap<i64, HashMap<String, Series>>,
+        now: DateTime<Utc>,
+        on_page: F,
+    ) -> Result<u64>
+    where
+        F: for<'c> Fn(
+                &'c mut PgConnection,
+                Vec<Verdict>,
+            ) -> futures::future::BoxFuture<'c, Result<()>>
+            + Sync,
+    {
+        let population: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM people WHERE workspace_id = $1")
+                .bind(workspace_id)
+                .fetch_one(&self.pool)
+                .await?;
+        let middle: Option<String> = if population >= PAGE {
+            sqlx::query_scalar("SELECT person FROM people WHERE workspace_id = $1 ORDER BY person OFFSET $2 LIMIT 1")
+                .bind(workspace_id)
+                .bind(population / 2)
+                .fetch_optional(&self.pool)
+                .await?
         } else {
-            "person"
+            None
         };
-        let people = match &selection {
-            Selection::After(after) => {
-                sqlx::query(&format!(
-                    "SELECT {columns} FROM people WHERE workspace_id = $1 AND person > $2 ORDER BY person LIMIT $3"
-                ))
-                .bind(workspace_id)
-                .bind(after.as_str())
-                .bind(PAGE)
-                .fetch_all(&mut *conn)
-                .await?
-            }
-            Selection::Persons(persons) => {
-                sqlx::query(&format!(
-                    "SELECT {columns} FROM people WHERE workspace_id = $1 AND person = ANY($2) ORDER BY person"
-                ))
-                .bind(workspace_id)
-                .bind(*persons)
-                .fetch_all(&mut *conn)
-                .await?
-            }
-        };
-        let (Some(first), Some(last)) = (people.first(), people.last()) else {
-            return Ok(None);
-        };
-        let first: String = first.try_get("person")?;
-        let last: String = last.try_get("person")?;
-        let stored_ids: Vec<i64> = compiled
-            .selectors
-            .iter()
-            .map(aggregate::selector_id)
-            .filter(|id| !overrides.contains_key(id))
-            .collect();
-        let mut series: HashMap<String, HashMap<i64, Series>> = HashMap::new();
-        if !stored_ids.is_empty() {
-            // A page is a key range (one index range scan); an explicit list is looked up.
-            let query = match &selection {
-                Selection::After(_) => sqlx::query(
-                    "SELECT person, selector_id, days, counts, sums, last_at FROM aggregates \
-                     WHERE workspace_id = $1 AND person >= $2 AND person <= $3 AND selector_id = ANY($4)",
+        let lane = |from: String, until: Option<String>| {
+            let on_page = &on_page;
+            async move {
+                let mut reader = self.pool.acquire().await?;
+                let mut writer = self.pool.acquire().await?;
+                let mut evaluated = 0u64;
+                let mut after = from;
+                let mut next = fetch_page(
+                    &mut reader,
+                    workspace_id,
+                    compiled,
+                    overrides,
+                    &Selection::Range(&after, until.as_deref()),
                 )
-                .bind(workspace_id)
-                .bind(&first)
-                .bind(&last)
-                .bind(&stored_ids),
-                Selection::Persons(persons) => sqlx::query(
-                    "SELECT person, selector_id, days, counts, sums, last_at FROM aggregates \
-                     WHERE workspace_id = $1 AND person = ANY($2) AND selector_id = ANY($3)",
-                )
-                .bind(workspace_id)
-                .bind(*persons)
-                .bind(&stored_ids),
-            };
-            let mut rows = query.fetch(&mut *conn);
-            while let Some(row) = rows.try_next().await? {
-                series
-                    .entry(row.try_get("person")?)
-                    .or_default()
-                    .insert(row.try_get("selector_id")?, series_from_row(&row)?);
-            }
-        }
-        for (id, by_person) in overrides {
-            for row in &people {
-                let person: String = row.try_get("person")?;
-                if let Some(found) = by_person.get(&person) {
-                    series.entry(person).or_default().insert(*id, found.clone());
+                .await?;
+                while let Some(page) = next.take() {
+                    after.clone_from(&page.last);
+                    evaluated += page.people.len() as u64;
+                    let verdicts = judge_page(compiled, dependencies, page, now);
+                    let selection = Selection::Range(&after, until.as_deref());
+                    let (fetched, written) = futures::join!(
+                        fetch_page(&mut reader, workspace_id, compiled, overrides, &selection),
+                        on_page(&mut writer, verdicts)
+                    );
+                    written?;
+                    next = fetched?;
                 }
+                Ok::<u64, crate::domain::SegmentError>(evaluated)
             }
-        }
-        let empty_object = serde_json::Value::Object(serde_json::Map::new());
-        let empty_series = HashMap::new();
-        let mut verdicts = Vec::with_capacity(people.len());
-        let mut memberships: HashMap<String, bool> = HashMap::new();
-        for row in &people {
-            let person: String = row.try_get("person")?;
-            let (attributes, traits): (serde_json::Value, serde_json::Value) = if reads_profile {
-                (row.try_get("attributes")?, row.try_get("traits")?)
-            } else {
-                (serde_json::Value::Null, serde_json::Value::Null)
-            };
-            memberships.clear();
-            for (name, members) in dependencies {
-                memberships.insert(name.clone(), members.contains(&person));
+        };
+        match middle {
+            Some(middle) => {
+                let (first, second) = futures::join!(
+                    lane(String::new(), Some(middle.clone())),
+                    lane(middle, None)
+                );
+                Ok(first? + second?)
             }
-            let facts = Facts {
-                attributes: if attributes.is_object() {
-                    &attributes
-                } else {
-                    &empty_object
-                },
-                traits: if traits.is_object() {
-                    &traits
-                } else {
-                    &empty_object
-                },
-                series: series.get(&person).unwrap_or(&empty_series),
-                memberships: &memberships,
-            };
-            let condition = &compiled.definition.condition;
-            let member = eval::holds(condition, &facts, now);
-            let wake = if compiled.time_dependent {
-                eval::next_change(condition, &facts, now)
-            } else {
-                None
-            };
-            verdicts.push(Verdict {
-                person,
-                member,
-                wake,
-            });
+            None => lane(String::new(), None).await,
         }
-        if let Selection::After(after) = selection {
-            *after = last;
-        }
-        Ok(Some(verdicts))
     }
 
     /// The switch: re-evaluates the customers touched while the build ran, announces the
@@ -502,7 +470,8 @@ impl SegmentStore {
             let times: Vec<DateTime<Utc>> = chunk.iter().map(|(_, t)| *t).collect();
             sqlx::query(
                 "UPDATE people SET wake_at = LEAST(COALESCE(people.wake_at, t.w), t.w) \
-                 FROM unnest($2::text[], $3::timestamptz[]) AS t(p, w) WHERE people.workspace_id = $1 AND people.person = t.p",
+                 FROM unnest($2::text[], $3::timestamptz[]) AS t(p, w) WHERE people.workspace_id = $1 AND people.person = t.p \
+                 AND (people.wake_at IS NULL OR people.wake_at > t.w)",
             )
             .bind(workspace_id)
             .bind(&persons)
@@ -660,40 +629,59 @@ impl SegmentStore {
                 reason: "a segment it refers to is still being built; try again in a moment".into(),
             });
         };
+        drop(conn);
         let mut result = PopulationResult::default();
-        let mut seen_members = 0u64;
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        let mut after = String::new();
-        let mut sample: Vec<String> = Vec::with_capacity(sample_size);
-        while let Some(page) = self
-            .evaluate_page(
-                &mut conn,
+        // Reservoir sampling (every member has the same chance to be shown), shared by
+        // both evaluation lanes.
+        struct Reservoir {
+            seen: u64,
+            rng: rand::rngs::StdRng,
+            sample: Vec<String>,
+        }
+        let reservoir = std::sync::Mutex::new(Reservoir {
+            seen: 0,
+            rng: rand::rngs::StdRng::from_os_rng(),
+            sample: Vec::with_capacity(sample_size),
+        });
+        result.population = self
+            .evaluate_all(
                 workspace_id,
                 compiled,
                 &dependencies,
                 &overrides,
                 now,
-                Selection::After(&mut after),
-            )
-            .await?
-        {
-            result.population += page.len() as u64;
-            for verdict in page {
-                if !verdict.member {
-                    continue;
-                }
-                seen_members += 1;
-                // Reservoir sampling: every member has the same chance to be shown.
-                if sample.len() < sample_size {
-                    sample.push(verdict.person);
-                } else {
-                    let slot = rng.random_range(0..seen_members) as usize;
-                    if slot < sample_size {
-                        sample[slot] = verdict.person;
+                |_conn, verdicts| {
+                    if let Ok(mut reservoir) = reservoir.lock() {
+                        for verdict in verdicts {
+                            if !verdict.member {
+                                continue;
+                            }
+                            reservoir.seen += 1;
+                            if reservoir.sample.len() < sample_size {
+                                reservoir.sample.push(verdict.person);
+                            } else {
+                                let seen = reservoir.seen;
+                                let slot = reservoir.rng.random_range(0..seen) as usize;
+                                if slot < sample_size {
+                                    reservoir.sample[slot] = verdict.person;
+                                }
+                            }
+                        }
                     }
-                }
-            }
-        }
+                    Box::pin(async { Ok(()) })
+                },
+            )
+            .await?;
+        let Reservoir {
+            seen: seen_members,
+            mut sample,
+            ..
+        } = reservoir
+            .into_inner()
+            .map_err(|_| crate::domain::SegmentError::InvalidField {
+                field: "sample".into(),
+                reason: "sampling failed".into(),
+            })?;
         result.members = seen_members;
         sample.sort();
         for key in sample {
@@ -708,11 +696,213 @@ impl SegmentStore {
     }
 }
 
+/// One page of customers as read from Postgres: their profile (only the top-level keys
+/// the condition reads) and their series.
+pub(crate) struct PageData {
+    people: Vec<(String, serde_json::Value, serde_json::Value)>,
+    /// Aligned with `people`.
+    series: Vec<HashMap<i64, Series>>,
+    last: String,
+}
+
+/// The SQL expression of the parts of a profile column a condition reads: only those
+/// top-level keys travel and are decoded.
+fn projection(column: &str, keys: &[String]) -> String {
+    if keys.is_empty() {
+        return "'{}'::jsonb".to_owned();
+    }
+    let mut parts = Vec::with_capacity(keys.len());
+    for key in keys {
+        let quoted = key.replace('\'', "''");
+        parts.push(format!("'{quoted}', {column}->'{quoted}'"));
+    }
+    format!(
+        "jsonb_strip_nulls(jsonb_build_object({}))",
+        parts.join(", ")
+    )
+}
+
+/// Top-level keys of attributes and of traits a condition reads.
+fn profile_keys(condition: &Condition) -> (Vec<String>, Vec<String>) {
+    let mut attributes = Vec::new();
+    let mut traits = Vec::new();
+    let mut stack = vec![condition];
+    while let Some(node) = stack.pop() {
+        match node {
+            Condition::All(children) | Condition::Any(children) => stack.extend(children.iter()),
+            Condition::Not(child) => stack.push(child),
+            Condition::Attribute(a) => {
+                let target = match a.source {
+                    crate::domain::model::Source::Attribute => &mut attributes,
+                    crate::domain::model::Source::Trait => &mut traits,
+                };
+                if let Some(first) = a.path.first()
+                    && !target.contains(first)
+                {
+                    target.push(first.clone());
+                }
+            }
+            Condition::Event(_) | Condition::InSegment(_) => {}
+        }
+    }
+    (attributes, traits)
+}
+
+async fn fetch_page(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    compiled: &Compiled,
+    overrides: &HashMap<i64, HashMap<String, Series>>,
+    selection: &Selection<'_>,
+) -> Result<Option<PageData>> {
+    let (attribute_keys, trait_keys) = profile_keys(&compiled.definition.condition);
+    let columns = format!(
+        "person, {} AS attributes, {} AS traits",
+        projection("attributes", &attribute_keys),
+        projection("traits", &trait_keys)
+    );
+    let rows = match selection {
+        Selection::Range(after, until) => {
+            sqlx::query(&format!(
+                "SELECT {columns} FROM people WHERE workspace_id = $1 AND person > $2 \
+                 AND ($4::text IS NULL OR person <= $4) ORDER BY person LIMIT $3"
+            ))
+            .bind(workspace_id)
+            .bind(*after)
+            .bind(PAGE)
+            .bind(*until)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        Selection::Persons(persons) => {
+            sqlx::query(&format!(
+                "SELECT {columns} FROM people WHERE workspace_id = $1 AND person = ANY($2) ORDER BY person"
+            ))
+            .bind(workspace_id)
+            .bind(*persons)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    let mut people: Vec<(String, serde_json::Value, serde_json::Value)> =
+        Vec::with_capacity(rows.len());
+    for row in &rows {
+        people.push((
+            row.try_get("person")?,
+            row.try_get("attributes")?,
+            row.try_get("traits")?,
+        ));
+    }
+    drop(rows);
+    let (Some(first), Some(last)) = (people.first(), people.last()) else {
+        return Ok(None);
+    };
+    let first = first.0.clone();
+    let last = last.0.clone();
+    let stored_ids: Vec<i64> = compiled
+        .selectors
+        .iter()
+        .map(aggregate::selector_id)
+        .filter(|id| !overrides.contains_key(id))
+        .collect();
+    let mut series: Vec<HashMap<i64, Series>> = Vec::with_capacity(people.len());
+    series.resize_with(people.len(), HashMap::new);
+    if !stored_ids.is_empty() {
+        // A page is a key range (one index range scan); an explicit list is looked up.
+        // Rows come in person order, so they are matched to the page by a merge.
+        let query = match selection {
+            Selection::Range(..) => sqlx::query(
+                "SELECT person, selector_id, days, counts, sums, last_at FROM aggregates \
+                 WHERE workspace_id = $1 AND person >= $2 AND person <= $3 AND selector_id = ANY($4) \
+                 ORDER BY person",
+            )
+            .bind(workspace_id)
+            .bind(&first)
+            .bind(&last)
+            .bind(&stored_ids),
+            Selection::Persons(persons) => sqlx::query(
+                "SELECT person, selector_id, days, counts, sums, last_at FROM aggregates \
+                 WHERE workspace_id = $1 AND person = ANY($2) AND selector_id = ANY($3) ORDER BY person",
+            )
+            .bind(workspace_id)
+            .bind(*persons)
+            .bind(&stored_ids),
+        };
+        let mut index = 0;
+        for row in query.fetch_all(&mut *conn).await? {
+            let person: &str = row.try_get("person")?;
+            while index < people.len() && people[index].0.as_str() < person {
+                index += 1;
+            }
+            if index < people.len() && people[index].0 == person {
+                series[index].insert(row.try_get("selector_id")?, series_from_row(&row)?);
+            }
+        }
+    }
+    for (id, by_person) in overrides {
+        for (index, (person, _, _)) in people.iter().enumerate() {
+            if let Some(found) = by_person.get(person) {
+                series[index].insert(*id, found.clone());
+            }
+        }
+    }
+    Ok(Some(PageData {
+        people,
+        series,
+        last,
+    }))
+}
+
+/// Evaluates a page (CPU only).
+fn judge_page(
+    compiled: &Compiled,
+    dependencies: &HashMap<String, HashSet<String>>,
+    page: PageData,
+    now: DateTime<Utc>,
+) -> Vec<Verdict> {
+    let empty_object = serde_json::Value::Object(serde_json::Map::new());
+    let mut verdicts = Vec::with_capacity(page.people.len());
+    let mut memberships: HashMap<String, bool> = HashMap::new();
+    let condition = &compiled.definition.condition;
+    for ((person, attributes, traits), series) in page.people.into_iter().zip(page.series) {
+        memberships.clear();
+        for (name, members) in dependencies {
+            memberships.insert(name.clone(), members.contains(&person));
+        }
+        let facts = Facts {
+            attributes: if attributes.is_object() {
+                &attributes
+            } else {
+                &empty_object
+            },
+            traits: if traits.is_object() {
+                &traits
+            } else {
+                &empty_object
+            },
+            series: &series,
+            memberships: &memberships,
+        };
+        let member = eval::holds(condition, &facts, now);
+        let wake = if compiled.time_dependent {
+            eval::next_change(condition, &facts, now)
+        } else {
+            None
+        };
+        verdicts.push(Verdict {
+            person,
+            member,
+            wake,
+        });
+    }
+    verdicts
+}
+
 /// Which customers a batch page evaluates.
 #[derive(Debug)]
 pub(crate) enum Selection<'a> {
-    /// The next page after this person key (advanced past the page).
-    After(&'a mut String),
+    /// The next page after the first key, up to and including the second.
+    Range(&'a str, Option<&'a str>),
     /// Exactly these (at most a page).
     Persons(&'a [String]),
 }
@@ -723,16 +913,6 @@ pub struct Verdict {
     pub person: String,
     pub member: bool,
     pub wake: Option<DateTime<Utc>>,
-}
-
-/// Whether a condition reads attributes or traits (else the batch skips decoding them).
-fn reads_profile(condition: &Condition) -> bool {
-    match condition {
-        Condition::All(children) | Condition::Any(children) => children.iter().any(reads_profile),
-        Condition::Not(child) => reads_profile(child),
-        Condition::Attribute(_) => true,
-        Condition::Event(_) | Condition::InSegment(_) => false,
-    }
 }
 
 async fn insert_members(
@@ -774,6 +954,8 @@ async fn announce_difference(
     now: DateTime<Utc>,
 ) -> Result<()> {
     // Members of `have` missing from `lack`: entries (new vs old), then exits (old vs new).
+    // EXCEPT (a hash set operation) rather than NOT EXISTS: the new version's rows were
+    // written moments ago, and with stale statistics the planner picks a quadratic plan.
     for (entered, have, lack) in [(true, version, old_version), (false, old_version, version)] {
         sqlx::query(
             "INSERT INTO outbox (exchange, routing_key, message_id, payload) \
@@ -782,9 +964,9 @@ async fn announce_difference(
                'customer_id', CASE WHEN left(person, 2) = 'c:' THEN substr(person, 3) END, \
                'anonymous_id', CASE WHEN left(person, 2) = 'v:' THEN substr(person, 3) END, \
                'reason_at', $9::timestamptz, 'cause', 'definition', 'at', $9::timestamptz) \
-             FROM (SELECT gen_random_uuid()::text AS id, n.person FROM memberships n \
-                   WHERE n.segment_id = $7 AND n.version = $8 \
-                   AND NOT EXISTS (SELECT 1 FROM memberships o WHERE o.segment_id = $7 AND o.version = $10 AND o.person = n.person)) d",
+             FROM (SELECT gen_random_uuid()::text AS id, person FROM \
+                   (SELECT person FROM memberships WHERE segment_id = $7 AND version = $8 \
+                    EXCEPT SELECT person FROM memberships WHERE segment_id = $7 AND version = $10) AS diff) d",
         )
         .bind(EVENTS_EXCHANGE)
         .bind(if entered { SEGMENT_ENTERED } else { SEGMENT_EXITED })
