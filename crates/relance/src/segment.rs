@@ -288,8 +288,8 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
             let mut clients = target.connect().await?;
             let mut page_token = String::new();
             println!(
-                "{:<32} {:>8} {:>10} {:>10}  {}",
-                "NAME", "VERSION", "STATUS", "MEMBERS", "EVENTS"
+                "{:<32} {:>8} {:>10} {:>10}  EVENTS",
+                "NAME", "VERSION", "STATUS", "MEMBERS"
             );
             loop {
                 let page = clients

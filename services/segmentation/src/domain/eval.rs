@@ -295,7 +295,7 @@ pub fn passes(test: &Test, values: &[&serde_json::Value], now: DateTime<Utc>) ->
     match test {
         Test::Neq(expected) => !values.iter().any(|v| same(v, expected)),
         Test::NotIn(list) => !values.iter().any(|v| list.iter().any(|e| same(v, e))),
-        Test::Exists(wanted) => !values.is_empty() == *wanted,
+        Test::Exists(wanted) => values.is_empty() != *wanted,
         positive => values.iter().any(|v| passes_one(positive, v, now)),
     }
 }

@@ -21,8 +21,8 @@ pub enum Condition {
     Not(Box<Condition>),
     /// A test on a profile attribute or a computed trait.
     Attribute(AttributeCondition),
-    /// A test on what the customer did.
-    Event(EventCondition),
+    /// A test on what the customer did (boxed: by far the largest variant).
+    Event(Box<EventCondition>),
     /// Membership in another segment of the workspace.
     InSegment(String),
 }

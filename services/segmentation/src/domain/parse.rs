@@ -284,7 +284,9 @@ impl Reader {
             }
         }
         if has("event") {
-            return self.event_condition(node, path).map(Condition::Event);
+            return self
+                .event_condition(node, path)
+                .map(|event| Condition::Event(Box::new(event)));
         }
         for source in ["attribute", "trait"] {
             if has(source) {

@@ -67,6 +67,9 @@ pub struct LiveVersion {
     pub compiled: Arc<Compiled>,
 }
 
+/// Compiled definitions by (segment id, version).
+type CompiledCache = HashMap<(i64, i32), Arc<Compiled>>;
+
 /// Segmentation's tables and its Redis mirror.
 #[derive(Debug, Clone)]
 pub struct SegmentStore {
@@ -76,7 +79,7 @@ pub struct SegmentStore {
     pub(crate) build_wake: Arc<Notify>,
     pub(crate) mirror: mirror::Mirror,
     /// Parsed definitions by (segment id, version): versions never change once written.
-    compiled: Arc<Mutex<HashMap<(i64, i32), Arc<Compiled>>>>,
+    compiled: Arc<Mutex<CompiledCache>>,
 }
 
 impl SegmentStore {
@@ -666,6 +669,6 @@ fn locate_in_segments(yaml: &str) -> Vec<(String, String, u32, u32)> {
             _ => {}
         }
     }
-    found.sort_by(|a, b| (a.2, a.3).cmp(&(b.2, b.3)));
+    found.sort_by_key(|a| (a.2, a.3));
     found
 }

@@ -88,7 +88,7 @@ impl SegmentStore {
         let fresh: BTreeSet<String> = fresh.into_iter().collect();
 
         // (person, selector) → matching events' (time, value).
-        let mut additions: BTreeMap<(String, i64), Vec<(DateTime<Utc>, f64)>> = BTreeMap::new();
+        let mut additions: Additions = BTreeMap::new();
         let mut reasons: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
         for event in events {
             if !fresh.contains(&event.message_id) {
@@ -635,11 +635,14 @@ async fn lock_selectors(
     Ok(out)
 }
 
+/// Matching events (time, summed value) per (person key, selector id).
+pub(crate) type Additions = BTreeMap<(String, i64), Vec<(DateTime<Utc>, f64)>>;
+
 /// Adds matching events to their (person, selector) series, in key order (the lock order).
 pub(crate) async fn add_to_aggregates(
     conn: &mut PgConnection,
     workspace_id: &str,
-    additions: &BTreeMap<(String, i64), Vec<(DateTime<Utc>, f64)>>,
+    additions: &Additions,
 ) -> Result<()> {
     if additions.is_empty() {
         return Ok(());
