@@ -386,6 +386,11 @@ async fn nested_all_any_not_and_in_segment_evaluate_together() {
     let mut h = spawn_app().await;
     h.apply_built("kind: Segment\nname: buyers\nwhere:\n  event: order_completed\n")
         .await;
+    // Decided for newcomers too, though what brings them (a profile, a view) is not an order.
+    h.apply_built(
+        "kind: Segment\nname: never-ordered\nwhere:\n  not:\n    event: order_completed\n",
+    )
+    .await;
     h.apply_built(
         "kind: Segment
 name: maghreb-buyers
@@ -448,6 +453,25 @@ where:
     assert!(!h.is_member("fr-buyer", "maghreb-buyers").await);
     assert!(!h.is_member("dz-staff", "maghreb-buyers").await);
     assert!(!h.is_member("dz-browser", "maghreb-buyers").await);
+    h.wait_member("dz-browser", "never-ordered", true).await;
+    assert!(!h.is_member("dz-buyer", "never-ordered").await);
+    h.track(
+        "view-1",
+        "window-shopper",
+        "product_viewed",
+        serde_json::json!({}),
+    )
+    .await;
+    h.wait_member("window-shopper", "never-ordered", true).await;
+    h.track(
+        "order-ws",
+        "window-shopper",
+        "order_completed",
+        serde_json::json!({"revenue": 5}),
+    )
+    .await;
+    h.wait_member("window-shopper", "never-ordered", false)
+        .await;
     assert_eq!(h.count("maghreb-buyers").await.1, 2);
 
     // A profile change alone moves membership.

@@ -23,11 +23,14 @@ pub struct Compiled {
     pub depends_on: Vec<String>,
     /// Whether time alone can change the answer.
     pub time_dependent: bool,
+    /// Whether it reads profile attributes or traits (a profile change can move it).
+    pub reads_profile: bool,
 }
 
 impl Compiled {
     pub fn new(definition: Definition) -> Compiled {
         let mut selectors: Vec<EventSelector> = Vec::new();
+        let mut reads_profile = false;
         let mut stack = vec![&definition.condition];
         while let Some(node) = stack.pop() {
             match node {
@@ -47,7 +50,8 @@ impl Compiled {
                         }
                     }
                 }
-                Condition::Attribute(_) | Condition::InSegment(_) => {}
+                Condition::Attribute(_) => reads_profile = true,
+                Condition::InSegment(_) => {}
             }
         }
         let mut event_names: Vec<String> = selectors.iter().map(|s| s.name.clone()).collect();
@@ -56,6 +60,7 @@ impl Compiled {
         Compiled {
             depends_on: eval::dependencies(&definition.condition),
             time_dependent: eval::time_dependent(&definition.condition),
+            reads_profile,
             event_names,
             selectors,
             definition,
@@ -180,6 +185,7 @@ mod tests {
         );
         assert_eq!(compiled.depends_on, vec!["vip"]);
         assert!(compiled.time_dependent);
+        assert!(!compiled.reads_profile);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use relance_kit::bus::EVENTS_EXCHANGE;
 use relance_kit::messages::{SEGMENT_ENTERED, SEGMENT_EXITED};
 use sqlx::{PgConnection, Row as _};
 
-use super::realtime::{SELECTOR_LOCK_CLASS, series_from_row};
+use super::realtime::{SELECTOR_LOCK_CLASS, series_from_row, upsert_series};
 use super::{Member, Result, SegmentStore};
 use crate::domain::eval::{self, Facts, Series};
 use crate::domain::{Compiled, Condition, EventSelector, Person, aggregate, parse};
@@ -106,7 +106,7 @@ impl SegmentStore {
             .await?;
         let series = history_series(&mut tx, workspace_id, &selector, now, true).await?;
         let persons = series.len();
-        write_many(&mut tx, workspace_id, id, &series, now).await?;
+        write_many(&mut tx, workspace_id, id, series, now).await?;
         sqlx::query("UPDATE selectors SET status = 'ready' WHERE workspace_id = $1 AND id = $2")
             .bind(workspace_id)
             .bind(id)
@@ -194,8 +194,9 @@ impl SegmentStore {
             .execute(&mut *conn)
             .await?;
         drop(conn);
-        let wakes: std::sync::Mutex<Vec<(String, DateTime<Utc>)>> =
-            std::sync::Mutex::new(Vec::new());
+        // Members and next boundaries are written page by page, beside the reads. A customer
+        // the sweeper wakes before the switch (with only the old versions live) has been
+        // touched, so the switch re-decides them and writes their boundary again.
         let population = self
             .evaluate_all(
                 workspace_id,
@@ -205,28 +206,27 @@ impl SegmentStore {
                 build_started_at,
                 |conn, verdicts| {
                     let mut members = Vec::new();
-                    let mut found = Vec::new();
+                    let mut wakes = Vec::new();
                     for verdict in verdicts {
                         if let Some(at) = verdict.wake {
-                            found.push((verdict.person.clone(), at));
+                            wakes.push((verdict.person.clone(), at));
                         }
                         if verdict.member {
                             members.push(verdict.person);
                         }
                     }
-                    if let Ok(mut wakes) = wakes.lock() {
-                        wakes.extend(found);
-                    }
+                    let workspace = workspace_id.to_owned();
                     Box::pin(async move {
                         insert_members(
-                            conn,
+                            &mut *conn,
                             segment_id,
                             version,
                             old_version,
                             &members,
                             build_started_at,
                         )
-                        .await
+                        .await?;
+                        write_wakes(conn, &workspace, &wakes).await
                     })
                 },
             )
@@ -242,7 +242,6 @@ impl SegmentStore {
                 &compiled,
                 &dependencies,
                 build_started_at,
-                &wakes.into_inner().unwrap_or_default(),
                 now(),
             )
             .await?;
@@ -409,7 +408,6 @@ impl SegmentStore {
         compiled: &Compiled,
         dependencies: &HashMap<String, HashSet<String>>,
         build_started_at: DateTime<Utc>,
-        wakes: &[(String, DateTime<Utc>)],
         now: DateTime<Utc>,
     ) -> Result<Option<i64>> {
         let mut tx = self.pool.begin().await?;
@@ -465,20 +463,7 @@ impl SegmentStore {
                 .await?;
         }
         // Customers' next boundaries now include this version's windows.
-        for chunk in wakes.chunks(10_000).chain(late_wakes.chunks(10_000)) {
-            let persons: Vec<&str> = chunk.iter().map(|(p, _)| p.as_str()).collect();
-            let times: Vec<DateTime<Utc>> = chunk.iter().map(|(_, t)| *t).collect();
-            sqlx::query(
-                "UPDATE people SET wake_at = LEAST(COALESCE(people.wake_at, t.w), t.w) \
-                 FROM unnest($2::text[], $3::timestamptz[]) AS t(p, w) WHERE people.workspace_id = $1 AND people.person = t.p \
-                 AND (people.wake_at IS NULL OR people.wake_at > t.w)",
-            )
-            .bind(workspace_id)
-            .bind(&persons)
-            .bind(&times)
-            .execute(&mut *tx)
-            .await?;
-        }
+        write_wakes(&mut tx, workspace_id, &late_wakes).await?;
         if old_version > 0 {
             announce_difference(
                 &mut tx,
@@ -926,11 +911,14 @@ async fn insert_members(
     if members.is_empty() {
         return Ok(());
     }
-    // A customer who was a member of the previous version keeps their entry time.
+    // A customer who was a member of the previous version keeps their entry time. A
+    // correlated lookup, not a join: with the statistics of a table being rewritten the
+    // planner would hash the whole previous version for every page.
     sqlx::query(
         "INSERT INTO memberships (segment_id, version, person, entered_at) \
-         SELECT $1, $2, p, COALESCE(o.entered_at, $5) FROM unnest($3::text[]) AS t(p) \
-         LEFT JOIN memberships o ON o.segment_id = $1 AND o.version = $4 AND o.person = t.p \
+         SELECT $1, $2, p, COALESCE((SELECT o.entered_at FROM memberships o \
+                                     WHERE o.segment_id = $1 AND o.version = $4 AND o.person = t.p), $5) \
+         FROM unnest($3::text[]) AS t(p) \
          ON CONFLICT DO NOTHING",
     )
     .bind(segment_id)
@@ -940,6 +928,29 @@ async fn insert_members(
     .bind(now)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Brings customers' next boundaries forward to include a version's windows.
+async fn write_wakes(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    wakes: &[(String, DateTime<Utc>)],
+) -> Result<()> {
+    for chunk in wakes.chunks(10_000) {
+        let persons: Vec<&str> = chunk.iter().map(|(p, _)| p.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = chunk.iter().map(|(_, t)| *t).collect();
+        sqlx::query(
+            "UPDATE people SET wake_at = t.w \
+             FROM unnest($2::text[], $3::timestamptz[]) AS t(p, w) WHERE people.workspace_id = $1 AND people.person = t.p \
+             AND (people.wake_at IS NULL OR people.wake_at > t.w)",
+        )
+        .bind(workspace_id)
+        .bind(&persons)
+        .bind(&times)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -1028,46 +1039,23 @@ async fn history_series(
     Ok(out)
 }
 
-/// Writes many series of one selector at once (arrays travel as text literals, since
-/// `unnest` flattens arrays of arrays), and makes sure their people exist.
+/// Writes many series of one selector at once, and makes sure their people exist.
 async fn write_many(
     conn: &mut PgConnection,
     workspace_id: &str,
     selector_id: i64,
-    series: &HashMap<String, Series>,
+    series: HashMap<String, Series>,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let ordered: BTreeMap<&String, &Series> = series.iter().collect();
-    let entries: Vec<(&String, &Series)> = ordered.into_iter().collect();
-    for chunk in entries.chunks(5_000) {
-        let mut persons = Vec::with_capacity(chunk.len());
-        let mut days = Vec::with_capacity(chunk.len());
-        let mut counts = Vec::with_capacity(chunk.len());
-        let mut sums = Vec::with_capacity(chunk.len());
-        let mut lasts = Vec::with_capacity(chunk.len());
-        for (person, s) in chunk {
-            persons.push(person.as_str());
-            days.push(array_literal(&s.days));
-            counts.push(array_literal(&s.counts));
-            sums.push(array_literal(&s.sums));
-            lasts.push(s.last_at);
-        }
-        sqlx::query(
-            "INSERT INTO aggregates (workspace_id, selector_id, person, days, counts, sums, last_at) \
-             SELECT $1, $2, p, d::integer[], c::integer[], s::double precision[], l \
-             FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) AS t(p, d, c, s, l) \
-             ON CONFLICT (workspace_id, person, selector_id) DO UPDATE \
-             SET days = excluded.days, counts = excluded.counts, sums = excluded.sums, last_at = excluded.last_at",
-        )
-        .bind(workspace_id)
-        .bind(selector_id)
-        .bind(&persons)
-        .bind(&days)
-        .bind(&counts)
-        .bind(&sums)
-        .bind(&lasts)
-        .execute(&mut *conn)
-        .await?;
+    let mut ordered: Vec<(String, Series)> = series.into_iter().collect();
+    ordered.sort_by(|a, b| a.0.cmp(&b.0));
+    for chunk in ordered.chunks(5_000) {
+        let rows: Vec<(&str, i64, Series)> = chunk
+            .iter()
+            .map(|(person, s)| (person.as_str(), selector_id, s.clone()))
+            .collect();
+        upsert_series(&mut *conn, workspace_id, &rows).await?;
+        let persons: Vec<&str> = chunk.iter().map(|(p, _)| p.as_str()).collect();
         sqlx::query(
             "INSERT INTO people (workspace_id, person, touched_at) SELECT $1, p, $3 FROM unnest($2::text[]) AS t(p) ON CONFLICT DO NOTHING",
         )
@@ -1078,17 +1066,4 @@ async fn write_many(
         .await?;
     }
     Ok(())
-}
-
-fn array_literal<T: std::fmt::Display>(values: &[T]) -> String {
-    let mut text = String::with_capacity(values.len() * 6 + 2);
-    text.push('{');
-    for (i, value) in values.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str(&value.to_string());
-    }
-    text.push('}');
-    text
 }

@@ -3,7 +3,7 @@
 //! re-evaluates only the customers it concerns, in the same transaction that records it.
 //! The sweeper wakes customers whose membership time alone changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use relance_kit::bus::EVENTS_EXCHANGE;
@@ -38,6 +38,17 @@ impl Cause {
             Cause::Definition => "definition",
         }
     }
+}
+
+/// What changed, so that only the segments it can move are re-decided.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    /// Events of these names arrived.
+    Events(&'a [&'a str]),
+    /// Profile attributes or traits changed.
+    Profile,
+    /// Time passed, identities merged, or the customer is new: every segment.
+    Everything,
 }
 
 /// What an evaluation changed, to mirror after commit.
@@ -121,7 +132,14 @@ impl SegmentStore {
         add_to_aggregates(&mut tx, &workspace_id, &additions).await?;
         let reasons: Vec<(String, DateTime<Utc>)> = reasons.into_iter().collect();
         let evaluated = self
-            .evaluate(&mut tx, &workspace_id, &reasons, Cause::Event, now)
+            .evaluate(
+                &mut tx,
+                &workspace_id,
+                &reasons,
+                Cause::Event,
+                Scope::Events(&names),
+                now,
+            )
             .await?;
         tx.commit().await?;
         self.after_commit(&workspace_id, evaluated).await;
@@ -166,14 +184,14 @@ impl SegmentStore {
                 ats.push(updated.at);
             }
             let mut tx = self.pool.begin().await?;
-            let recorded: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            let recorded: Vec<(String, DateTime<Utc>, bool)> = sqlx::query_as(
                 "INSERT INTO people (workspace_id, person, attributes, traits, profile_at, touched_at) \
                  SELECT $1, p, a, t, at, $6 FROM unnest($2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[]) AS u(p, a, t, at) \
                  ORDER BY p \
                  ON CONFLICT (workspace_id, person) DO UPDATE SET attributes = excluded.attributes, \
                  traits = excluded.traits, profile_at = excluded.profile_at \
                  WHERE people.profile_at IS NULL OR people.profile_at <= excluded.profile_at \
-                 RETURNING person, profile_at",
+                 RETURNING person, profile_at, (xmax = 0) AS inserted",
             )
             .bind(workspace_id)
             .bind(&keys)
@@ -186,9 +204,44 @@ impl SegmentStore {
             if recorded.is_empty() {
                 continue;
             }
-            let evaluated = self
-                .evaluate(&mut tx, workspace_id, &recorded, Cause::Profile, now)
-                .await?;
+            // A profile seen for the first time is decided for every segment.
+            let mut changed = Vec::new();
+            let mut newcomers = Vec::new();
+            for (person, at, inserted) in recorded {
+                if inserted {
+                    newcomers.push((person, at));
+                } else {
+                    changed.push((person, at));
+                }
+            }
+            let mut evaluated = if changed.is_empty() {
+                Evaluated::default()
+            } else {
+                self.evaluate(
+                    &mut tx,
+                    workspace_id,
+                    &changed,
+                    Cause::Profile,
+                    Scope::Profile,
+                    now,
+                )
+                .await?
+            };
+            if !newcomers.is_empty() {
+                let more = self
+                    .evaluate(
+                        &mut tx,
+                        workspace_id,
+                        &newcomers,
+                        Cause::Profile,
+                        Scope::Everything,
+                        now,
+                    )
+                    .await?;
+                evaluated.entered += more.entered;
+                evaluated.exited += more.exited;
+                evaluated.mirror.extend(more.mirror);
+            }
             tx.commit().await?;
             self.after_commit(workspace_id, evaluated).await;
         }
@@ -294,7 +347,14 @@ impl SegmentStore {
         }
         enqueue_changes(&mut tx, &messages).await?;
         let more = self
-            .evaluate(&mut tx, workspace_id, &[(customer, now)], Cause::Merge, now)
+            .evaluate(
+                &mut tx,
+                workspace_id,
+                &[(customer, now)],
+                Cause::Merge,
+                Scope::Everything,
+                now,
+            )
             .await?;
         evaluated.entered += more.entered;
         evaluated.exited += more.exited;
@@ -376,7 +436,14 @@ impl SegmentStore {
         let mut outcomes = Vec::with_capacity(by_workspace.len());
         for (workspace_id, persons) in &by_workspace {
             let evaluated = self
-                .evaluate(&mut tx, workspace_id, persons, Cause::Time, now)
+                .evaluate(
+                    &mut tx,
+                    workspace_id,
+                    persons,
+                    Cause::Time,
+                    Scope::Everything,
+                    now,
+                )
                 .await?;
             outcomes.push((workspace_id.clone(), evaluated));
         }
@@ -387,15 +454,19 @@ impl SegmentStore {
         Ok(rows.len())
     }
 
-    /// Re-evaluates `persons` (person key, the time that caused it) against every answering
-    /// version of the workspace, inside the caller's transaction: records entries and exits
-    /// with their announcements, and the next time-only boundary of each customer.
+    /// Re-evaluates `persons` (person key, the time that caused it) inside the caller's
+    /// transaction: records entries and exits with their announcements, and the next
+    /// time-only boundary of each customer. Only the answering versions that can depend on
+    /// what changed are re-decided — those reading `event_names` for an event, those
+    /// reading the profile for a profile change, everything for time and merges — and the
+    /// segments that refer to them; the others keep their recorded membership.
     pub(crate) async fn evaluate(
         &self,
         tx: &mut PgConnection,
         workspace_id: &str,
         persons: &[(String, DateTime<Utc>)],
         cause: Cause,
+        scope: Scope<'_>,
         now: DateTime<Utc>,
     ) -> Result<Evaluated> {
         let mut keys: Vec<String> = persons.iter().map(|(p, _)| p.clone()).collect();
@@ -409,7 +480,7 @@ impl SegmentStore {
         let people = sqlx::query(
             "INSERT INTO people (workspace_id, person, touched_at) SELECT $1, p, $3 FROM unnest($2::text[]) AS t(p) \
              ON CONFLICT (workspace_id, person) DO UPDATE SET touched_at = excluded.touched_at \
-             RETURNING person, attributes, traits",
+             RETURNING person, attributes, traits, (xmax = 0) AS inserted",
         )
         .bind(workspace_id)
         .bind(&keys)
@@ -445,6 +516,27 @@ impl SegmentStore {
                     .insert(row.try_get("selector_id")?, series_from_row(row)?);
             }
         }
+        // Which versions this change can move (dependencies come first in `live`).
+        let mut affected: HashSet<&str> = HashSet::new();
+        for version in &live {
+            let compiled = &version.compiled;
+            let direct = match scope {
+                Scope::Events(names) => compiled
+                    .event_names
+                    .iter()
+                    .any(|name| names.contains(&name.as_str())),
+                Scope::Profile => compiled.reads_profile,
+                Scope::Everything => true,
+            };
+            if direct
+                || compiled
+                    .depends_on
+                    .iter()
+                    .any(|d| affected.contains(d.as_str()))
+            {
+                affected.insert(compiled.name());
+            }
+        }
         let segment_ids: Vec<i64> = live.iter().map(|v| v.segment_id).collect();
         let member_rows = sqlx::query(
             "SELECT segment_id, version, person, entered_at FROM memberships \
@@ -477,6 +569,9 @@ impl SegmentStore {
             let person: String = row.try_get("person")?;
             let attributes: serde_json::Value = row.try_get("attributes")?;
             let traits: serde_json::Value = row.try_get("traits")?;
+            // Someone seen for the first time is decided for every segment (they may meet a
+            // condition such as "never ordered" that the event itself does not touch).
+            let newcomer: bool = row.try_get("inserted")?;
             let person_series = series.get(&person).unwrap_or(&empty_series);
             let reason_at = reason_of.get(person.as_str()).copied().unwrap_or(now);
             let mut memberships: HashMap<String, bool> = HashMap::new();
@@ -496,7 +591,13 @@ impl SegmentStore {
                     series: person_series,
                     memberships: &memberships,
                 };
-                let member = eval::holds(&version.compiled.definition.condition, &facts, now);
+                let key = (version.segment_id, version.version, person.clone());
+                let was = current.contains_key(&key);
+                let member = if newcomer || affected.contains(version.compiled.name()) {
+                    eval::holds(&version.compiled.definition.condition, &facts, now)
+                } else {
+                    was
+                };
                 if version.compiled.time_dependent
                     && let Some(at) =
                         eval::next_change(&version.compiled.definition.condition, &facts, now)
@@ -505,8 +606,6 @@ impl SegmentStore {
                     wake = Some(at);
                 }
                 memberships.insert(version.compiled.name().to_owned(), member);
-                let key = (version.segment_id, version.version, person.clone());
-                let was = current.contains_key(&key);
                 if member == was {
                     continue;
                 }
@@ -666,14 +765,71 @@ pub(crate) async fn add_to_aggregates(
             series_from_row(row)?,
         );
     }
+    let mut updated = Vec::with_capacity(additions.len());
     for (key, events) in additions {
         let mut series = existing.remove(key).unwrap_or_default();
         for (at, value) in events {
             series.add(*at, *value);
         }
-        write_series(&mut *conn, workspace_id, &key.0, key.1, &series).await?;
+        updated.push((key.0.as_str(), key.1, series));
+    }
+    upsert_series(conn, workspace_id, &updated).await
+}
+
+/// Writes many (person, selector, series) rows in one statement. Arrays travel as text
+/// literals, since `unnest` would flatten an array of arrays.
+pub(crate) async fn upsert_series(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    rows: &[(&str, i64, Series)],
+) -> Result<()> {
+    for chunk in rows.chunks(5_000) {
+        let mut persons = Vec::with_capacity(chunk.len());
+        let mut selectors = Vec::with_capacity(chunk.len());
+        let mut days = Vec::with_capacity(chunk.len());
+        let mut counts = Vec::with_capacity(chunk.len());
+        let mut sums = Vec::with_capacity(chunk.len());
+        let mut lasts = Vec::with_capacity(chunk.len());
+        for (person, selector, series) in chunk {
+            persons.push(*person);
+            selectors.push(*selector);
+            days.push(array_literal(&series.days));
+            counts.push(array_literal(&series.counts));
+            sums.push(array_literal(&series.sums));
+            lasts.push(series.last_at);
+        }
+        sqlx::query(
+            "INSERT INTO aggregates (workspace_id, selector_id, person, days, counts, sums, last_at) \
+             SELECT $1, s, p, d::integer[], c::integer[], m::double precision[], l \
+             FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) AS t(p, s, d, c, m, l) \
+             ON CONFLICT (workspace_id, person, selector_id) DO UPDATE \
+             SET days = excluded.days, counts = excluded.counts, sums = excluded.sums, last_at = excluded.last_at",
+        )
+        .bind(workspace_id)
+        .bind(&persons)
+        .bind(&selectors)
+        .bind(&days)
+        .bind(&counts)
+        .bind(&sums)
+        .bind(&lasts)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
+}
+
+/// `{1,2,3}`: a Postgres array literal.
+fn array_literal<T: std::fmt::Display>(values: &[T]) -> String {
+    let mut text = String::with_capacity(values.len() * 6 + 2);
+    text.push('{');
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&value.to_string());
+    }
+    text.push('}');
+    text
 }
 
 pub(crate) async fn write_series(
