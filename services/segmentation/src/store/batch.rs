@@ -6,7 +6,7 @@
 //! (their attributes, traits and daily aggregates read in person order), so a segment
 //! means exactly one thing whichever path computed it. BENCHMARKS.md has its speed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt as _;
