@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use futures::future::BoxFuture;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -412,6 +412,28 @@ impl From<sqlx::Error> for HandleError {
 pub trait Handler: Send + Sync + 'static {
     /// Does the work of one message and commits it; must be idempotent.
     fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>>;
+
+    /// How many waiting messages [`Handler::handle_batch`] may take at once; 1 (the
+    /// default) handles each message alone.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Does the work of several messages, in order, all or nothing (typically one
+    /// transaction: one commit instead of one per message). When it fails, each message is
+    /// handled again alone with [`Handler::handle`], so that retries and the dead-letter
+    /// queue still apply to the message at fault.
+    fn handle_batch<'a>(
+        &'a self,
+        messages: &'a [Received<'a>],
+    ) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move {
+            for message in messages {
+                self.handle(message).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Consumes `spec.queue` until `shutdown`, reconnecting after failures.
@@ -486,13 +508,68 @@ async fn consume_once(
                 None => return Err(BusError::ConsumerEnded),
             },
         };
+        // Messages already waiting join the batch (never waiting for more).
+        let mut deliveries = vec![delivery];
+        while deliveries.len() < handler.max_batch() {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(next))) => deliveries.push(next),
+                Some(Some(Err(error))) => return Err(error.into()),
+                Some(None) => return Err(BusError::ConsumerEnded),
+                None => break,
+            }
+        }
+        if deliveries.len() > 1 {
+            let ids: Vec<String> = deliveries.iter().map(message_id_of).collect();
+            let batch: Vec<Received<'_>> = deliveries
+                .iter()
+                .zip(&ids)
+                .map(|(d, id)| Received {
+                    routing_key: d.routing_key.as_str(),
+                    message_id: id,
+                    payload: &d.data,
+                    attempt: attempt_of(&d.properties),
+                })
+                .collect();
+            let span = tracing::info_span!("consume_batch", queue = %spec.queue, messages = batch.len());
+            let outcome = handler.handle_batch(&batch).instrument(span).await;
+            drop(batch);
+            if outcome.is_ok() {
+                metrics::counter!("relance_messages_consumed_total", "queue" => spec.queue.clone(), "outcome" => "ok")
+                    .increment(deliveries.len() as u64);
+                for delivery in &deliveries {
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                }
+                continue;
+            }
+            tracing::debug!(queue = %spec.queue, messages = deliveries.len(), "batch failed, handling its messages one by one");
+        }
+        for delivery in deliveries {
+            handle_one(&channel, spec, &queue, handler, delivery).await?;
+        }
+    }
+}
+
+fn message_id_of(delivery: &lapin::message::Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// Handles one delivery alone: ack on success, a delayed retry or the dead-letter queue
+/// on failure.
+async fn handle_one(
+    channel: &Channel,
+    spec: &ConsumerSpec,
+    queue: &str,
+    handler: &dyn Handler,
+    delivery: lapin::message::Delivery,
+) -> Result<(), BusError> {
+    {
         let attempt = attempt_of(&delivery.properties);
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().to_owned())
-            .unwrap_or_default();
+        let message_id = message_id_of(&delivery);
         let received = Received {
             routing_key: delivery.routing_key.as_str(),
             message_id: &message_id,
@@ -507,18 +584,19 @@ async fn consume_once(
             Err(HandleError::Retry(error)) if (attempt as usize) <= spec.retry_delays.len() => {
                 tracing::warn!(queue = %spec.queue, %message_id, attempt, error = %format!("{error:#}"), "handler failed, retrying later");
                 let target = format!("{queue}.retry.{attempt}");
-                republish(&channel, &target, &delivery, attempt + 1).await?;
+                republish(channel, &target, &delivery, attempt + 1).await?;
                 "retried"
             }
             Err(error) => {
                 tracing::error!(queue = %spec.queue, %message_id, attempt, %error, "message dead-lettered");
-                republish(&channel, &format!("{queue}.dlq"), &delivery, attempt).await?;
+                republish(channel, &format!("{queue}.dlq"), &delivery, attempt).await?;
                 "dead_lettered"
             }
         };
         metrics::counter!("relance_messages_consumed_total", "queue" => spec.queue.clone(), "outcome" => outcome_label).increment(1);
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
+    Ok(())
 }
 
 /// Copies a delivery to `queue` (through the default exchange) with its attempt number,

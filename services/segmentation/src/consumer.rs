@@ -11,6 +11,7 @@ use relance_kit::messages::{
 
 use crate::domain::SegmentError;
 use crate::store::SegmentStore;
+use crate::store::realtime::AfterCommit;
 
 /// The queue segmentation consumes.
 pub const QUEUE: &str = "segmentation.changes";
@@ -24,8 +25,8 @@ pub fn spec() -> ConsumerSpec {
         .bind(EVENTS_EXCHANGE, PROFILE_DELETED)
 }
 
-/// Applies each message in one transaction; every path is idempotent (events are
-/// deduplicated by id, profile changes are states, not increments).
+/// Applies messages in transactions (several waiting ones together); every path is
+/// idempotent (events are deduplicated by id, profile changes are states, not increments).
 #[derive(Debug)]
 pub struct ChangeHandler {
     pub store: SegmentStore,
@@ -40,43 +41,74 @@ fn malformed(error: serde_json::Error) -> HandleError {
     HandleError::Reject(error.into())
 }
 
-impl Handler for ChangeHandler {
-    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
-        Box::pin(async move {
-            let now = self.clock.now();
-            match message.routing_key {
-                PROFILE_UPDATED => {
-                    let updated: ProfileUpdated =
-                        serde_json::from_slice(message.payload).map_err(malformed)?;
+/// One decoded message.
+enum Change {
+    Events(EventBatch),
+    ProfileUpdated(ProfileUpdated),
+    ProfilesRescored(ProfilesRescored),
+    ProfileMerged(ProfileMerged),
+    ProfileDeleted(ProfileDeleted),
+}
+
+fn decode(message: &Received<'_>) -> Result<Change, HandleError> {
+    Ok(match message.routing_key {
+        PROFILE_UPDATED => {
+            Change::ProfileUpdated(serde_json::from_slice(message.payload).map_err(malformed)?)
+        }
+        PROFILES_RESCORED => {
+            Change::ProfilesRescored(serde_json::from_slice(message.payload).map_err(malformed)?)
+        }
+        PROFILE_MERGED => {
+            Change::ProfileMerged(serde_json::from_slice(message.payload).map_err(malformed)?)
+        }
+        PROFILE_DELETED => {
+            Change::ProfileDeleted(serde_json::from_slice(message.payload).map_err(malformed)?)
+        }
+        key if key.starts_with(relance_kit::messages::EVENT_KEY_PREFIX) => {
+            Change::Events(serde_json::from_slice(message.payload).map_err(malformed)?)
+        }
+        other => {
+            return Err(HandleError::Reject(anyhow::anyhow!(
+                "unexpected routing key {other}"
+            )));
+        }
+    })
+}
+
+impl ChangeHandler {
+    /// Applies changes in order inside one transaction.
+    async fn apply(&self, changes: &[Change]) -> Result<(), SegmentError> {
+        let now = self.clock.now();
+        let mut tx = self.store.pool().begin().await?;
+        let mut after = AfterCommit::default();
+        for change in changes {
+            match change {
+                Change::ProfileUpdated(updated) => {
                     self.store
-                        .profiles_updated(std::slice::from_ref(&updated), now)
-                        .await
-                        .map_err(retry)?;
+                        .profiles_updated_in(
+                            &mut tx,
+                            std::slice::from_ref(updated),
+                            now,
+                            &mut after,
+                        )
+                        .await?;
                 }
-                PROFILES_RESCORED => {
-                    let rescored: ProfilesRescored =
-                        serde_json::from_slice(message.payload).map_err(malformed)?;
+                Change::ProfilesRescored(rescored) => {
                     self.store
-                        .profiles_updated(&rescored.profiles, now)
-                        .await
-                        .map_err(retry)?;
+                        .profiles_updated_in(&mut tx, &rescored.profiles, now, &mut after)
+                        .await?;
                 }
-                PROFILE_MERGED => {
-                    let merged: ProfileMerged =
-                        serde_json::from_slice(message.payload).map_err(malformed)?;
+                Change::ProfileMerged(merged) => {
                     self.store
-                        .profile_merged(&merged, now)
-                        .await
-                        .map_err(retry)?;
+                        .profile_merged_in(&mut tx, merged, now, &mut after)
+                        .await?;
                 }
-                PROFILE_DELETED => {
-                    let deleted: ProfileDeleted =
-                        serde_json::from_slice(message.payload).map_err(malformed)?;
-                    self.store.profile_deleted(&deleted).await.map_err(retry)?;
+                Change::ProfileDeleted(deleted) => {
+                    self.store
+                        .profile_deleted_in(&mut tx, deleted, &mut after)
+                        .await?;
                 }
-                key if key.starts_with(relance_kit::messages::EVENT_KEY_PREFIX) => {
-                    let batch: EventBatch =
-                        serde_json::from_slice(message.payload).map_err(malformed)?;
+                Change::Events(batch) => {
                     // A batch holds one workspace's events; split defensively all the same.
                     let mut start = 0;
                     while start < batch.events.len() {
@@ -88,19 +120,47 @@ impl Handler for ChangeHandler {
                             end += 1;
                         }
                         self.store
-                            .apply_events(&batch.events[start..end], now)
-                            .await
-                            .map_err(retry)?;
+                            .apply_events_in(&mut tx, &batch.events[start..end], now, &mut after)
+                            .await?;
                         start = end;
                     }
                 }
-                other => {
-                    return Err(HandleError::Reject(anyhow::anyhow!(
-                        "unexpected routing key {other}"
-                    )));
-                }
             }
-            Ok(())
+        }
+        tx.commit().await?;
+        self.store.finish(after).await;
+        Ok(())
+    }
+}
+
+/// Messages waiting in the queue are applied together, in one transaction: one commit
+/// (one WAL flush) for many events instead of one each.
+const MAX_BATCH: usize = 64;
+
+impl Handler for ChangeHandler {
+    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move {
+            let change = decode(message)?;
+            self.apply(std::slice::from_ref(&change))
+                .await
+                .map_err(retry)
+        })
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        messages: &'a [Received<'a>],
+    ) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move {
+            let mut changes = Vec::with_capacity(messages.len());
+            for message in messages {
+                changes.push(decode(message)?);
+            }
+            self.apply(&changes).await.map_err(retry)
         })
     }
 }

@@ -51,6 +51,19 @@ pub(crate) enum Scope<'a> {
     Everything,
 }
 
+/// What transactions leave to do once committed: wake the outbox relay, write the Redis
+/// mirror.
+#[derive(Debug, Default)]
+pub struct AfterCommit {
+    items: Vec<(String, Evaluated)>,
+}
+
+impl AfterCommit {
+    pub(crate) fn push(&mut self, workspace_id: String, evaluated: Evaluated) {
+        self.items.push((workspace_id, evaluated));
+    }
+}
+
 /// What an evaluation changed, to mirror after commit.
 #[derive(Debug, Default)]
 pub struct Evaluated {
@@ -71,6 +84,24 @@ impl SegmentStore {
     /// Applies a batch of events of one workspace: skips those seen before, adds the rest
     /// to the aggregates, and re-evaluates their customers. Returns how many were new.
     pub async fn apply_events(&self, events: &[EventMessage], now: DateTime<Utc>) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let mut after = AfterCommit::default();
+        let fresh = self
+            .apply_events_in(&mut tx, events, now, &mut after)
+            .await?;
+        tx.commit().await?;
+        self.finish(after).await;
+        Ok(fresh)
+    }
+
+    /// [`SegmentStore::apply_events`] inside the caller's transaction.
+    pub(crate) async fn apply_events_in(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventMessage],
+        now: DateTime<Utc>,
+        after: &mut AfterCommit,
+    ) -> Result<usize> {
         let Some(first) = events.first() else {
             return Ok(0);
         };
@@ -79,8 +110,7 @@ impl SegmentStore {
         names.sort_unstable();
         names.dedup();
 
-        let mut tx = self.pool.begin().await?;
-        let selectors = lock_selectors(&mut tx, &workspace_id, &names).await?;
+        let selectors = lock_selectors(&mut *tx, &workspace_id, &names).await?;
         let message_ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
         let received: Vec<DateTime<Utc>> = events.iter().map(|e| e.received_at).collect();
         let fresh: Vec<String> = sqlx::query_scalar(
@@ -129,11 +159,11 @@ impl SegmentStore {
                 }
             }
         }
-        add_to_aggregates(&mut tx, &workspace_id, &additions).await?;
+        add_to_aggregates(&mut *tx, &workspace_id, &additions).await?;
         let reasons: Vec<(String, DateTime<Utc>)> = reasons.into_iter().collect();
         let evaluated = self
             .evaluate(
-                &mut tx,
+                &mut *tx,
                 &workspace_id,
                 &reasons,
                 Cause::Event,
@@ -141,8 +171,7 @@ impl SegmentStore {
                 now,
             )
             .await?;
-        tx.commit().await?;
-        self.after_commit(&workspace_id, evaluated).await;
+        after.push(workspace_id, evaluated);
         Ok(fresh.len())
     }
 
@@ -153,6 +182,23 @@ impl SegmentStore {
         &self,
         updates: &[ProfileUpdated],
         now: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut after = AfterCommit::default();
+        self.profiles_updated_in(&mut *tx, updates, now, &mut after)
+            .await?;
+        tx.commit().await?;
+        self.finish(after).await;
+        Ok(())
+    }
+
+    /// [`SegmentStore::profiles_updated`] inside the caller's transaction.
+    pub(crate) async fn profiles_updated_in(
+        &self,
+        tx: &mut PgConnection,
+        updates: &[ProfileUpdated],
+        now: DateTime<Utc>,
+        after: &mut AfterCommit,
     ) -> Result<()> {
         let mut by_workspace: BTreeMap<&str, BTreeMap<String, &ProfileUpdated>> = BTreeMap::new();
         for updated in updates {
@@ -183,7 +229,6 @@ impl SegmentStore {
                 traits.push(&updated.traits);
                 ats.push(updated.at);
             }
-            let mut tx = self.pool.begin().await?;
             let recorded: Vec<(String, DateTime<Utc>, bool)> = sqlx::query_as(
                 "INSERT INTO people (workspace_id, person, attributes, traits, profile_at, touched_at) \
                  SELECT $1, p, a, t, at, $6 FROM unnest($2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[]) AS u(p, a, t, at) \
@@ -218,7 +263,7 @@ impl SegmentStore {
                 Evaluated::default()
             } else {
                 self.evaluate(
-                    &mut tx,
+                    &mut *tx,
                     workspace_id,
                     &changed,
                     Cause::Profile,
@@ -230,7 +275,7 @@ impl SegmentStore {
             if !newcomers.is_empty() {
                 let more = self
                     .evaluate(
-                        &mut tx,
+                        &mut *tx,
                         workspace_id,
                         &newcomers,
                         Cause::Profile,
@@ -242,8 +287,7 @@ impl SegmentStore {
                 evaluated.exited += more.exited;
                 evaluated.mirror.extend(more.mirror);
             }
-            tx.commit().await?;
-            self.after_commit(workspace_id, evaluated).await;
+            after.push(workspace_id.to_owned(), evaluated);
         }
         Ok(())
     }
@@ -252,10 +296,26 @@ impl SegmentStore {
     /// visitor's memberships end, the customer is re-evaluated. A redelivery finds nothing
     /// left to fold.
     pub async fn profile_merged(&self, merged: &ProfileMerged, now: DateTime<Utc>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut after = AfterCommit::default();
+        self.profile_merged_in(&mut tx, merged, now, &mut after)
+            .await?;
+        tx.commit().await?;
+        self.finish(after).await;
+        Ok(())
+    }
+
+    /// [`SegmentStore::profile_merged`] inside the caller's transaction.
+    pub(crate) async fn profile_merged_in(
+        &self,
+        tx: &mut PgConnection,
+        merged: &ProfileMerged,
+        now: DateTime<Utc>,
+        after: &mut AfterCommit,
+    ) -> Result<()> {
         let visitor = Person::Visitor(merged.anonymous_id.clone()).key();
         let customer = Person::Customer(merged.customer_id.clone()).key();
         let workspace_id = &merged.workspace_id;
-        let mut tx = self.pool.begin().await?;
         let mut persons = vec![visitor.clone(), customer.clone()];
         persons.sort();
         let rows = sqlx::query(
@@ -282,7 +342,7 @@ impl SegmentStore {
             let merged_series = customer_series.entry(*selector_id).or_default();
             merged_series.merge(series);
             write_series(
-                &mut tx,
+                &mut *tx,
                 workspace_id,
                 &customer,
                 *selector_id,
@@ -309,7 +369,7 @@ impl SegmentStore {
             .execute(&mut *tx)
             .await?;
         // The visitor's memberships end: announce each exit so flows can follow the customer.
-        let live = self.live_versions(&mut tx, workspace_id).await?;
+        let live = self.live_versions(&mut *tx, workspace_id).await?;
         let mut evaluated = Evaluated::default();
         let ended = sqlx::query(
             "DELETE FROM memberships WHERE segment_id = ANY($1) AND person = $2 RETURNING segment_id, version",
@@ -345,10 +405,10 @@ impl SegmentStore {
                 entered_at: None,
             });
         }
-        enqueue_changes(&mut tx, &messages).await?;
+        enqueue_changes(&mut *tx, &messages).await?;
         let more = self
             .evaluate(
-                &mut tx,
+                &mut *tx,
                 workspace_id,
                 &[(customer, now)],
                 Cause::Merge,
@@ -359,14 +419,30 @@ impl SegmentStore {
         evaluated.entered += more.entered;
         evaluated.exited += more.exited;
         evaluated.mirror.extend(more.mirror);
-        tx.commit().await?;
-        self.after_commit(workspace_id, evaluated).await;
+        after.push(workspace_id.clone(), evaluated);
         Ok(())
     }
 
     /// Erases everything segmentation holds on a deleted customer (no exit is announced:
     /// the deletion itself is).
     pub async fn profile_deleted(&self, deleted: &ProfileDeleted) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut after = AfterCommit::default();
+        let erased = self
+            .profile_deleted_in(&mut tx, deleted, &mut after)
+            .await?;
+        tx.commit().await?;
+        self.finish(after).await;
+        Ok(erased)
+    }
+
+    /// [`SegmentStore::profile_deleted`] inside the caller's transaction.
+    pub(crate) async fn profile_deleted_in(
+        &self,
+        tx: &mut PgConnection,
+        deleted: &ProfileDeleted,
+        after: &mut AfterCommit,
+    ) -> Result<u64> {
         let mut persons: Vec<String> = deleted
             .anonymous_ids
             .iter()
@@ -376,7 +452,6 @@ impl SegmentStore {
             persons.push(Person::Customer(customer.clone()).key());
         }
         let workspace_id = &deleted.workspace_id;
-        let mut tx = self.pool.begin().await?;
         let removed = sqlx::query(
             "DELETE FROM memberships m USING segments s WHERE s.id = m.segment_id AND s.workspace_id = $1 \
              AND m.person = ANY($2) RETURNING m.segment_id, m.version, m.person",
@@ -397,7 +472,6 @@ impl SegmentStore {
             .bind(&persons)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         let mut mirror = Vec::with_capacity(removed.len());
         for row in &removed {
             mirror.push(MirrorChange {
@@ -407,7 +481,13 @@ impl SegmentStore {
                 entered_at: None,
             });
         }
-        self.mirror.apply(workspace_id, &mirror).await;
+        after.push(
+            workspace_id.clone(),
+            Evaluated {
+                mirror,
+                ..Evaluated::default()
+            },
+        );
         Ok(aggregates + removed.len() as u64)
     }
 
@@ -679,6 +759,13 @@ impl SegmentStore {
             counter("exited", evaluated.exited);
         }
         Ok(evaluated)
+    }
+
+    /// After the commit of `_in` work.
+    pub async fn finish(&self, after: AfterCommit) {
+        for (workspace_id, evaluated) in after.items {
+            self.after_commit(&workspace_id, evaluated).await;
+        }
     }
 
     /// After a commit: announce, mirror.
