@@ -490,25 +490,19 @@ pub async fn latency(
         ("amqp_prefix", args.amqp_prefix.as_str()),
     ])?;
     let bus = relance_kit::bus::Bus::connect(&settings).await?;
-    let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let published = Arc::new(Mutex::new(stats::new_histogram()?));
-    let entered = Arc::new(Mutex::new(stats::new_histogram()?));
+    let book = Arc::new(Mutex::new(Book::new()?));
     let prefix = format!("lat{}-", args.seed);
     let warmup = u64::from(args.rate) * u64::from(args.warmup);
     let mut watchers = Vec::new();
-    for (pattern, histogram) in [
-        ("event.product_viewed", published.clone()),
-        ("segment.entered", entered.clone()),
-    ] {
+    for (pattern, stream) in [("event.product_viewed", 0usize), ("segment.entered", 1usize)] {
         let (mut consumer, channel) = subscribe(&bus, pattern).await?;
-        let acked = acked.clone();
+        let book = book.clone();
         let prefix = prefix.clone();
         watchers.push(tokio::spawn(async move {
             let _channel = channel;
             while let Some(Ok(delivery)) = consumer.next().await {
                 let arrived = Instant::now();
-                let body: serde_json::Value =
-                    serde_json::from_slice(&delivery.data).unwrap_or_default();
+                let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
                 let mut customers = Vec::new();
                 if let Some(events) = body.get("events").and_then(|e| e.as_array()) {
                     for event in events {
@@ -522,16 +516,12 @@ pub async fn latency(
                     customers.push(id.to_owned());
                 }
                 for id in customers {
-                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok())
-                    else {
-                        continue;
-                    };
+                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok()) else { continue };
                     if index < warmup {
                         continue;
                     }
-                    let at = acked.lock().ok().and_then(|a| a.get(&id).copied());
-                    if let (Some(at), Ok(mut histogram)) = (at, histogram.lock()) {
-                        stats::record(&mut histogram, arrived.saturating_duration_since(at));
+                    if let Ok(mut book) = book.lock() {
+                        book.arrived(stream, id, arrived);
                     }
                 }
             }
@@ -540,7 +530,6 @@ pub async fn latency(
 
     let clients = target.connect(4).await?;
     let total = u64::from(args.rate) * u64::from(args.warmup + args.duration);
-    let ack_histogram = Arc::new(Mutex::new(stats::new_histogram()?));
     let start = Instant::now() + Duration::from_millis(100);
     let mut in_flight = Vec::with_capacity(total as usize);
     let today = relance_kit::Clock::now(&relance_kit::SystemClock);
@@ -549,8 +538,7 @@ pub async fn latency(
         tokio::time::sleep_until(due.into()).await;
         let mut client = clients[index as usize % clients.len()].clone();
         let customer = format!("{prefix}{index}");
-        let acked = acked.clone();
-        let ack_histogram = ack_histogram.clone();
+        let book = book.clone();
         in_flight.push(tokio::spawn(async move {
             let event = pb::Event {
                 message_id: format!("{customer}-view"),
@@ -559,19 +547,12 @@ pub async fn latency(
                 timestamp: Some(relance_proto::convert::chrono_to_timestamp(today)),
                 ..Default::default()
             };
-            if client
-                .track(pb::TrackRequest { event: Some(event) })
-                .await
-                .is_ok()
-            {
+            if client.track(pb::TrackRequest { event: Some(event) }).await.is_ok() {
                 let done = Instant::now();
-                if let Ok(mut acked) = acked.lock() {
-                    acked.insert(customer, done);
-                }
                 if index >= warmup
-                    && let Ok(mut histogram) = ack_histogram.lock()
+                    && let Ok(mut book) = book.lock()
                 {
-                    stats::record(&mut histogram, done - due);
+                    book.acked(customer, due, done);
                 }
             }
         }));
@@ -583,7 +564,7 @@ pub async fn latency(
     let timed = total - warmup;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let seen = entered.lock().map(|h| h.len()).unwrap_or_default();
+        let seen = book.lock().map(|b| b.histograms[1].len()).unwrap_or_default();
         if seen >= timed {
             break;
         }
@@ -592,20 +573,14 @@ pub async fn latency(
     for watcher in &watchers {
         watcher.abort();
     }
-    let segment_entered =
-        Percentiles::of(&*entered.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let book = book.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let segment_entered = Percentiles::of(&book.histograms[1]);
     let result = LatencyResult {
         rate: args.rate,
         duration_secs: args.duration,
         sent: timed,
-        track_ack: Percentiles::of(
-            &*ack_histogram
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?,
-        ),
-        event_published: Percentiles::of(
-            &*published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?,
-        ),
+        track_ack: Percentiles::of(&book.ack),
+        event_published: Percentiles::of(&book.histograms[0]),
         missing: timed.saturating_sub(segment_entered.count),
         segment_entered,
     };
@@ -613,6 +588,46 @@ pub async fn latency(
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
     }
     Ok(result)
+}
+
+/// Ack and arrival times per customer. A message can reach this client before the Track's
+/// ack does (both race through different sockets): its latency from the ack is then ~0,
+/// recorded when the ack comes.
+struct Book {
+    acks: HashMap<String, Instant>,
+    early: [HashMap<String, Instant>; 2],
+    ack: hdrhistogram::Histogram<u64>,
+    histograms: [hdrhistogram::Histogram<u64>; 2],
+}
+
+impl Book {
+    fn new() -> anyhow::Result<Book> {
+        Ok(Book {
+            acks: HashMap::new(),
+            early: [HashMap::new(), HashMap::new()],
+            ack: stats::new_histogram()?,
+            histograms: [stats::new_histogram()?, stats::new_histogram()?],
+        })
+    }
+
+    fn acked(&mut self, customer: String, due: Instant, done: Instant) {
+        stats::record(&mut self.ack, done.saturating_duration_since(due));
+        for stream in 0..2 {
+            if let Some(arrived) = self.early[stream].remove(&customer) {
+                stats::record(&mut self.histograms[stream], arrived.saturating_duration_since(done));
+            }
+        }
+        self.acks.insert(customer, done);
+    }
+
+    fn arrived(&mut self, stream: usize, customer: String, arrived: Instant) {
+        match self.acks.get(&customer) {
+            Some(done) => stats::record(&mut self.histograms[stream], arrived.saturating_duration_since(*done)),
+            None => {
+                self.early[stream].insert(customer, arrived);
+            }
+        }
+    }
 }
 
 async fn subscribe(
