@@ -494,7 +494,10 @@ pub async fn latency(
     let prefix = format!("lat{}-", args.seed);
     let warmup = u64::from(args.rate) * u64::from(args.warmup);
     let mut watchers = Vec::new();
-    for (pattern, stream) in [("event.product_viewed", 0usize), ("segment.entered", 1usize)] {
+    for (pattern, stream) in [
+        ("event.product_viewed", 0usize),
+        ("segment.entered", 1usize),
+    ] {
         let (mut consumer, channel) = subscribe(&bus, pattern).await?;
         let book = book.clone();
         let prefix = prefix.clone();
@@ -502,7 +505,8 @@ pub async fn latency(
             let _channel = channel;
             while let Some(Ok(delivery)) = consumer.next().await {
                 let arrived = Instant::now();
-                let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&delivery.data).unwrap_or_default();
                 let mut customers = Vec::new();
                 if let Some(events) = body.get("events").and_then(|e| e.as_array()) {
                     for event in events {
@@ -516,7 +520,10 @@ pub async fn latency(
                     customers.push(id.to_owned());
                 }
                 for id in customers {
-                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok()) else { continue };
+                    let Some(index) = id.strip_prefix(&prefix).and_then(|i| i.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
                     if index < warmup {
                         continue;
                     }
@@ -547,7 +554,11 @@ pub async fn latency(
                 timestamp: Some(relance_proto::convert::chrono_to_timestamp(today)),
                 ..Default::default()
             };
-            if client.track(pb::TrackRequest { event: Some(event) }).await.is_ok() {
+            if client
+                .track(pb::TrackRequest { event: Some(event) })
+                .await
+                .is_ok()
+            {
                 let done = Instant::now();
                 if index >= warmup
                     && let Ok(mut book) = book.lock()
@@ -564,7 +575,10 @@ pub async fn latency(
     let timed = total - warmup;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let seen = book.lock().map(|b| b.histograms[1].len()).unwrap_or_default();
+        let seen = book
+            .lock()
+            .map(|b| b.histograms[1].len())
+            .unwrap_or_default();
         if seen >= timed {
             break;
         }
@@ -614,7 +628,10 @@ impl Book {
         stats::record(&mut self.ack, done.saturating_duration_since(due));
         for stream in 0..2 {
             if let Some(arrived) = self.early[stream].remove(&customer) {
-                stats::record(&mut self.histograms[stream], arrived.saturating_duration_since(done));
+                stats::record(
+                    &mut self.histograms[stream],
+                    arrived.saturating_duration_since(done),
+                );
             }
         }
         self.acks.insert(customer, done);
@@ -622,7 +639,10 @@ impl Book {
 
     fn arrived(&mut self, stream: usize, customer: String, arrived: Instant) {
         match self.acks.get(&customer) {
-            Some(done) => stats::record(&mut self.histograms[stream], arrived.saturating_duration_since(*done)),
+            Some(done) => stats::record(
+                &mut self.histograms[stream],
+                arrived.saturating_duration_since(*done),
+            ),
             None => {
                 self.early[stream].insert(customer, arrived);
             }

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt as _, StreamExt as _};
 use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt as _};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -530,7 +530,8 @@ async fn consume_once(
                     attempt: attempt_of(&d.properties),
                 })
                 .collect();
-            let span = tracing::info_span!("consume_batch", queue = %spec.queue, messages = batch.len());
+            let span =
+                tracing::info_span!("consume_batch", queue = %spec.queue, messages = batch.len());
             let outcome = handler.handle_batch(&batch).instrument(span).await;
             drop(batch);
             if outcome.is_ok() {

@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use relance_kit::SharedClock;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
 use relance_kit::messages::{
-    EventBatch, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, PROFILES_RESCORED,
+    EventBatch, EventMessage, PROFILE_DELETED, PROFILE_MERGED, PROFILE_UPDATED, PROFILES_RESCORED,
     ProfileDeleted, ProfileMerged, ProfileUpdated, ProfilesRescored,
 };
 
@@ -81,7 +81,31 @@ impl ChangeHandler {
         let now = self.clock.now();
         let mut tx = self.store.pool().begin().await?;
         let mut after = AfterCommit::default();
+        // Consecutive event batches of one workspace are applied as one (one pass of locks,
+        // dedup, aggregates and evaluation for all their customers); order is kept.
+        let mut pending: Vec<EventMessage> = Vec::new();
         for change in changes {
+            if let Change::Events(batch) = change {
+                for event in &batch.events {
+                    if pending
+                        .first()
+                        .is_some_and(|p| p.workspace_id != event.workspace_id)
+                    {
+                        self.store
+                            .apply_events_in(&mut tx, &pending, now, &mut after)
+                            .await?;
+                        pending.clear();
+                    }
+                    pending.push(event.clone());
+                }
+                continue;
+            }
+            if !pending.is_empty() {
+                self.store
+                    .apply_events_in(&mut tx, &pending, now, &mut after)
+                    .await?;
+                pending.clear();
+            }
             match change {
                 Change::ProfileUpdated(updated) => {
                     self.store
@@ -108,24 +132,13 @@ impl ChangeHandler {
                         .profile_deleted_in(&mut tx, deleted, &mut after)
                         .await?;
                 }
-                Change::Events(batch) => {
-                    // A batch holds one workspace's events; split defensively all the same.
-                    let mut start = 0;
-                    while start < batch.events.len() {
-                        let workspace = &batch.events[start].workspace_id;
-                        let mut end = start + 1;
-                        while end < batch.events.len()
-                            && batch.events[end].workspace_id == *workspace
-                        {
-                            end += 1;
-                        }
-                        self.store
-                            .apply_events_in(&mut tx, &batch.events[start..end], now, &mut after)
-                            .await?;
-                        start = end;
-                    }
-                }
+                Change::Events(_) => {}
             }
+        }
+        if !pending.is_empty() {
+            self.store
+                .apply_events_in(&mut tx, &pending, now, &mut after)
+                .await?;
         }
         tx.commit().await?;
         self.store.finish(after).await;

@@ -126,13 +126,15 @@ impl SegmentStore {
         if fresh.is_empty() {
             return Ok(0);
         }
-        let fresh: BTreeSet<String> = fresh.into_iter().collect();
+        let applied = fresh.len();
+        let mut fresh: BTreeSet<String> = fresh.into_iter().collect();
 
         // (person, selector) → matching events' (time, value).
         let mut additions: Additions = BTreeMap::new();
         let mut reasons: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
         for event in events {
-            if !fresh.contains(&event.message_id) {
+            // Taken out once applied: a redelivered copy in the same call counts once.
+            if !fresh.remove(&event.message_id) {
                 continue;
             }
             let Some(person) =
@@ -172,7 +174,7 @@ impl SegmentStore {
             )
             .await?;
         after.push(workspace_id, evaluated);
-        Ok(fresh.len())
+        Ok(applied)
     }
 
     /// Records profiles' new attributes and traits and re-evaluates those customers, in one
