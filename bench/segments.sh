@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The segmentation benchmark (part of `make bench`, alone with `make bench-segments`):
-#  1. real time (on the fresh database, before the batch runs load it): see 2.
-#  then batch evaluation of a three-condition segment over the Online Retail customers and
+#  1. real time, on the fresh database: from a Track acknowledged to `segment.entered`
+#     published, at BENCH_SEG_RATE events/s (1000) for BENCH_SEG_DURATION seconds (20),
+#     against `relance serve events segmentation`, with the event's own publication as
+#     baseline;
+#  2. batch evaluation of a three-condition segment over the Online Retail customers and
 #     over a generated population (BENCH_SEG_CUSTOMERS, 1,000,000 customers with 20 events
 #     each), three ways in the same run: the service's evaluator, the same segment compiled
-#     by hand to SQL (baseline), and the full build of a version;
-#  2. real time: from a Track acknowledged to `segment.entered` published, at
-#     BENCH_SEG_RATE events/s (1000) for BENCH_SEG_DURATION seconds (20), against
-#     `relance serve events segmentation`, with the event's own publication as baseline.
+#     by hand to SQL (baseline), and the full build of a version.
 # Results go to target/bench/segments/*.json and the `segments` section of BENCHMARKS.md.
 set -euo pipefail
 

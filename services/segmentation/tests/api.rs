@@ -653,10 +653,15 @@ async fn a_changed_definition_switches_versions_without_a_moment_of_missing_memb
         }
     }
     assert_eq!(seen_versions.last(), Some(&2));
-    assert!(
-        next_change(&mut tap, 1).await.is_none(),
-        "nobody entered or left"
-    );
+    // Customers whose event was applied just as version 1 went live entered it in real
+    // time, announced a moment later by the outbox; the definition change moved nobody.
+    while let Some((key, change)) = next_change(&mut tap, 1).await {
+        assert_eq!(
+            (key.as_str(), change.version, change.cause.as_str()),
+            ("segment.entered", 1, "event"),
+            "only version 1's real-time entries may be announced: {change:?}"
+        );
+    }
 
     // v3 drops the small orders: they leave, announced with the definition as cause.
     let v3 = "kind: Segment\nname: buyers\nwhere:\n  event: order_completed\n  sum: { property: revenue, gte: 290 }\n";
@@ -664,6 +669,9 @@ async fn a_changed_definition_switches_versions_without_a_moment_of_missing_memb
     assert_eq!(h.count("buyers").await, (3, 10));
     let mut exits = 0;
     while let Some((key, change)) = next_change(&mut tap, 2).await {
+        if change.version == 1 {
+            continue;
+        }
         assert_eq!(
             (key.as_str(), change.cause.as_str(), change.version),
             ("segment.exited", "definition", 3)
