@@ -231,6 +231,24 @@ async fn sql_baseline(
     Ok(count as u64)
 }
 
+/// Empties a benchmark workspace and registers the segment's selectors as ready.
+async fn reset_workspace(
+    pool: &PgPool,
+    workspace: &str,
+    compiled: &Compiled,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    for table in ["people", "aggregates", "selectors"] {
+        sqlx::query(&format!(
+            "DELETE FROM segments.{table} WHERE workspace_id = $1"
+        ))
+        .bind(workspace)
+        .execute(pool)
+        .await?;
+    }
+    register_selectors(pool, workspace, compiled, now).await
+}
+
 /// Ready selectors for the compiled segment, so that nothing is backfilled.
 async fn register_selectors(
     pool: &PgPool,
@@ -280,15 +298,7 @@ async fn generate(
         return Ok(events);
     }
     let started = Instant::now();
-    for table in ["people", "aggregates", "selectors"] {
-        sqlx::query(&format!(
-            "DELETE FROM segments.{table} WHERE workspace_id = $1"
-        ))
-        .bind(workspace)
-        .execute(pool)
-        .await?;
-    }
-    register_selectors(pool, workspace, compiled, now).await?;
+    reset_workspace(pool, workspace, compiled, now).await?;
     let today = now.timestamp().div_euclid(86_400) as i32;
     let chunk = 100_000u32;
     let mut from = 0u32;
@@ -344,15 +354,7 @@ async fn load_online_retail(
     now: DateTime<Utc>,
 ) -> anyhow::Result<(u64, u64)> {
     let workspace = "bench-online-retail";
-    for table in ["people", "aggregates", "selectors"] {
-        sqlx::query(&format!(
-            "DELETE FROM segments.{table} WHERE workspace_id = $1"
-        ))
-        .bind(workspace)
-        .execute(pool)
-        .await?;
-    }
-    register_selectors(pool, workspace, compiled, now).await?;
+    reset_workspace(pool, workspace, compiled, now).await?;
     let order_id = selector_named(compiled, "order_completed")?;
     let reader = relance_retail_data::Reader::open(file)
         .with_context(|| format!("opening {}", file.display()))?;

@@ -115,20 +115,8 @@ impl Settings {
 
     /// Settings for tests and tools that build them in code.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
-        for (key, value) in DEFAULTS.iter().chain(pairs) {
-            builder = builder
-                .set_override(*key, *value)
-                .map_err(|e| ConfigError(format!("{key}: {e}")))?;
-        }
-        let layers = builder.build().map_err(|e| ConfigError(e.to_string()))?;
-        let mut settings: Settings = layers
-            .clone()
-            .try_deserialize()
-            .map_err(|e| ConfigError(e.to_string()))?;
-        settings.layers = Some(layers);
-        settings.validate()?;
-        Ok(settings)
+        let pairs: Vec<(&str, &str)> = DEFAULTS.iter().chain(pairs).copied().collect();
+        Settings::overridden(config::Config::builder(), &pairs)
     }
 
     /// A copy with some settings replaced, e.g. `("segmentation.sweep_every_ms", "50")`.
@@ -137,6 +125,14 @@ impl Settings {
         if let Some(layers) = &self.layers {
             builder = builder.add_source(layers.clone());
         }
+        Settings::overridden(builder, pairs)
+    }
+
+    /// `builder` with `pairs` on top, read and validated.
+    fn overridden(
+        mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+        pairs: &[(&str, &str)],
+    ) -> Result<Settings, ConfigError> {
         for (key, value) in pairs {
             builder = builder
                 .set_override(*key, *value)

@@ -197,6 +197,22 @@ impl Harness {
         }
     }
 
+    /// Waits until a segment counts `expected` members.
+    async fn wait_count(&mut self, name: &str, expected: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (version, count) = self.count(name).await;
+            if count == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} (version {version}) still counts {count}, not {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn count(&mut self, name: &str) -> (u32, u64) {
         let key = self.app.admin_key.clone();
         let count = self
@@ -610,24 +626,7 @@ async fn a_changed_definition_switches_versions_without_a_moment_of_missing_memb
         .expect("batch");
     let v1 = "kind: Segment\nname: buyers\nwhere:\n  event: order_completed\n";
     h.apply_built(v1).await;
-    eventually(10, "all 300 buyers counted", || {
-        let mut s = h.segments.clone();
-        let key = key.clone();
-        async move {
-            let c = s
-                .count(authed(
-                    &key,
-                    pb::CountSegmentRequest {
-                        name: "buyers".into(),
-                    },
-                ))
-                .await
-                .ok()?
-                .into_inner();
-            (c.count == 300).then_some(())
-        }
-    })
-    .await;
+    h.wait_count("buyers", 300).await;
     let mut tap = Tap::bind(&h.app.platform.bus, EVENTS_EXCHANGE, "segment.*").await;
 
     // v2 keeps everyone and adds a window: membership must never dip while it builds.
@@ -813,24 +812,7 @@ async fn members_stream_in_pages_preview_samples_and_redis_loss_costs_only_speed
     assert_eq!(preview.count, 125);
     assert_eq!(preview.sample.len(), 5);
     h.apply_built(yaml).await;
-    eventually(10, "125 members", || {
-        let mut s = h.segments.clone();
-        let key = key.clone();
-        async move {
-            let c = s
-                .count(authed(
-                    &key,
-                    pb::CountSegmentRequest {
-                        name: "buyers".into(),
-                    },
-                ))
-                .await
-                .ok()?
-                .into_inner();
-            (c.count == 125).then_some(())
-        }
-    })
-    .await;
+    h.wait_count("buyers", 125).await;
     let mut stream = h
         .segments
         .list_members(authed(

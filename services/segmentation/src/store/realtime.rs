@@ -187,7 +187,7 @@ impl SegmentStore {
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let mut after = AfterCommit::default();
-        self.profiles_updated_in(&mut *tx, updates, now, &mut after)
+        self.profiles_updated_in(&mut tx, updates, now, &mut after)
             .await?;
         tx.commit().await?;
         self.finish(after).await;
