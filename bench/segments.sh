@@ -2,6 +2,7 @@
 # The segmentation benchmark (part of `make bench`, alone with `make bench-segments`):
 #  1. real time, on the fresh database: from a Track acknowledged to `segment.entered`
 #     published, at BENCH_SEG_RATE events/s (1000) for BENCH_SEG_DURATION seconds (20),
+#     with one event in ten qualifying (a shop's mix) and then every event (worst case),
 #     against `relance serve events segmentation`, with the event's own publication as
 #     baseline;
 #  2. batch evaluation of a three-condition segment over the Online Retail customers and
@@ -63,7 +64,12 @@ done
 RELANCE_API_KEY=$("$RELANCE" key create --workspace bench-latency --scope admin --name bench)
 export RELANCE_API_KEY
 export RELANCE_ADDR=http://$GRPC_ADDR
-"$LOADTEST" segment-latency --rate "$RATE" --duration "$DURATION" --save "$RESULTS/segment-latency.json" >/dev/null
+# A shop's mix (one event in ten an order that moves someone into the segment), then the
+# worst case (every event does).
+"$LOADTEST" segment-latency --rate "$RATE" --duration "$DURATION" --qualifying-percent 10 --seed 1 \
+  --save "$RESULTS/segment-latency-1-mix.json" >/dev/null
+"$LOADTEST" segment-latency --rate "$RATE" --duration "$DURATION" --qualifying-percent 100 --seed 2 \
+  --save "$RESULTS/segment-latency-2-all.json" >/dev/null
 kill -TERM "$SERVER"; wait "$SERVER" 2>/dev/null || true
 trap - EXIT
 
