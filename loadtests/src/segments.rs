@@ -812,7 +812,10 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
             "| path | received | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|---:|"
         )?;
         for (name, p) in [
-            ("the order's Track call (scheduled → acknowledged)", &l.track_ack),
+            (
+                "the order's Track call (scheduled → acknowledged)",
+                &l.track_ack,
+            ),
             (
                 "baseline: ack → `event.order_completed` on the bus",
                 &l.event_published,

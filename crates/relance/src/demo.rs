@@ -133,8 +133,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
         target: target.clone(),
     })
     .await?;
-    wait_until_consumed(&platform.bus, relance_segmentation::consumer::QUEUE).await?;
     segment::wait_until_built(&mut clients.clone(), &[]).await?;
+    // Traits (RFM scores) still travel profiles → RabbitMQ → segmentation for a while:
+    // show the sizes once they have stopped moving.
+    wait_until_settled(&mut clients.clone()).await?;
     println!("\nSegments (as of today: recency and inactivity count from now, so this 2011 shop's");
     println!("customers are all long inactive; the RFM grid is relative and spreads them out):");
     segment::run(segment::SegmentCommand::List {
@@ -162,6 +164,36 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     server.await??;
     platform.drain().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the segments' sizes have not changed for three seconds (at most 3 min).
+async fn wait_until_settled(clients: &mut crate::client::Clients) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut last: Vec<(String, u64)> = Vec::new();
+    let mut stable = 0;
+    while stable < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let listed = clients
+            .segments
+            .list(pb::ListSegmentsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let sizes: Vec<(String, u64)> = listed
+            .segments
+            .into_iter()
+            .map(|s| (s.name, s.member_count))
+            .collect();
+        if sizes == last {
+            stable += 1;
+        } else {
+            stable = 0;
+            last = sizes;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until a consumer's queue has stayed empty for a moment (at most 5 min).

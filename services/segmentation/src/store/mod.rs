@@ -538,7 +538,10 @@ pub(crate) fn in_dependency_order(versions: Vec<LiveVersion>) -> Vec<LiveVersion
     ordered
 }
 
-const SEGMENT_SELECT: &str = "SELECT s.id, s.name, s.status, s.latest_version, s.answering_version, s.member_count, \
+// The member count is counted when read (an index range per segment), so that List and
+// Get are exact whatever real time changed since the last build.
+const SEGMENT_SELECT: &str = "SELECT s.id, s.name, s.status, s.latest_version, s.answering_version, \
+    (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id AND m.version = s.answering_version) AS member_count, \
     s.created_at, s.updated_at, s.archived_at, v.version, v.yaml, v.description, v.event_names, v.depends_on, \
     v.time_dependent, v.ready_at FROM segments s JOIN segment_versions v ON v.segment_id = s.id";
 
