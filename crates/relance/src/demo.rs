@@ -173,16 +173,8 @@ async fn wait_until_settled(clients: &mut crate::client::Clients) -> anyhow::Res
     let mut stable = 0;
     while stable < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let listed = clients
-            .segments
-            .list(pb::ListSegmentsRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
+        let sizes: Vec<(String, u64)> = segment::list_all(clients)
             .await?
-            .into_inner();
-        let sizes: Vec<(String, u64)> = listed
-            .segments
             .into_iter()
             .map(|s| (s.name, s.member_count))
             .collect();

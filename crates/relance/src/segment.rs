@@ -221,20 +221,38 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Waits until the named segments (all of the workspace's when `names` is empty) answer
-/// with their latest version.
-pub async fn wait_until_built(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
-    let mut names = names.to_vec();
-    if names.is_empty() {
-        let listed = clients
+/// Every segment of the workspace, page after page.
+pub async fn list_all(clients: &mut Clients) -> anyhow::Result<Vec<pb::Segment>> {
+    let mut segments = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = clients
             .segments
             .list(pb::ListSegmentsRequest {
+                page_token,
                 page_size: 1000,
                 ..Default::default()
             })
             .await?
             .into_inner();
-        names = listed.segments.into_iter().map(|s| s.name).collect();
+        segments.extend(page.segments);
+        if page.next_page_token.is_empty() {
+            return Ok(segments);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Waits until the named segments (all of the workspace's when `names` is empty) answer
+/// with their latest version.
+pub async fn wait_until_built(clients: &mut Clients, names: &[String]) -> anyhow::Result<()> {
+    let mut names = names.to_vec();
+    if names.is_empty() {
+        names = list_all(clients)
+            .await?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
     }
     for name in &names {
         loop {
@@ -286,35 +304,19 @@ pub async fn run(command: SegmentCommand) -> anyhow::Result<ExitCode> {
     match command {
         SegmentCommand::List { target } => {
             let mut clients = target.connect().await?;
-            let mut page_token = String::new();
             println!(
                 "{:<32} {:>8} {:>10} {:>10}  EVENTS",
                 "NAME", "VERSION", "STATUS", "MEMBERS"
             );
-            loop {
-                let page = clients
-                    .segments
-                    .list(pb::ListSegmentsRequest {
-                        page_token,
-                        page_size: 1000,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                for s in &page.segments {
-                    println!(
-                        "{:<32} {:>8} {:>10} {:>10}  {}",
-                        s.name,
-                        s.version,
-                        status_name(s.status),
-                        s.member_count,
-                        s.event_names.join(",")
-                    );
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
+            for s in list_all(&mut clients).await? {
+                println!(
+                    "{:<32} {:>8} {:>10} {:>10}  {}",
+                    s.name,
+                    s.version,
+                    status_name(s.status),
+                    s.member_count,
+                    s.event_names.join(",")
+                );
             }
         }
         SegmentCommand::Get { name, target } => {

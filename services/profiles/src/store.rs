@@ -769,19 +769,7 @@ async fn announce_rescored(
         .await?;
         let mut profiles = Vec::with_capacity(rows.len());
         for row in rows {
-            let traits = Traits {
-                orders_count: row.try_get("orders_count")?,
-                revenue: row.try_get("revenue")?,
-                refunded: row.try_get("refunded")?,
-                first_purchase_at: row.try_get("first_purchase_at")?,
-                last_purchase_at: row.try_get("last_purchase_at")?,
-                rfm: Scores {
-                    recency: row.try_get("rfm_recency")?,
-                    frequency: row.try_get("rfm_frequency")?,
-                    monetary: row.try_get("rfm_monetary")?,
-                },
-                rfm_scored_at: row.try_get("rfm_scored_at")?,
-            };
+            let traits = traits_from_row(&row)?;
             profiles.push(ProfileUpdated {
                 workspace_id: workspace_id.to_owned(),
                 customer_id: row.try_get("customer_id")?,
@@ -840,6 +828,23 @@ async fn announce_update(
     .await
 }
 
+/// The computed traits of a `profiles` row.
+fn traits_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<Traits> {
+    Ok(Traits {
+        orders_count: row.try_get("orders_count")?,
+        revenue: row.try_get("revenue")?,
+        refunded: row.try_get("refunded")?,
+        first_purchase_at: row.try_get("first_purchase_at")?,
+        last_purchase_at: row.try_get("last_purchase_at")?,
+        rfm: Scores {
+            recency: row.try_get("rfm_recency")?,
+            frequency: row.try_get("rfm_frequency")?,
+            monetary: row.try_get("rfm_monetary")?,
+        },
+        rfm_scored_at: row.try_get("rfm_scored_at")?,
+    })
+}
+
 async fn load(conn: &mut PgConnection, id: i64) -> Result<ProfileRecord> {
     let row = sqlx::query(
         "SELECT customer_id, attributes, email, phone, timezone, locale, orders_count, revenue, refunded, \
@@ -891,19 +896,7 @@ async fn load(conn: &mut PgConnection, id: i64) -> Result<ProfileRecord> {
         locale: row.try_get("locale")?,
         push_tokens,
         consents,
-        traits: Traits {
-            orders_count: row.try_get("orders_count")?,
-            revenue: row.try_get("revenue")?,
-            refunded: row.try_get("refunded")?,
-            first_purchase_at: row.try_get("first_purchase_at")?,
-            last_purchase_at: row.try_get("last_purchase_at")?,
-            rfm: Scores {
-                recency: row.try_get("rfm_recency")?,
-                frequency: row.try_get("rfm_frequency")?,
-                monetary: row.try_get("rfm_monetary")?,
-            },
-            rfm_scored_at: row.try_get("rfm_scored_at")?,
-        },
+        traits: traits_from_row(&row)?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })

@@ -92,7 +92,7 @@ impl ChangeHandler {
                         .is_some_and(|p| p.workspace_id != event.workspace_id)
                     {
                         self.store
-                            .apply_events_in(&mut tx, &pending, now, &mut after)
+                            .apply_events(&mut tx, &pending, now, &mut after)
                             .await?;
                         pending.clear();
                     }
@@ -102,34 +102,29 @@ impl ChangeHandler {
             }
             if !pending.is_empty() {
                 self.store
-                    .apply_events_in(&mut tx, &pending, now, &mut after)
+                    .apply_events(&mut tx, &pending, now, &mut after)
                     .await?;
                 pending.clear();
             }
             match change {
                 Change::ProfileUpdated(updated) => {
                     self.store
-                        .profiles_updated_in(
-                            &mut tx,
-                            std::slice::from_ref(updated),
-                            now,
-                            &mut after,
-                        )
+                        .profiles_updated(&mut tx, std::slice::from_ref(updated), now, &mut after)
                         .await?;
                 }
                 Change::ProfilesRescored(rescored) => {
                     self.store
-                        .profiles_updated_in(&mut tx, &rescored.profiles, now, &mut after)
+                        .profiles_updated(&mut tx, &rescored.profiles, now, &mut after)
                         .await?;
                 }
                 Change::ProfileMerged(merged) => {
                     self.store
-                        .profile_merged_in(&mut tx, merged, now, &mut after)
+                        .profile_merged(&mut tx, merged, now, &mut after)
                         .await?;
                 }
                 Change::ProfileDeleted(deleted) => {
                     self.store
-                        .profile_deleted_in(&mut tx, deleted, &mut after)
+                        .profile_deleted(&mut tx, deleted, &mut after)
                         .await?;
                 }
                 Change::Events(_) => {}
@@ -137,7 +132,7 @@ impl ChangeHandler {
         }
         if !pending.is_empty() {
             self.store
-                .apply_events_in(&mut tx, &pending, now, &mut after)
+                .apply_events(&mut tx, &pending, now, &mut after)
                 .await?;
         }
         tx.commit().await?;

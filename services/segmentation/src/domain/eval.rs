@@ -79,6 +79,7 @@ impl Series {
 /// Everything a condition can look at for one customer.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
+    /// The profile's attributes and traits (any non-object value reads as empty).
     pub attributes: &'a serde_json::Value,
     pub traits: &'a serde_json::Value,
     /// Aggregates by selector id (see [`super::aggregate::selector_id`]).
@@ -255,6 +256,10 @@ fn collect_changes(
 
 /// Every value at `path`, searching arrays met on the way (and at the end) item by item.
 pub fn values_at<'a>(object: &'a serde_json::Value, path: &[String]) -> Vec<&'a serde_json::Value> {
+    // Paths start in an object (a profile, an event's properties); anything else has none.
+    if !object.is_object() {
+        return Vec::new();
+    }
     let mut current = vec![object];
     for key in path {
         let mut next = Vec::with_capacity(current.len());

@@ -49,28 +49,6 @@ pub struct Built {
 }
 
 impl SegmentStore {
-    /// Backfills every selector still waiting; returns how many were done.
-    pub async fn backfill_pending(&self, now: DateTime<Utc>) -> Result<usize> {
-        let rows =
-            sqlx::query("SELECT workspace_id, id FROM selectors WHERE status = 'backfilling'")
-                .fetch_all(&self.pool)
-                .await?;
-        let mut done = 0;
-        for row in rows {
-            if self
-                .backfill_selector(
-                    &row.try_get::<String, _>("workspace_id")?,
-                    row.try_get("id")?,
-                    now,
-                )
-                .await?
-            {
-                done += 1;
-            }
-        }
-        Ok(done)
-    }
-
     /// Computes a new selector's aggregates from the events the consumer has already
     /// applied, then hands it to the consumer, all under the exclusive lock of its event
     /// name: no event is counted twice or missed.
@@ -845,7 +823,6 @@ fn judge_page(
     page: PageData,
     now: DateTime<Utc>,
 ) -> Vec<Verdict> {
-    let empty_object = serde_json::Value::Object(serde_json::Map::new());
     let mut verdicts = Vec::with_capacity(page.people.len());
     let mut memberships: HashMap<String, bool> = HashMap::new();
     let condition = &compiled.definition.condition;
@@ -855,16 +832,8 @@ fn judge_page(
             memberships.insert(name.clone(), members.contains(&person));
         }
         let facts = Facts {
-            attributes: if attributes.is_object() {
-                &attributes
-            } else {
-                &empty_object
-            },
-            traits: if traits.is_object() {
-                &traits
-            } else {
-                &empty_object
-            },
+            attributes: &attributes,
+            traits: &traits,
             series: &series,
             memberships: &memberships,
         };

@@ -75,27 +75,17 @@ pub struct Evaluated {
 /// A stored selector that the consumer keeps current.
 #[derive(Debug, Clone)]
 struct StoredSelector {
+    /// The id the selector's aggregates are stored under.
     id: i64,
     ready: bool,
     selector: EventSelector,
 }
 
 impl SegmentStore {
-    /// Applies a batch of events of one workspace: skips those seen before, adds the rest
-    /// to the aggregates, and re-evaluates their customers. Returns how many were new.
-    pub async fn apply_events(&self, events: &[EventMessage], now: DateTime<Utc>) -> Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let mut after = AfterCommit::default();
-        let fresh = self
-            .apply_events_in(&mut tx, events, now, &mut after)
-            .await?;
-        tx.commit().await?;
-        self.finish(after).await;
-        Ok(fresh)
-    }
-
-    /// [`SegmentStore::apply_events`] inside the caller's transaction.
-    pub(crate) async fn apply_events_in(
+    /// Applies a batch of events of one workspace inside the caller's transaction: skips
+    /// those seen before, adds the rest to the aggregates, and re-evaluates their customers.
+    /// Returns how many were new.
+    pub(crate) async fn apply_events(
         &self,
         tx: &mut PgConnection,
         events: &[EventMessage],
@@ -177,25 +167,11 @@ impl SegmentStore {
         Ok(applied)
     }
 
-    /// Records profiles' new attributes and traits and re-evaluates those customers, in one
-    /// transaction. An announcement older than the one recorded is ignored (redeliveries
-    /// can reorder); applying one twice changes nothing (it is a state, not an increment).
-    pub async fn profiles_updated(
-        &self,
-        updates: &[ProfileUpdated],
-        now: DateTime<Utc>,
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let mut after = AfterCommit::default();
-        self.profiles_updated_in(&mut tx, updates, now, &mut after)
-            .await?;
-        tx.commit().await?;
-        self.finish(after).await;
-        Ok(())
-    }
-
-    /// [`SegmentStore::profiles_updated`] inside the caller's transaction.
-    pub(crate) async fn profiles_updated_in(
+    /// Records profiles' new attributes and traits and re-evaluates those customers, inside
+    /// the caller's transaction. An announcement older than the one recorded is ignored
+    /// (redeliveries can reorder); applying one twice changes nothing (it is a state, not an
+    /// increment).
+    pub(crate) async fn profiles_updated(
         &self,
         tx: &mut PgConnection,
         updates: &[ProfileUpdated],
@@ -261,54 +237,23 @@ impl SegmentStore {
                     changed.push((person, at));
                 }
             }
-            let mut evaluated = if changed.is_empty() {
-                Evaluated::default()
-            } else {
-                self.evaluate(
-                    &mut *tx,
-                    workspace_id,
-                    &changed,
-                    Cause::Profile,
-                    Scope::Profile,
-                    now,
-                )
-                .await?
-            };
-            if !newcomers.is_empty() {
-                let more = self
-                    .evaluate(
-                        &mut *tx,
-                        workspace_id,
-                        &newcomers,
-                        Cause::Profile,
-                        Scope::Everything,
-                        now,
-                    )
+            for (persons, scope) in [(changed, Scope::Profile), (newcomers, Scope::Everything)] {
+                if persons.is_empty() {
+                    continue;
+                }
+                let evaluated = self
+                    .evaluate(&mut *tx, workspace_id, &persons, Cause::Profile, scope, now)
                     .await?;
-                evaluated.entered += more.entered;
-                evaluated.exited += more.exited;
-                evaluated.mirror.extend(more.mirror);
+                after.push(workspace_id.to_owned(), evaluated);
             }
-            after.push(workspace_id.to_owned(), evaluated);
         }
         Ok(())
     }
 
-    /// Folds a visitor into the customer they turned out to be: aggregates add up, the
-    /// visitor's memberships end, the customer is re-evaluated. A redelivery finds nothing
-    /// left to fold.
-    pub async fn profile_merged(&self, merged: &ProfileMerged, now: DateTime<Utc>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let mut after = AfterCommit::default();
-        self.profile_merged_in(&mut tx, merged, now, &mut after)
-            .await?;
-        tx.commit().await?;
-        self.finish(after).await;
-        Ok(())
-    }
-
-    /// [`SegmentStore::profile_merged`] inside the caller's transaction.
-    pub(crate) async fn profile_merged_in(
+    /// Folds a visitor into the customer they turned out to be, inside the caller's
+    /// transaction: aggregates add up, the visitor's memberships end, the customer is
+    /// re-evaluated. A redelivery finds nothing left to fold.
+    pub(crate) async fn profile_merged(
         &self,
         tx: &mut PgConnection,
         merged: &ProfileMerged,
@@ -418,33 +363,19 @@ impl SegmentStore {
                 now,
             )
             .await?;
-        evaluated.entered += more.entered;
-        evaluated.exited += more.exited;
-        evaluated.mirror.extend(more.mirror);
         after.push(workspace_id.clone(), evaluated);
+        after.push(workspace_id.clone(), more);
         Ok(())
     }
 
-    /// Erases everything segmentation holds on a deleted customer (no exit is announced:
-    /// the deletion itself is).
-    pub async fn profile_deleted(&self, deleted: &ProfileDeleted) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let mut after = AfterCommit::default();
-        let erased = self
-            .profile_deleted_in(&mut tx, deleted, &mut after)
-            .await?;
-        tx.commit().await?;
-        self.finish(after).await;
-        Ok(erased)
-    }
-
-    /// [`SegmentStore::profile_deleted`] inside the caller's transaction.
-    pub(crate) async fn profile_deleted_in(
+    /// Erases everything segmentation holds on a deleted customer, inside the caller's
+    /// transaction (no exit is announced: the deletion itself is).
+    pub(crate) async fn profile_deleted(
         &self,
         tx: &mut PgConnection,
         deleted: &ProfileDeleted,
         after: &mut AfterCommit,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         let mut persons: Vec<String> = deleted
             .anonymous_ids
             .iter()
@@ -462,13 +393,11 @@ impl SegmentStore {
         .bind(&persons)
         .fetch_all(&mut *tx)
         .await?;
-        let aggregates =
-            sqlx::query("DELETE FROM aggregates WHERE workspace_id = $1 AND person = ANY($2)")
-                .bind(workspace_id)
-                .bind(&persons)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+        sqlx::query("DELETE FROM aggregates WHERE workspace_id = $1 AND person = ANY($2)")
+            .bind(workspace_id)
+            .bind(&persons)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM people WHERE workspace_id = $1 AND person = ANY($2)")
             .bind(workspace_id)
             .bind(&persons)
@@ -490,7 +419,7 @@ impl SegmentStore {
                 ..Evaluated::default()
             },
         );
-        Ok(aggregates + removed.len() as u64)
+        Ok(())
     }
 
     /// Re-evaluates up to `limit` customers whose next window boundary has passed; returns
@@ -515,7 +444,7 @@ impl SegmentStore {
                 .or_default()
                 .push((row.try_get("person")?, row.try_get("wake_at")?));
         }
-        let mut outcomes = Vec::with_capacity(by_workspace.len());
+        let mut after = AfterCommit::default();
         for (workspace_id, persons) in &by_workspace {
             let evaluated = self
                 .evaluate(
@@ -527,12 +456,10 @@ impl SegmentStore {
                     now,
                 )
                 .await?;
-            outcomes.push((workspace_id.clone(), evaluated));
+            after.push(workspace_id.clone(), evaluated);
         }
         tx.commit().await?;
-        for (workspace_id, evaluated) in outcomes {
-            self.after_commit(&workspace_id, evaluated).await;
-        }
+        self.finish(after).await;
         Ok(rows.len())
     }
 
@@ -620,27 +547,17 @@ impl SegmentStore {
             }
         }
         let segment_ids: Vec<i64> = live.iter().map(|v| v.segment_id).collect();
-        let member_rows = sqlx::query(
-            "SELECT segment_id, version, person, entered_at FROM memberships \
+        let current: HashSet<(i64, i32, String)> = sqlx::query_as(
+            "SELECT segment_id, version, person FROM memberships \
              WHERE segment_id = ANY($1) AND person = ANY($2)",
         )
         .bind(&segment_ids)
         .bind(&keys)
         .fetch_all(&mut *tx)
-        .await?;
-        let mut current: HashMap<(i64, i32, String), DateTime<Utc>> = HashMap::new();
-        for row in member_rows {
-            current.insert(
-                (
-                    row.try_get("segment_id")?,
-                    row.try_get("version")?,
-                    row.try_get("person")?,
-                ),
-                row.try_get("entered_at")?,
-            );
-        }
+        .await?
+        .into_iter()
+        .collect();
 
-        let empty_object = serde_json::Value::Object(serde_json::Map::new());
         let empty_series = HashMap::new();
         let mut evaluated = Evaluated::default();
         let mut messages = Vec::new();
@@ -660,21 +577,13 @@ impl SegmentStore {
             let mut wake: Option<DateTime<Utc>> = None;
             for version in &live {
                 let facts = Facts {
-                    attributes: if attributes.is_object() {
-                        &attributes
-                    } else {
-                        &empty_object
-                    },
-                    traits: if traits.is_object() {
-                        &traits
-                    } else {
-                        &empty_object
-                    },
+                    attributes: &attributes,
+                    traits: &traits,
                     series: person_series,
                     memberships: &memberships,
                 };
                 let key = (version.segment_id, version.version, person.clone());
-                let was = current.contains_key(&key);
+                let was = current.contains(&key);
                 let member = if newcomer || affected.contains(version.compiled.name()) {
                     eval::holds(&version.compiled.definition.condition, &facts, now)
                 } else {
@@ -763,19 +672,15 @@ impl SegmentStore {
         Ok(evaluated)
     }
 
-    /// After the commit of `_in` work.
+    /// After the commit of the transaction `after` was filled in: wake the outbox relay,
+    /// write the mirror.
     pub async fn finish(&self, after: AfterCommit) {
         for (workspace_id, evaluated) in after.items {
-            self.after_commit(&workspace_id, evaluated).await;
+            if evaluated.entered + evaluated.exited > 0 {
+                self.outbox_wake.notify_one();
+            }
+            self.mirror.apply(&workspace_id, &evaluated.mirror).await;
         }
-    }
-
-    /// After a commit: announce, mirror.
-    pub(crate) async fn after_commit(&self, workspace_id: &str, evaluated: Evaluated) {
-        if evaluated.entered + evaluated.exited > 0 {
-            self.outbox_wake.notify_one();
-        }
-        self.mirror.apply(workspace_id, &evaluated.mirror).await;
     }
 }
 
