@@ -83,6 +83,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
         "/relance.v1.Events/Import",
         "/relance.v1.Recommendations/Recommend",
         "/relance.v1.Recommendations/SimilarItems",
+        "/relance.v1.Recommendations/Ping",
         "/relance.v1.Delivery/ListInbox",
         "/relance.v1.Delivery/MarkRead",
         "/relance.v1.Delivery/WatchInbox",

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// A dependency (database, broker) is unreachable; the caller may retry.
     #[error("{0}")]
     Unavailable(String),
+    /// A concurrent operation conflicts (e.g. a training already running); retry later.
+    #[error("{0}")]
+    Aborted(String),
     /// A bug or an unexpected failure; logged, never detailed to the caller.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Aborted(_) => Code::Aborted,
             ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -3,6 +3,7 @@
 use relance_kit::auth::BearerKey;
 use relance_proto::v1::events_client::EventsClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
+use relance_proto::v1::recommendations_client::RecommendationsClient;
 use relance_proto::v1::segments_client::SegmentsClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -26,6 +27,7 @@ pub struct Clients {
     pub profiles: ProfilesClient<Authed>,
     pub events: EventsClient<Authed>,
     pub segments: SegmentsClient<Authed>,
+    pub recommendations: RecommendationsClient<Authed>,
 }
 
 impl Target {
@@ -45,6 +47,7 @@ impl Target {
         Ok(Clients {
             profiles: ProfilesClient::with_interceptor(channel.clone(), key.clone()),
             segments: SegmentsClient::with_interceptor(channel.clone(), key.clone()),
+            recommendations: RecommendationsClient::with_interceptor(channel.clone(), key.clone()),
             events: EventsClient::with_interceptor(channel, key)
                 .max_encoding_message_size(16 * 1024 * 1024),
         })

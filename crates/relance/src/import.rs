@@ -48,6 +48,8 @@ pub struct ImportSummary {
     pub errors: Vec<pb::ItemError>,
     pub invoices_without_products: u64,
     pub customers_upserted: u64,
+    /// Catalog items upserted; `None` when the recommendations service is not running.
+    pub items_upserted: Option<u64>,
 }
 
 pub async fn run(command: ImportCommand) -> anyhow::Result<ExitCode> {
@@ -67,7 +69,7 @@ pub async fn run(command: ImportCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The shop's invoice times are UK local time.
-fn to_utc(local: NaiveDateTime) -> DateTime<Utc> {
+pub fn to_utc(local: NaiveDateTime) -> DateTime<Utc> {
     match chrono_tz::Europe::London
         .from_local_datetime(&local)
         .earliest()
@@ -116,6 +118,115 @@ pub fn invoice_event(invoice: &Invoice) -> pb::Event {
     }
 }
 
+/// The products seen in the file: the latest description and price of each stock code, and
+/// when it was first sold.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub items: HashMap<String, (String, f64, NaiveDateTime)>,
+}
+
+impl Catalog {
+    fn add(&mut self, invoice: &Invoice) {
+        if invoice.is_cancellation {
+            return;
+        }
+        for line in &invoice.lines {
+            let entry = self.items.entry(line.stock_code.clone()).or_insert((
+                String::new(),
+                line.unit_price,
+                invoice.invoiced_at,
+            ));
+            if !line.description.is_empty() {
+                entry.0 = line.description.clone();
+            }
+            entry.1 = line.unit_price;
+            entry.2 = entry.2.min(invoice.invoiced_at);
+        }
+    }
+}
+
+/// Categories of the Online Retail products, which the file does not have: the first rule
+/// whose keyword appears in the description (upper case, as written) wins.
+const CATEGORY_RULES: &[(&[&str], &str, &str)] = &[
+    (&["CHRISTMAS", "XMAS", "ADVENT", "SANTA", "REINDEER"], "Seasonal", "Christmas"),
+    (&["EASTER", "HALLOWEEN"], "Seasonal", "Other holidays"),
+    (&["CANDLE", "T-LIGHT", "TEALIGHT", "LANTERN", "NIGHT LIGHT", "LAMP"], "Home", "Candles & lights"),
+    (&["CLOCK"], "Home", "Clocks"),
+    (&["FRAME"], "Home", "Frames"),
+    (&["CUSHION", "THROW", "BLANKET", "QUILT"], "Home", "Textiles"),
+    (&["SIGN", "PLAQUE"], "Home", "Signs"),
+    (&["MUG", "CUP", "SAUCER", "PLATE", "BOWL", "JUG", "GLASS", "TEAPOT", "NAPKIN", "CUTLERY"], "Kitchen", "Tableware"),
+    (&["CAKE", "BAKING", "CUPCAKE", "BAKE", "APRON", "OVEN GLOVE", "TEA TOWEL"], "Kitchen", "Baking"),
+    (&["JAR", "TIN", "LUNCH BOX", "STORAGE", "BOTTLE"], "Kitchen", "Storage"),
+    (&["BAG", "TOTE", "PURSE"], "Bags", "Bags"),
+    (&["CARD", "WRAP", "PAPER", "NOTEBOOK", "PENCIL", "PEN ", "STICKER", "RIBBON", "ENVELOPE", "TAPE"], "Stationery & gifts", "Stationery"),
+    (&["NECKLACE", "BRACELET", "EARRINGS", "RING", "JEWEL", "HAIR"], "Fashion", "Jewellery & accessories"),
+    (&["UMBRELLA", "SCARF", "GLOVES", "HAT"], "Fashion", "Clothing accessories"),
+    (&["TOY", "GAME", "DOLL", "PUZZLE", "SPACEBOY", "DOMINOES", "SKITTLES", "BALLOON", "PLAYHOUSE"], "Kids", "Toys & games"),
+    (&["GARDEN", "PLANT", "FLOWER POT", "WATERING", "BIRD", "SEED"], "Garden", "Garden"),
+    (&["SOAP", "BATH", "TOWEL", "MIRROR"], "Home", "Bathroom"),
+    (&["HEART", "DECORATION", "HANGING", "ORNAMENT", "BUNTING", "GARLAND", "WREATH", "VINTAGE"], "Home", "Decorations"),
+    (&["BOX", "BASKET", "HOOK", "DOORSTOP", "DRAWER", "CABINET", "SHELF"], "Home", "Storage & furniture"),
+];
+
+/// The category path an Online Retail description gets (see [`CATEGORY_RULES`]).
+pub fn online_retail_category(description: &str) -> Vec<String> {
+    let upper = description.to_uppercase();
+    for (keywords, top, leaf) in CATEGORY_RULES {
+        if keywords.iter().any(|k| upper.contains(k)) {
+            return vec![(*top).to_owned(), (*leaf).to_owned()];
+        }
+    }
+    vec!["Other".to_owned(), "Other".to_owned()]
+}
+
+/// Upserts the catalog through the recommendations service; `None` when it is not running
+/// (the import of events and profiles does not need it).
+async fn upsert_catalog(clients: &Clients, catalog: Catalog) -> anyhow::Result<Option<u64>> {
+    let mut items: Vec<pb::CatalogItem> = Vec::with_capacity(catalog.items.len());
+    for (id, (description, price, first_sold)) in catalog.items {
+        items.push(pb::CatalogItem {
+            title: title_case(&description),
+            category_path: online_retail_category(&description),
+            price,
+            currency: "GBP".into(),
+            in_stock: true,
+            created_at: Some(chrono_to_timestamp(to_utc(first_sold))),
+            id,
+            ..Default::default()
+        });
+    }
+    items.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut upserted = 0u64;
+    for chunk in items.chunks(1000) {
+        let mut client = clients.recommendations.clone();
+        let request = pb::UpsertItemsRequest {
+            items: chunk.to_vec(),
+        };
+        match client.upsert_items(request).await {
+            Ok(response) => upserted += response.into_inner().accepted as u64,
+            Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
+            Err(status) => return Err(status).context("Recommendations.UpsertItems"),
+        }
+    }
+    Ok(Some(upserted))
+}
+
+/// `WHITE HANGING HEART` → `White Hanging Heart`.
+fn title_case(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut start = true;
+    for c in text.chars() {
+        if start {
+            out.extend(c.to_uppercase());
+        } else {
+            out.extend(c.to_lowercase());
+        }
+        start = c.is_whitespace() || c == '-';
+    }
+    out
+}
+
 /// Streams the file into Events.Import, then upserts the customers.
 pub async fn import_online_retail(
     clients: &Clients,
@@ -147,8 +258,9 @@ pub async fn import_online_retail(
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(8);
     let chunk = chunk.clamp(1, 1000);
     let reading = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(Stats, HashMap<String, String>, u64, u64)> {
+        move || -> anyhow::Result<(Stats, HashMap<String, String>, u64, u64, Catalog)> {
             let mut countries: HashMap<String, String> = HashMap::new();
+            let mut catalog = Catalog::default();
             let mut batch = Vec::with_capacity(chunk);
             let mut sent = 0u64;
             let mut without_products = 0u64;
@@ -164,6 +276,7 @@ pub async fn import_online_retail(
                     without_products += 1;
                     continue;
                 }
+                catalog.add(&invoice);
                 batch.push(invoice_event(&invoice));
                 if batch.len() == chunk {
                     sent += batch.len() as u64;
@@ -180,7 +293,7 @@ pub async fn import_online_retail(
                 sent += batch.len() as u64;
                 let _ = chunks_tx.blocking_send(pb::ImportRequest { events: batch });
             }
-            Ok((reader.into_stats(), countries, sent, without_products))
+            Ok((reader.into_stats(), countries, sent, without_products, catalog))
         },
     );
 
@@ -196,7 +309,10 @@ pub async fn import_online_retail(
         .await
         .context("Events.Import")?
         .into_inner();
-    let (stats, countries, events_sent, invoices_without_products) = reading.await??;
+    let (stats, countries, events_sent, invoices_without_products, catalog) = reading.await??;
+
+    bar.set_message(format!("upserting {} catalog items", catalog.items.len()));
+    let items_upserted = upsert_catalog(clients, catalog).await?;
 
     bar.set_message(format!("upserting {} customers", countries.len()));
     let mut upserts = futures::stream::iter(countries.into_iter().map(|(customer_id, country)| {
@@ -228,6 +344,7 @@ pub async fn import_online_retail(
         errors: response.errors,
         invoices_without_products,
         customers_upserted,
+        items_upserted,
     })
 }
 
@@ -266,6 +383,13 @@ pub fn print_summary(file: &Path, summary: &ImportSummary) {
             thousands(s.customers),
             thousands(summary.customers_upserted)
         ),
+    );
+    row(
+        "catalog items",
+        match summary.items_upserted {
+            Some(items) => thousands(items),
+            None => "not upserted (the recommendations service is not running)".into(),
+        },
     );
     row("events sent", thousands(summary.events_sent));
     row("events accepted", thousands(summary.accepted));
@@ -314,6 +438,21 @@ mod tests {
                 unit_price: 12.75,
             }],
         }
+    }
+
+    #[test]
+    fn online_retail_products_get_a_category() {
+        assert_eq!(
+            online_retail_category("WHITE HANGING HEART T-LIGHT HOLDER"),
+            vec!["Home", "Candles & lights"]
+        );
+        assert_eq!(
+            online_retail_category("SET OF 3 CAKE TINS PANTRY DESIGN"),
+            vec!["Kitchen", "Baking"]
+        );
+        assert_eq!(online_retail_category("PAPER CHAIN KIT 50'S CHRISTMAS"), vec!["Seasonal", "Christmas"]);
+        assert_eq!(online_retail_category("ZEBRA"), vec!["Other", "Other"]);
+        assert_eq!(title_case("WHITE T-LIGHT"), "White T-Light");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod import;
 mod profile;
+mod reco;
 mod segment;
 mod serve;
 
@@ -51,6 +52,9 @@ enum Command {
     /// Read segments: list, get, count, members, preview.
     #[command(subcommand)]
     Segment(segment::SegmentCommand),
+    /// Recommendations: offline evaluation, training, model versions.
+    #[command(subcommand)]
+    Reco(reco::RecoCommand),
     /// Start the platform, import the Online Retail sample and show what it made of it.
     Demo(demo::DemoArgs),
 }
@@ -141,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Profile(command) => profile::run(command).await,
         Command::Apply(args) => segment::apply(args).await,
         Command::Segment(command) => segment::run(command).await,
+        Command::Reco(command) => reco::run(settings, command).await,
         Command::Demo(args) => demo::run(settings, args).await,
     }
 }

@@ -9,11 +9,11 @@ use relance_kit::grpc::GrpcServer;
 use relance_kit::{Platform, Settings, SharedClock, SystemClock, db};
 
 /// The services this binary can run, in start order.
-pub const SERVICES: &[&str] = &["profiles", "events", "segmentation"];
+pub const SERVICES: &[&str] = &["profiles", "events", "segmentation", "recommendations"];
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Services to run (profiles, events, segmentation).
+    /// Services to run (profiles, events, segmentation, recommendations).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(SERVICES))]
     services: Vec<String>,
     /// Run every service.
@@ -64,6 +64,9 @@ pub async fn start(
             "segmentation" => relance_segmentation::serve(&platform, &mut server)
                 .await
                 .context("starting segmentation")?,
+            "recommendations" => relance_recommendations::serve(&platform, &mut server)
+                .await
+                .context("starting recommendations")?,
             other => anyhow::bail!("unknown service {other:?} (known: {})", SERVICES.join(", ")),
         }
     }
@@ -93,13 +96,17 @@ pub async fn start(
 
 /// Applies every schema's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let schemas: [(&str, &sqlx::migrate::Migrator); 4] = [
+    let schemas: [(&str, &sqlx::migrate::Migrator); 5] = [
         ("auth", &relance_kit::platform::AUTH_MIGRATOR),
         (relance_profiles::SCHEMA, &relance_profiles::MIGRATOR),
         (relance_events::SCHEMA, &relance_events::MIGRATOR),
         (
             relance_segmentation::SCHEMA,
             &relance_segmentation::MIGRATOR,
+        ),
+        (
+            relance_recommendations::SCHEMA,
+            &relance_recommendations::MIGRATOR,
         ),
     ];
     for (schema, migrator) in schemas {
