@@ -145,6 +145,15 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     .await?;
 
     if let Some(first) = top.first() {
+        show_recommendations(
+            &mut clients.clone(),
+            &first.customer_id,
+            summary.latest_order,
+        )
+        .await?;
+    }
+
+    if let Some(first) = top.first() {
         println!("\nTry:");
         println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
         println!("  target/debug/relance profile get {}", first.customer_id);
@@ -154,6 +163,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
         );
         println!("  target/debug/relance segment members champions | head");
         println!("  target/debug/relance segment preview -f examples/segments/inactive.yaml");
+        println!("  target/debug/relance reco info");
     }
 
     if args.exit {
@@ -164,6 +174,110 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     server.await??;
     platform.drain().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Trains the recommendation models on the imported orders and shows what they answer
+/// for the best customer's e-mail and for a cart holding the shop's best seller.
+async fn show_recommendations(
+    clients: &mut crate::client::Clients,
+    customer_id: &str,
+    latest_order: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    println!("\nTraining the recommendation models on the imported orders …");
+    // The shop's data ends years ago: train as of the day after its last order (trending
+    // then means "trending in its last weeks"), over its whole history.
+    let Some(latest_order) = latest_order else {
+        return Ok(());
+    };
+    let cutoff = latest_order + chrono::Duration::days(1);
+    let trained = clients
+        .recommendations
+        .train(pb::TrainRequest {
+            cutoff: Some(relance_proto::convert::chrono_to_timestamp(cutoff)),
+            lookback: Some(prost_types::Duration {
+                seconds: 400 * 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if let Some(model) = &trained.model {
+        let seconds = model
+            .training_time
+            .as_ref()
+            .map(|d| d.seconds as f64 + d.nanos as f64 / 1e9)
+            .unwrap_or_default();
+        println!(
+            "  model v{}: {} items, {} customers, {} interactions, {} ({seconds:.1}s)",
+            model.version,
+            model.item_count,
+            model.customer_count,
+            model.interaction_count,
+            model.algorithm
+        );
+    }
+    let customer = Some(pb::CustomerRef {
+        id: Some(pb::customer_ref::Id::CustomerId(customer_id.to_owned())),
+    });
+    let email = clients
+        .recommendations
+        .recommend(pb::RecommendRequest {
+            customer: customer.clone(),
+            placement: pb::Placement::Email as i32,
+            n: 5,
+            seed: Some(1),
+            include_details: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    println!(
+        "\nRecommended for customer {customer_id}'s next e-mail (70% predicted, 20% trending, 10% exploration):"
+    );
+    print_items(&email.items);
+    let best_seller = clients
+        .recommendations
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: "85123A".into(),
+            kind: pb::SimilarityKind::BoughtTogether as i32,
+            n: 3,
+            include_details: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    println!(
+        "\nBought together with 85123A (White Hanging Heart T-Light Holder, the best seller):"
+    );
+    print_items(&best_seller.items);
+    Ok(())
+}
+
+fn print_items(items: &[pb::RecommendedItem]) {
+    for item in items {
+        let (title, price) = item
+            .item
+            .as_ref()
+            .map(|i| (i.title.clone(), i.price))
+            .unwrap_or_default();
+        let reason = pb::RecommendationReason::try_from(item.reason)
+            .map(|r| {
+                r.as_str_name()
+                    .trim_start_matches("RECOMMENDATION_REASON_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        let because = if item.because_item_id.is_empty() {
+            String::new()
+        } else {
+            format!(" (because of {})", item.because_item_id)
+        };
+        println!(
+            "  {:<8} {:<40} £{:>6.2}  {reason}{because}",
+            item.item_id, title, price
+        );
+    }
 }
 
 /// Waits until the segments' sizes have not changed for three seconds (at most 3 min).

@@ -50,6 +50,8 @@ pub struct ImportSummary {
     pub customers_upserted: u64,
     /// Catalog items upserted; `None` when the recommendations service is not running.
     pub items_upserted: Option<u64>,
+    /// When the newest order of the file was placed.
+    pub latest_order: Option<DateTime<Utc>>,
 }
 
 pub async fn run(command: ImportCommand) -> anyhow::Result<ExitCode> {
@@ -118,11 +120,16 @@ pub fn invoice_event(invoice: &Invoice) -> pb::Event {
     }
 }
 
+/// What the reading thread hands back: its stats, each customer's country, events sent,
+/// invoices without products, and the catalog.
+type ReadOutcome = (Stats, HashMap<String, String>, u64, u64, Catalog);
+
 /// The products seen in the file: the latest description and price of each stock code, and
 /// when it was first sold.
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub items: HashMap<String, (String, f64, NaiveDateTime)>,
+    pub latest_order: Option<NaiveDateTime>,
 }
 
 impl Catalog {
@@ -130,6 +137,7 @@ impl Catalog {
         if invoice.is_cancellation {
             return;
         }
+        self.latest_order = self.latest_order.max(Some(invoice.invoiced_at));
         for line in &invoice.lines {
             let entry = self.items.entry(line.stock_code.clone()).or_insert((
                 String::new(),
@@ -148,25 +156,118 @@ impl Catalog {
 /// Categories of the Online Retail products, which the file does not have: the first rule
 /// whose keyword appears in the description (upper case, as written) wins.
 const CATEGORY_RULES: &[(&[&str], &str, &str)] = &[
-    (&["CHRISTMAS", "XMAS", "ADVENT", "SANTA", "REINDEER"], "Seasonal", "Christmas"),
+    (
+        &["CHRISTMAS", "XMAS", "ADVENT", "SANTA", "REINDEER"],
+        "Seasonal",
+        "Christmas",
+    ),
     (&["EASTER", "HALLOWEEN"], "Seasonal", "Other holidays"),
-    (&["CANDLE", "T-LIGHT", "TEALIGHT", "LANTERN", "NIGHT LIGHT", "LAMP"], "Home", "Candles & lights"),
+    (
+        &[
+            "CANDLE",
+            "T-LIGHT",
+            "TEALIGHT",
+            "LANTERN",
+            "NIGHT LIGHT",
+            "LAMP",
+        ],
+        "Home",
+        "Candles & lights",
+    ),
     (&["CLOCK"], "Home", "Clocks"),
     (&["FRAME"], "Home", "Frames"),
-    (&["CUSHION", "THROW", "BLANKET", "QUILT"], "Home", "Textiles"),
+    (
+        &["CUSHION", "THROW", "BLANKET", "QUILT"],
+        "Home",
+        "Textiles",
+    ),
     (&["SIGN", "PLAQUE"], "Home", "Signs"),
-    (&["MUG", "CUP", "SAUCER", "PLATE", "BOWL", "JUG", "GLASS", "TEAPOT", "NAPKIN", "CUTLERY"], "Kitchen", "Tableware"),
-    (&["CAKE", "BAKING", "CUPCAKE", "BAKE", "APRON", "OVEN GLOVE", "TEA TOWEL"], "Kitchen", "Baking"),
-    (&["JAR", "TIN", "LUNCH BOX", "STORAGE", "BOTTLE"], "Kitchen", "Storage"),
+    (
+        &[
+            "MUG", "CUP", "SAUCER", "PLATE", "BOWL", "JUG", "GLASS", "TEAPOT", "NAPKIN", "CUTLERY",
+        ],
+        "Kitchen",
+        "Tableware",
+    ),
+    (
+        &[
+            "CAKE",
+            "BAKING",
+            "CUPCAKE",
+            "BAKE",
+            "APRON",
+            "OVEN GLOVE",
+            "TEA TOWEL",
+        ],
+        "Kitchen",
+        "Baking",
+    ),
+    (
+        &["JAR", "TIN", "LUNCH BOX", "STORAGE", "BOTTLE"],
+        "Kitchen",
+        "Storage",
+    ),
     (&["BAG", "TOTE", "PURSE"], "Bags", "Bags"),
-    (&["CARD", "WRAP", "PAPER", "NOTEBOOK", "PENCIL", "PEN ", "STICKER", "RIBBON", "ENVELOPE", "TAPE"], "Stationery & gifts", "Stationery"),
-    (&["NECKLACE", "BRACELET", "EARRINGS", "RING", "JEWEL", "HAIR"], "Fashion", "Jewellery & accessories"),
-    (&["UMBRELLA", "SCARF", "GLOVES", "HAT"], "Fashion", "Clothing accessories"),
-    (&["TOY", "GAME", "DOLL", "PUZZLE", "SPACEBOY", "DOMINOES", "SKITTLES", "BALLOON", "PLAYHOUSE"], "Kids", "Toys & games"),
-    (&["GARDEN", "PLANT", "FLOWER POT", "WATERING", "BIRD", "SEED"], "Garden", "Garden"),
+    (
+        &[
+            "CARD", "WRAP", "PAPER", "NOTEBOOK", "PENCIL", "PEN ", "STICKER", "RIBBON", "ENVELOPE",
+            "TAPE",
+        ],
+        "Stationery & gifts",
+        "Stationery",
+    ),
+    (
+        &["NECKLACE", "BRACELET", "EARRINGS", "RING", "JEWEL", "HAIR"],
+        "Fashion",
+        "Jewellery & accessories",
+    ),
+    (
+        &["UMBRELLA", "SCARF", "GLOVES", "HAT"],
+        "Fashion",
+        "Clothing accessories",
+    ),
+    (
+        &[
+            "TOY",
+            "GAME",
+            "DOLL",
+            "PUZZLE",
+            "SPACEBOY",
+            "DOMINOES",
+            "SKITTLES",
+            "BALLOON",
+            "PLAYHOUSE",
+        ],
+        "Kids",
+        "Toys & games",
+    ),
+    (
+        &["GARDEN", "PLANT", "FLOWER POT", "WATERING", "BIRD", "SEED"],
+        "Garden",
+        "Garden",
+    ),
     (&["SOAP", "BATH", "TOWEL", "MIRROR"], "Home", "Bathroom"),
-    (&["HEART", "DECORATION", "HANGING", "ORNAMENT", "BUNTING", "GARLAND", "WREATH", "VINTAGE"], "Home", "Decorations"),
-    (&["BOX", "BASKET", "HOOK", "DOORSTOP", "DRAWER", "CABINET", "SHELF"], "Home", "Storage & furniture"),
+    (
+        &[
+            "HEART",
+            "DECORATION",
+            "HANGING",
+            "ORNAMENT",
+            "BUNTING",
+            "GARLAND",
+            "WREATH",
+            "VINTAGE",
+        ],
+        "Home",
+        "Decorations",
+    ),
+    (
+        &[
+            "BOX", "BASKET", "HOOK", "DOORSTOP", "DRAWER", "CABINET", "SHELF",
+        ],
+        "Home",
+        "Storage & furniture",
+    ),
 ];
 
 /// The category path an Online Retail description gets (see [`CATEGORY_RULES`]).
@@ -257,45 +358,49 @@ pub async fn import_online_retail(
     // Parsing is CPU work: a blocking thread reads, the async side sends.
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(8);
     let chunk = chunk.clamp(1, 1000);
-    let reading = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(Stats, HashMap<String, String>, u64, u64, Catalog)> {
-            let mut countries: HashMap<String, String> = HashMap::new();
-            let mut catalog = Catalog::default();
-            let mut batch = Vec::with_capacity(chunk);
-            let mut sent = 0u64;
-            let mut without_products = 0u64;
-            for invoice in &mut reader {
-                let invoice = invoice?;
-                if let Some(customer) = &invoice.customer_id {
-                    countries
-                        .entry(customer.clone())
-                        .or_insert_with(|| invoice.country.clone());
-                }
-                if invoice.lines.is_empty() {
-                    // Postage-only invoices, fees, adjustments: not an order of products.
-                    without_products += 1;
-                    continue;
-                }
-                catalog.add(&invoice);
-                batch.push(invoice_event(&invoice));
-                if batch.len() == chunk {
-                    sent += batch.len() as u64;
-                    let events = std::mem::replace(&mut batch, Vec::with_capacity(chunk));
-                    if chunks_tx
-                        .blocking_send(pb::ImportRequest { events })
-                        .is_err()
-                    {
-                        anyhow::bail!("the import stream closed early");
-                    }
-                }
+    let reading = tokio::task::spawn_blocking(move || -> anyhow::Result<ReadOutcome> {
+        let mut countries: HashMap<String, String> = HashMap::new();
+        let mut catalog = Catalog::default();
+        let mut batch = Vec::with_capacity(chunk);
+        let mut sent = 0u64;
+        let mut without_products = 0u64;
+        for invoice in &mut reader {
+            let invoice = invoice?;
+            if let Some(customer) = &invoice.customer_id {
+                countries
+                    .entry(customer.clone())
+                    .or_insert_with(|| invoice.country.clone());
             }
-            if !batch.is_empty() {
+            if invoice.lines.is_empty() {
+                // Postage-only invoices, fees, adjustments: not an order of products.
+                without_products += 1;
+                continue;
+            }
+            catalog.add(&invoice);
+            batch.push(invoice_event(&invoice));
+            if batch.len() == chunk {
                 sent += batch.len() as u64;
-                let _ = chunks_tx.blocking_send(pb::ImportRequest { events: batch });
+                let events = std::mem::replace(&mut batch, Vec::with_capacity(chunk));
+                if chunks_tx
+                    .blocking_send(pb::ImportRequest { events })
+                    .is_err()
+                {
+                    anyhow::bail!("the import stream closed early");
+                }
             }
-            Ok((reader.into_stats(), countries, sent, without_products, catalog))
-        },
-    );
+        }
+        if !batch.is_empty() {
+            sent += batch.len() as u64;
+            let _ = chunks_tx.blocking_send(pb::ImportRequest { events: batch });
+        }
+        Ok((
+            reader.into_stats(),
+            countries,
+            sent,
+            without_products,
+            catalog,
+        ))
+    });
 
     let counted_bar = bar.clone();
     let mut streamed = 0u64;
@@ -311,6 +416,7 @@ pub async fn import_online_retail(
         .into_inner();
     let (stats, countries, events_sent, invoices_without_products, catalog) = reading.await??;
 
+    let latest_order = catalog.latest_order.map(to_utc);
     bar.set_message(format!("upserting {} catalog items", catalog.items.len()));
     let items_upserted = upsert_catalog(clients, catalog).await?;
 
@@ -345,6 +451,7 @@ pub async fn import_online_retail(
         invoices_without_products,
         customers_upserted,
         items_upserted,
+        latest_order,
     })
 }
 
@@ -450,7 +557,10 @@ mod tests {
             online_retail_category("SET OF 3 CAKE TINS PANTRY DESIGN"),
             vec!["Kitchen", "Baking"]
         );
-        assert_eq!(online_retail_category("PAPER CHAIN KIT 50'S CHRISTMAS"), vec!["Seasonal", "Christmas"]);
+        assert_eq!(
+            online_retail_category("PAPER CHAIN KIT 50'S CHRISTMAS"),
+            vec!["Seasonal", "Christmas"]
+        );
         assert_eq!(online_retail_category("ZEBRA"), vec!["Other", "Other"]);
         assert_eq!(title_case("WHITE T-LIGHT"), "White T-Light");
     }

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::{NaiveDate, TimeZone as _, Utc};
+use relance_proto::v1 as pb;
 use relance_recommendations::domain::dataset::{Dataset, Kind};
 use relance_recommendations::domain::eval::{self, Holdout, Row, TrainingSide, View};
 use relance_recommendations::domain::serve::{Blend, Rules};
-use relance_proto::v1 as pb;
 use relance_recommendations::domain::train::{self, PersonalOptions, TrainOptions};
 use relance_recommendations::serving::Serving;
 use relance_recommendations::training::{self, TrainJob};
@@ -93,7 +93,10 @@ pub struct EvalArgs {
     no_dense: bool,
 }
 
-pub async fn run(settings: relance_kit::Settings, command: RecoCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    settings: relance_kit::Settings,
+    command: RecoCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
         RecoCommand::Eval(args) => {
             tokio::task::spawn_blocking(move || evaluate(&args)).await??;
@@ -142,7 +145,14 @@ async fn train(settings: relance_kit::Settings, args: TrainArgs) -> anyhow::Resu
         seed_history: args.seed_history,
     };
     let started = Instant::now();
-    let outcome = training::run(&store, &history, &serving, job, Utc::now()).await?;
+    let outcome = training::run(
+        &store,
+        &history,
+        &serving,
+        job,
+        relance_kit::Clock::now(&relance_kit::SystemClock),
+    )
+    .await?;
     let record = &outcome.record;
     println!(
         "trained version {}: {} items, {} customers, {} interactions in {:.1} s, model {} bytes{}{}",
@@ -152,15 +162,25 @@ async fn train(settings: relance_kit::Settings, args: TrainArgs) -> anyhow::Resu
         record.interaction_count,
         started.elapsed().as_secs_f64(),
         record.memory_bytes,
-        if outcome.activated { ", current" } else { ", stored (not current)" },
+        if outcome.activated {
+            ", current"
+        } else {
+            ", stored (not current)"
+        },
         if args.seed_history {
-            format!(", histories of {} people written to Redis", outcome.seeded_people)
+            format!(
+                ", histories of {} people written to Redis",
+                outcome.seeded_people
+            )
         } else {
             String::new()
         }
     );
     if let Some(peak) = training::peak_memory_bytes() {
-        println!("peak memory of this process: {:.0} MiB", peak as f64 / (1024.0 * 1024.0));
+        println!(
+            "peak memory of this process: {:.0} MiB",
+            peak as f64 / (1024.0 * 1024.0)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -175,7 +195,11 @@ fn print_info(info: &pb::ModelInfoResponse) {
             .unwrap_or_default();
         println!(
             "{label:<9} v{:<4} trained {trained}  {} items  {} customers  {} interactions  {}",
-            model.version, model.item_count, model.customer_count, model.interaction_count, model.algorithm
+            model.version,
+            model.item_count,
+            model.customer_count,
+            model.interaction_count,
+            model.algorithm
         );
     };
     match &info.current {

@@ -5,7 +5,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use relance_kit::{ApiError, ApiResult, SharedClock, auth};
-use relance_proto::convert::{chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono};
+use relance_proto::convert::{
+    chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono,
+};
 use relance_proto::v1::recommendations_server::Recommendations;
 use relance_proto::v1::{self as pb, customer_ref};
 use tokio::sync::mpsc;
@@ -95,8 +97,12 @@ fn person_of(customer: Option<pb::CustomerRef>) -> ApiResult<Option<PersonKey>> 
         return Ok(None);
     };
     let (field, id, person) = match id {
-        customer_ref::Id::CustomerId(id) => ("customer.customer_id", id.clone(), PersonKey::Customer(id)),
-        customer_ref::Id::AnonymousId(id) => ("customer.anonymous_id", id.clone(), PersonKey::Visitor(id)),
+        customer_ref::Id::CustomerId(id) => {
+            ("customer.customer_id", id.clone(), PersonKey::Customer(id))
+        }
+        customer_ref::Id::AnonymousId(id) => {
+            ("customer.anonymous_id", id.clone(), PersonKey::Visitor(id))
+        }
     };
     catalog::check_id(field, &id)?;
     Ok(Some(person))
@@ -312,8 +318,12 @@ impl RecommendationsApi {
         let id = uuid::Uuid::new_v4();
         let rate = self.config.impression_sample_rate;
         // The id is random: its first bytes are a uniform draw.
-        let draw = u32::from_be_bytes([id.as_bytes()[0], id.as_bytes()[1], id.as_bytes()[2], id.as_bytes()[3]])
-            as f64
+        let draw = u32::from_be_bytes([
+            id.as_bytes()[0],
+            id.as_bytes()[1],
+            id.as_bytes()[2],
+            id.as_bytes()[3],
+        ]) as f64
             / u32::MAX as f64;
         if rate <= 0.0 || draw >= rate {
             return (id, false);
@@ -403,7 +413,12 @@ impl Recommendations for RecommendationsApi {
             )
         });
         let items = self
-            .answer(&caller.workspace_id, snapshot, &picks, request.include_details)
+            .answer(
+                &caller.workspace_id,
+                snapshot,
+                &picks,
+                request.include_details,
+            )
             .await?;
         let (id, logged) = self.log_impression(
             &caller.workspace_id,
@@ -456,7 +471,12 @@ impl Recommendations for RecommendationsApi {
             &self.config.rules,
         );
         let items = self
-            .answer(&caller.workspace_id, snapshot, &picks, request.include_details)
+            .answer(
+                &caller.workspace_id,
+                snapshot,
+                &picks,
+                request.include_details,
+            )
             .await?;
         let (id, _) = self.log_impression(
             &caller.workspace_id,
@@ -496,13 +516,11 @@ impl Recommendations for RecommendationsApi {
                     reason: "appears twice in the request".into(),
                 }),
                 Ok(item) => valid.push(item),
-                Err(ApiError::InvalidArgument { field, reason }) => {
-                    rejected.push(pb::ItemError {
-                        index: index as u32,
-                        field,
-                        reason,
-                    })
-                }
+                Err(ApiError::InvalidArgument { field, reason }) => rejected.push(pb::ItemError {
+                    index: index as u32,
+                    field,
+                    reason,
+                }),
                 Err(other) => return Err(other.into()),
             }
         }
@@ -637,11 +655,10 @@ impl Recommendations for RecommendationsApi {
             self.serving.clone(),
             self.clock.now(),
         );
-        let outcome = tokio::spawn(async move {
-            training::run(&store, &history, &serving, job, now).await
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))??;
+        let outcome =
+            tokio::spawn(async move { training::run(&store, &history, &serving, job, now).await })
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))??;
         if outcome.activated {
             self.serving.refresh(&self.store, self.clock.now()).await?;
         }

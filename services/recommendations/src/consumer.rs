@@ -80,8 +80,14 @@ impl HistoryHandler {
             while end < recorded.len() && recorded[end].0 == workspace {
                 end += 1;
             }
-            let entries: Vec<Recorded> = recorded[start..end].iter().map(|(_, r)| r.clone()).collect();
-            self.history.record(&workspace, &entries).await.map_err(retry)?;
+            let entries: Vec<Recorded> = recorded[start..end]
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect();
+            self.history
+                .record(&workspace, &entries)
+                .await
+                .map_err(retry)?;
             start = end;
         }
         Ok(())
@@ -132,7 +138,11 @@ impl Handler for HistoryHandler {
                     let merged: ProfileMerged =
                         serde_json::from_slice(message.payload).map_err(malformed)?;
                     self.history
-                        .merge(&merged.workspace_id, &merged.anonymous_id, &merged.customer_id)
+                        .merge(
+                            &merged.workspace_id,
+                            &merged.anonymous_id,
+                            &merged.customer_id,
+                        )
                         .await
                         .map_err(retry)
                 }

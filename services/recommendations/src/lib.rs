@@ -193,7 +193,9 @@ impl RecommendationsConfig {
 }
 
 /// Connects what the service (or `relance reco train`) needs.
-pub async fn connect(platform_settings: &relance_kit::Settings) -> anyhow::Result<(RecoStore, History, RecommendationsConfig)> {
+pub async fn connect(
+    platform_settings: &relance_kit::Settings,
+) -> anyhow::Result<(RecoStore, History, RecommendationsConfig)> {
     let settings: RecommendationsSettings = platform_settings.section("recommendations")?;
     let config = RecommendationsConfig::new(settings)?;
     let pool = relance_kit::db::connect(platform_settings, SCHEMA).await?;
@@ -355,7 +357,12 @@ async fn training_loop(
                     }
                 }
                 Err(relance_kit::ApiError::Aborted(_)) => {}
-                Err(error) => tracing::warn!(workspace = %workspace_id, %error, "periodic training failed"),
+                Err(relance_kit::ApiError::FailedPrecondition(reason)) => {
+                    tracing::debug!(workspace = %workspace_id, %reason, "nothing to train on")
+                }
+                Err(error) => {
+                    tracing::warn!(workspace = %workspace_id, %error, "periodic training failed")
+                }
             }
         }
     }

@@ -69,9 +69,10 @@ impl Serving {
             let facts = store.catalog_facts(&workspace_id).await?;
             let version = record.as_ref().map(|r| r.version as u64).unwrap_or(0);
             let for_snapshot = trained.clone();
-            let snapshot = tokio::task::spawn_blocking(move || Snapshot::new(version, for_snapshot, facts))
-                .await
-                .map_err(|e| ApiError::Internal(e.into()))?;
+            let snapshot =
+                tokio::task::spawn_blocking(move || Snapshot::new(version, for_snapshot, facts))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?;
             let items = snapshot.len();
             let served = Arc::new(Served {
                 snapshot,
@@ -125,7 +126,10 @@ async fn load_model(
 }
 
 /// The workspace's current trained model, read from Postgres.
-pub async fn load_current(store: &RecoStore, workspace_id: &str) -> ApiResult<Option<Arc<Trained>>> {
+pub async fn load_current(
+    store: &RecoStore,
+    workspace_id: &str,
+) -> ApiResult<Option<Arc<Trained>>> {
     let Some(current) = store.current(workspace_id).await? else {
         return Ok(None);
     };

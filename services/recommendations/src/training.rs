@@ -66,7 +66,10 @@ pub fn parse_options(json: &serde_json::Value, base: &TrainOptions) -> ApiResult
                 ("personal", "neighbours") => {
                     let value = number()?;
                     if value.fract() != 0.0 || value > 2_000.0 {
-                        return Err(ApiError::invalid(&field, "must be a whole number up to 2000"));
+                        return Err(ApiError::invalid(
+                            &field,
+                            "must be a whole number up to 2000",
+                        ));
                     }
                     options.personal.neighbours = value as usize;
                 }
@@ -132,6 +135,11 @@ async fn train_locked(
     let until = job.cutoff.unwrap_or(now);
     let from = until - Duration::seconds((job.lookback_days * 86_400.0) as i64);
     let data = store.load_dataset(&job.workspace_id, from, until).await?;
+    if data.interactions.is_empty() {
+        return Err(ApiError::FailedPrecondition(format!(
+            "no purchases, cart updates or product views between {from} and {until}: nothing to train on"
+        )));
+    }
     let read_ms = started.elapsed().as_millis() as f64;
     let options = TrainOptions {
         cutoff: until.timestamp(),
@@ -144,7 +152,10 @@ async fn train_locked(
         job.kinds.clone()
     };
     let previous: Option<Arc<Trained>> = if kinds.len() < ModelKind::ALL.len() {
-        match serving.get(&job.workspace_id).and_then(|s| s.trained.clone()) {
+        match serving
+            .get(&job.workspace_id)
+            .and_then(|s| s.trained.clone())
+        {
             Some(trained) => Some(trained),
             None => crate::serving::load_current(store, &job.workspace_id).await?,
         }
@@ -166,12 +177,19 @@ async fn train_locked(
     .await
     .map_err(|e| ApiError::Internal(e.into()))?;
     let fit_ms = fit_started.elapsed().as_millis() as f64;
-    let memory = model::Snapshot::new(0, Some(Arc::new(trained.clone())), Vec::new()).memory_bytes();
+    let memory =
+        model::Snapshot::new(0, Some(Arc::new(trained.clone())), Vec::new()).memory_bytes();
     let mut metrics = serde_json::Map::new();
     metrics.insert("training.read_ms".into(), read_ms.into());
     metrics.insert("training.fit_ms".into(), fit_ms.into());
-    metrics.insert("bought_together.pairs".into(), (trained.together.nnz() as f64).into());
-    metrics.insert("personal.weights".into(), (trained.personal.nnz() as f64).into());
+    metrics.insert(
+        "bought_together.pairs".into(),
+        (trained.together.nnz() as f64).into(),
+    );
+    metrics.insert(
+        "personal.weights".into(),
+        (trained.personal.nnz() as f64).into(),
+    );
     if let Some(peak) = peak_memory_bytes() {
         metrics.insert("training.peak_memory_bytes".into(), (peak as f64).into());
     }
@@ -277,7 +295,11 @@ mod tests {
         assert_eq!(options.trending_half_life_days, 3.0);
         let error = parse_options(&serde_json::json!({"personal": {"alpha": 1}}), &base)
             .expect_err("unknown");
-        assert!(error.to_string().starts_with("options.personal.alpha: unknown option"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("options.personal.alpha: unknown option")
+        );
         let error = parse_options(&serde_json::json!({"personal": {"lambda": -1}}), &base)
             .expect_err("negative");
         assert_eq!(

@@ -89,7 +89,9 @@ fn order(customer: &str, number: u32, items: &[&str], at: DateTime<Utc>) -> pb::
         name: "order_completed".into(),
         customer_id: customer.into(),
         timestamp: Some(chrono_to_timestamp(at)),
-        properties: Some(json_to_struct(&serde_json::json!({ "items": lines, "revenue": 10.0 }))),
+        properties: Some(json_to_struct(
+            &serde_json::json!({ "items": lines, "revenue": 10.0 }),
+        )),
         ..Default::default()
     }
 }
@@ -159,7 +161,12 @@ impl Harness {
             let m = c % 9;
             let t = c % 9;
             let at = now() - Duration::days(20) + Duration::hours(c as i64);
-            events.push(order(&id, 1, &[&format!("m{m}"), &format!("m{}", m + 1)], at));
+            events.push(order(
+                &id,
+                1,
+                &[&format!("m{m}"), &format!("m{}", m + 1)],
+                at,
+            ));
             events.push(order(
                 &id,
                 2,
@@ -317,10 +324,19 @@ async fn context_history_filters_and_business_rules() {
         .await
         .expect("cart");
     // (The second slot may go to trending or exploration: the blend's shares are drawn.)
-    assert!(["m2", "m4"].contains(&cart.items[0].item_id.as_str()), "{cart:?}");
-    assert_eq!(reason(&cart.items[0]), pb::RecommendationReason::BoughtTogether);
+    assert!(
+        ["m2", "m4"].contains(&cart.items[0].item_id.as_str()),
+        "{cart:?}"
+    );
+    assert_eq!(
+        reason(&cart.items[0]),
+        pb::RecommendationReason::BoughtTogether
+    );
     assert_eq!(cart.items[0].because_item_id, "m3");
-    assert!(!ids(&cart).contains(&"m3".to_string()), "context items are never recommended");
+    assert!(
+        !ids(&cart).contains(&"m3".to_string()),
+        "context items are never recommended"
+    );
 
     // c3 bought m3, m4, t3, t4: the personal model proposes their neighbours, never what
     // c3 already has (not replenishable), at most 2 per category by default.
@@ -336,7 +352,10 @@ async fn context_history_filters_and_business_rules() {
         .expect("personal");
     let got = ids(&personal);
     for owned in ["m3", "m4", "t3", "t4"] {
-        assert!(!got.contains(&owned.to_string()), "{owned} already bought: {got:?}");
+        assert!(
+            !got.contains(&owned.to_string()),
+            "{owned} already bought: {got:?}"
+        );
     }
     assert!(
         personal
@@ -346,7 +365,10 @@ async fn context_history_filters_and_business_rules() {
         "{personal:?}"
     );
     let mugs = got.iter().filter(|i| i.starts_with('m')).count();
-    let toys = got.iter().filter(|i| i.starts_with('t') && *i != "tea").count();
+    let toys = got
+        .iter()
+        .filter(|i| i.starts_with('t') && *i != "tea")
+        .count();
     assert!(mugs <= 2 && toys <= 2, "{got:?}");
 
     // Replenishable tea comes back for its buyer.
@@ -388,7 +410,10 @@ async fn context_history_filters_and_business_rules() {
         .expect("filtered");
     let got: HashSet<String> = ids(&filtered).into_iter().collect();
     // Toys priced 21–28: t1..t8; minus t3, t4 (bought), t5 (sold out), t6 (excluded).
-    let expected: HashSet<String> = ["t1", "t2", "t7", "t8"].iter().map(|s| s.to_string()).collect();
+    let expected: HashSet<String> = ["t1", "t2", "t7", "t8"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(got, expected);
 
     // Deleted items are never recommended, even by the loaded model.
@@ -411,7 +436,10 @@ async fn context_history_filters_and_business_rules() {
         })
         .await
         .expect("cart");
-    assert!(!ids(&cart).iter().any(|i| i == "m2" || i == "m4"), "{cart:?}");
+    assert!(
+        !ids(&cart).iter().any(|i| i == "m2" || i == "m4"),
+        "{cart:?}"
+    );
 
     // Details on request; every answer logged (sample rate 1 in this test).
     let detailed = h
@@ -510,12 +538,19 @@ async fn history_follows_events_and_redelivery_changes_nothing() {
 
     // The same event published again (a redelivery) leaves the history as it was.
     let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
-    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
+    let mut redis = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
     let key = format!(
         "{}{}:reco:h:c:newcomer",
         h.app.platform.settings.redis_prefix, h.app.workspace
     );
-    let before_count: i64 = redis::cmd("ZCARD").arg(&key).query_async(&mut redis).await.expect("zcard");
+    let before_count: i64 = redis::cmd("ZCARD")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("zcard");
     assert_eq!(before_count, 1);
     let publisher = Publisher::new(h.app.platform.bus.clone());
     let message = EventMessage {
@@ -559,7 +594,11 @@ async fn history_follows_events_and_redelivery_changes_nothing() {
         let mut redis = redis.clone();
         let key = key.clone();
         async move {
-            let count: i64 = redis::cmd("ZCARD").arg(&key).query_async(&mut redis).await.ok()?;
+            let count: i64 = redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
             (count >= 2).then_some(count)
         }
     })
@@ -716,7 +755,11 @@ async fn bad_input_names_the_field_and_workspaces_are_isolated() {
     for (request, message) in cases {
         let status = h.recommend(request).await.expect_err(message);
         assert_eq!(status.code(), Code::InvalidArgument, "{message}");
-        assert!(status.message().starts_with(message), "{} vs {message}", status.message());
+        assert!(
+            status.message().starts_with(message),
+            "{} vs {message}",
+            status.message()
+        );
     }
     // n left at 0 means 5.
     let default = h
@@ -800,7 +843,12 @@ async fn catalog_events_update_the_catalog() {
         let key = key.clone();
         async move {
             let found = client
-                .get_items(authed(&key, pb::GetItemsRequest { ids: vec!["lamp".into()] }))
+                .get_items(authed(
+                    &key,
+                    pb::GetItemsRequest {
+                        ids: vec!["lamp".into()],
+                    },
+                ))
                 .await
                 .ok()?
                 .into_inner();
@@ -824,7 +872,12 @@ async fn catalog_events_update_the_catalog() {
         let mut client = client.clone();
         async move {
             let found = client
-                .get_items(authed(&key, pb::GetItemsRequest { ids: vec!["lamp".into()] }))
+                .get_items(authed(
+                    &key,
+                    pb::GetItemsRequest {
+                        ids: vec!["lamp".into()],
+                    },
+                ))
                 .await
                 .ok()?
                 .into_inner();

@@ -44,7 +44,10 @@ pub fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
         ));
     }
     if id.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -174,15 +177,13 @@ pub fn item_from_json(properties: &serde_json::Value) -> Result<Item, ApiError> 
             }),
         }
     };
-    let stock = match object.get("stock") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(value) => Some(
-            value
-                .as_i64()
-                .filter(|s| *s >= 0)
-                .ok_or_else(|| ApiError::invalid("properties.stock", "must be a whole number ≥ 0"))?,
-        ),
-    };
+    let stock =
+        match object.get("stock") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => Some(value.as_i64().filter(|s| *s >= 0).ok_or_else(|| {
+                ApiError::invalid("properties.stock", "must be a whole number ≥ 0")
+            })?),
+        };
     let id = match object.get("id").or_else(|| object.get("product_id")) {
         Some(serde_json::Value::String(id)) => id.clone(),
         _ => {

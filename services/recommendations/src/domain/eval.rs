@@ -121,7 +121,10 @@ impl Lists {
     /// Lists of a ranking that does not depend on `n`.
     pub fn ranked(top20: Vec<Vec<u32>>) -> Lists {
         Lists {
-            top10: top20.iter().map(|l| l[..l.len().min(10)].to_vec()).collect(),
+            top10: top20
+                .iter()
+                .map(|l| l[..l.len().min(10)].to_vec())
+                .collect(),
             top20,
         }
     }
@@ -161,8 +164,8 @@ pub fn score(
         if top10.iter().any(|i| truth.contains(i)) {
             hits += 1.0;
         }
-        recall += top20.iter().filter(|i| truth.contains(i)).count() as f64
-            / truth.len().min(20) as f64;
+        recall +=
+            top20.iter().filter(|i| truth.contains(i)).count() as f64 / truth.len().min(20) as f64;
         let mut dcg = 0.0;
         for (rank, item) in top10.iter().enumerate() {
             if truth.contains(item) {
@@ -174,7 +177,13 @@ pub fn score(
             .sum();
         ndcg += dcg / ideal;
     }
-    let divide = |value: f64| if customers == 0 { 0.0 } else { value / customers as f64 };
+    let divide = |value: f64| {
+        if customers == 0 {
+            0.0
+        } else {
+            value / customers as f64
+        }
+    };
     Row {
         method: method.to_owned(),
         view,

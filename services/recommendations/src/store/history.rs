@@ -141,8 +141,16 @@ impl History {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
-        let visitor = Self::key(cache, workspace_id, &PersonKey::Visitor(anonymous_id.into()));
-        let customer = Self::key(cache, workspace_id, &PersonKey::Customer(customer_id.into()));
+        let visitor = Self::key(
+            cache,
+            workspace_id,
+            &PersonKey::Visitor(anonymous_id.into()),
+        );
+        let customer = Self::key(
+            cache,
+            workspace_id,
+            &PersonKey::Customer(customer_id.into()),
+        );
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("ZUNIONSTORE")
@@ -201,8 +209,8 @@ mod tests {
 
     #[test]
     fn members_round_trip() {
-        let entry = parse_member("p85123A\u{1f}online-retail:536365", 1_291_191_960.0)
-            .expect("member");
+        let entry =
+            parse_member("p85123A\u{1f}online-retail:536365", 1_291_191_960.0).expect("member");
         assert_eq!(entry.item, "85123A");
         assert_eq!(entry.kind, Kind::Purchase);
         assert_eq!(entry.at, 1_291_191_960);

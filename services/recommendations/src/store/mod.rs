@@ -241,7 +241,11 @@ impl RecoStore {
     }
 
     /// Live items by id.
-    pub async fn get_items(&self, workspace_id: &str, ids: &[String]) -> ApiResult<Vec<StoredItem>> {
+    pub async fn get_items(
+        &self,
+        workspace_id: &str,
+        ids: &[String],
+    ) -> ApiResult<Vec<StoredItem>> {
         let rows = sqlx::query(&format!(
             "SELECT {ITEM_COLUMNS} FROM items WHERE workspace_id = $1 AND id = ANY($2) AND deleted_at IS NULL"
         ))
@@ -416,17 +420,20 @@ impl RecoStore {
     }
 
     pub async fn current(&self, workspace_id: &str) -> ApiResult<Option<Current>> {
-        let row: Option<(i64, Option<i64>)> = sqlx::query_as(
-            "SELECT version, previous FROM current_models WHERE workspace_id = $1",
-        )
-        .bind(workspace_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(internal)?;
+        let row: Option<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT version, previous FROM current_models WHERE workspace_id = $1")
+                .bind(workspace_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(internal)?;
         Ok(row.map(|(version, previous)| Current { version, previous }))
     }
 
-    pub async fn model_record(&self, workspace_id: &str, version: i64) -> ApiResult<Option<ModelRecord>> {
+    pub async fn model_record(
+        &self,
+        workspace_id: &str,
+        version: i64,
+    ) -> ApiResult<Option<ModelRecord>> {
         let row = sqlx::query(&format!(
             "SELECT {MODEL_COLUMNS} FROM models WHERE workspace_id = $1 AND version = $2"
         ))
@@ -664,7 +671,8 @@ mod tests {
 
     #[test]
     fn reads_items_of_events() {
-        let order = serde_json::json!({"items": [{"product_id": "A"}, {"sku": "x"}, {"product_id": "B"}]});
+        let order =
+            serde_json::json!({"items": [{"product_id": "A"}, {"sku": "x"}, {"product_id": "B"}]});
         assert_eq!(items_of(&order), vec!["A", "B"]);
         assert_eq!(items_of(&serde_json::json!({"product_id": "C"})), vec!["C"]);
         assert!(items_of(&serde_json::json!({})).is_empty());
