@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments bench-reco lint fmt services build
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -17,7 +17,7 @@ test: services
 	fi
 
 ## Benchmarks (release build); results are written to BENCHMARKS.md.
-bench: bench-ingest bench-segments
+bench: bench-ingest bench-segments bench-reco
 
 ## Event ingestion: TrackBatch and Track against raw Postgres baselines.
 bench-ingest: services
@@ -26,6 +26,11 @@ bench-ingest: services
 ## Segmentation: batch evaluation (Online Retail, 1 M generated) and Track → segment.entered.
 bench-segments: services
 	bash bench/segments.sh
+
+## Recommendations: Recommend vs Ping at fixed rates and at saturation, training and model
+## load on the Online Retail data and on a generated 100k-item / 1 M-customer shop.
+bench-reco: services
+	bash bench/reco.sh
 
 ## Formatting and clippy, as CI would.
 lint:

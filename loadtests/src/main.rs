@@ -4,6 +4,7 @@
 //! - `ingest-raw`: the same rows written straight into Postgres, the baseline.
 //! - `track-rate`: single `Track` latency at a fixed rate (open loop).
 //! - `report`: results (JSON) → the ingestion section of BENCHMARKS.md.
+//! - `reco-latency`, `reco-max`, `reco-generate`, `reco-report`: recommendations (`reco.rs`).
 //!
 //! `bench/run.sh` runs them all; see loadtests/README.md.
 #![forbid(unsafe_code)]
@@ -12,6 +13,7 @@ mod client;
 mod generate;
 mod ingest;
 mod rate;
+mod reco;
 mod report;
 mod segments;
 mod stats;
@@ -78,6 +80,24 @@ enum Command {
     },
     /// Write the segmentation results into BENCHMARKS.md.
     SegmentReport(segments::ReportArgs),
+    /// Recommend (or the no-op Ping) latency at a fixed request rate.
+    RecoLatency {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(flatten)]
+        args: reco::LatencyArgs,
+    },
+    /// The most Recommend (or Ping) answers per second, C requests always in flight.
+    RecoMax {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(flatten)]
+        args: reco::MaxArgs,
+    },
+    /// A large synthetic shop written into Postgres, to train recommendations at scale.
+    RecoGenerate(reco::GenerateArgs),
+    /// Write the recommendations results into BENCHMARKS.md.
+    RecoReport(reco::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +142,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::SegmentReport(args) => return segments::report(&args),
+        // These write their own JSON: `--out FILE`, or the global `--save FILE`.
+        Command::RecoLatency { target, args } => {
+            let result = reco::latency(&target, &args).await?;
+            let out = args.run.out.as_deref().or(cli.save.as_deref());
+            return reco::emit(&result, &result.line(), out, cli.json);
+        }
+        Command::RecoMax { target, args } => {
+            let result = reco::max(&target, &args).await?;
+            let out = args.run.out.as_deref().or(cli.save.as_deref());
+            return reco::emit(&result, &result.line(), out, cli.json);
+        }
+        Command::RecoGenerate(args) => {
+            let result = reco::generate(&args).await?;
+            let out = args.out.as_deref().or(cli.save.as_deref());
+            return reco::emit(&result, &result.line(), out, cli.json);
+        }
+        Command::RecoReport(args) => return reco::report(&args),
     };
     if let Some(path) = &cli.save {
         std::fs::write(path, serde_json::to_string_pretty(&outcome)? + "\n")

@@ -75,8 +75,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     println!("  took {:.1}s", started.elapsed().as_secs_f64());
 
     println!("\nWaiting for the profiles service to consume the events …");
-    wait_until_consumed(&platform.bus, relance_profiles::store::TRAITS_CONSUMER).await?;
+    wait_until_relayed(&settings).await?;
     let pool = relance_kit::db::connect(&settings, relance_profiles::SCHEMA).await?;
+    wait_until_consumed(&platform.bus, relance_profiles::store::TRAITS_CONSUMER, &pool).await?;
     let store =
         relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
     relance_profiles::rescore_all(&store, &clock).await?;
@@ -302,21 +303,55 @@ async fn wait_until_settled(clients: &mut crate::client::Clients) -> anyhow::Res
     Ok(())
 }
 
-/// Waits until a consumer's queue has stayed empty for a moment (at most 5 min).
-async fn wait_until_consumed(bus: &relance_kit::bus::Bus, queue: &str) -> anyhow::Result<()> {
+/// Waits until the events relay has published every stored event (an empty queue means
+/// nothing while the relay is still behind, as it is on a busy machine).
+async fn wait_until_relayed(settings: &Settings) -> anyhow::Result<()> {
+    let pool = relance_kit::db::connect(settings, relance_events::SCHEMA).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
-    let mut empty_polls = 0;
-    while empty_polls < 4 {
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events e, relay_cursor c WHERE (e.xid, e.seq) > (c.xid, c.seq)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if behind == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the events relay did not catch up within 5 minutes ({behind} events behind)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until a consumer's queue has stayed empty and the messages it processed have
+/// stopped growing for a moment (at most 5 min): the queue's depth does not count the
+/// messages the consumer holds unacknowledged, which a busy machine makes many.
+async fn wait_until_consumed(
+    bus: &relance_kit::bus::Bus,
+    queue: &str,
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut quiet_polls = 0;
+    let mut last_processed = -1i64;
+    while quiet_polls < 4 {
         if Instant::now() > deadline {
             anyhow::bail!("{queue} did not catch up within 5 minutes");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let depth = bus.queue_depth(queue).await?;
-        if depth == 0 {
-            empty_polls += 1
+        let processed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE consumer = $1")
+                .bind(queue)
+                .fetch_one(pool)
+                .await?;
+        if depth == 0 && processed == last_processed {
+            quiet_polls += 1
         } else {
-            empty_polls = 0
+            quiet_polls = 0
         }
+        last_processed = processed;
     }
     Ok(())
 }

@@ -66,7 +66,9 @@ impl HistoryHandler {
                         item,
                         kind,
                         at: event.timestamp.timestamp(),
-                        event_id: event.message_id.clone(),
+                        // Keyed by time, as seeding from the event log keys them: a
+                        // redelivery and a later `--seed-history` add nothing.
+                        event_id: format!("t{}", event.timestamp.timestamp()),
                     },
                 ));
             }

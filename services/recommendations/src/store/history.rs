@@ -1,6 +1,8 @@
 //! Each person's recent interactions in Redis: one sorted set per person,
-//! `<prefix><ws>:reco:h:<c|a>:<id>`, members `<kind><item>\x1f<event id>` scored by the
-//! event's time. Re-adding a member changes nothing, so a redelivered event is a no-op;
+//! `<prefix><ws>:reco:h:<c|a>:<id>`, members `<kind><item>\x1f<occurrence>` (the event's
+//! second, `t1700000000`) scored by the event's time. Re-adding a member changes nothing,
+//! so a redelivered event, or seeding from the log what the stream already brought, is a
+//! no-op;
 //! only the newest `limit` entries are kept. Serving reads one set in one round trip.
 //! Losing Redis loses personalisation until events or a `--seed-history` training refill
 //! it, never an answer.
@@ -45,6 +47,7 @@ pub struct Recorded {
     pub kind: Kind,
     /// Unix seconds.
     pub at: i64,
+    /// What makes two interactions with the same item distinct (their second).
     pub event_id: String,
 }
 
