@@ -77,7 +77,12 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     println!("\nWaiting for the profiles service to consume the events …");
     wait_until_relayed(&settings).await?;
     let pool = relance_kit::db::connect(&settings, relance_profiles::SCHEMA).await?;
-    wait_until_consumed(&platform.bus, relance_profiles::store::TRAITS_CONSUMER, &pool).await?;
+    wait_until_consumed(
+        &platform.bus,
+        relance_profiles::store::TRAITS_CONSUMER,
+        &pool,
+    )
+    .await?;
     let store =
         relance_profiles::store::ProfileStore::new(pool, Arc::new(tokio::sync::Notify::new()));
     relance_profiles::rescore_all(&store, &clock).await?;
@@ -318,7 +323,9 @@ async fn wait_until_relayed(settings: &Settings) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("the events relay did not catch up within 5 minutes ({behind} events behind)");
+            anyhow::bail!(
+                "the events relay did not catch up within 5 minutes ({behind} events behind)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
