@@ -170,6 +170,7 @@ impl RecommendationsConfig {
             personal: crate::domain::train::PersonalOptions {
                 lambda: settings.lambda,
                 neighbours: settings.neighbours,
+                ..Default::default()
             },
             threads: settings.training_threads.max(1),
             memory_budget_bytes: settings.training_memory_mib.max(16) << 20,

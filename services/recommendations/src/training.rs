@@ -73,6 +73,13 @@ pub fn parse_options(json: &serde_json::Value, base: &TrainOptions) -> ApiResult
                     }
                     options.personal.neighbours = value as usize;
                 }
+                ("personal", "max_out") => {
+                    let value = number()?;
+                    if value.fract() != 0.0 {
+                        return Err(ApiError::invalid(&field, "must be a whole number"));
+                    }
+                    options.personal.max_out = value as usize;
+                }
                 ("trending", "half_life_days") => options.trending_half_life_days = number()?,
                 ("trending", "window_days") => options.trending_window_days = number()?,
                 ("bought_together", "min_baskets") => {
@@ -84,7 +91,7 @@ pub fn parse_options(json: &serde_json::Value, base: &TrainOptions) -> ApiResult
                 _ => {
                     return Err(ApiError::invalid(
                         field,
-                        "unknown option (known: personal.lambda, personal.neighbours, trending.half_life_days, trending.window_days, bought_together.min_baskets, bought_together.per_item)",
+                        "unknown option (known: personal.lambda, personal.neighbours, personal.max_out, trending.half_life_days, trending.window_days, bought_together.min_baskets, bought_together.per_item)",
                     ));
                 }
             }

@@ -29,6 +29,17 @@ impl ItemFacts {
     }
 }
 
+/// The catalog has the item.
+pub const KNOWN: u8 = 1;
+/// Removed from the catalog.
+pub const DELETED: u8 = 2;
+/// In stock.
+pub const AVAILABLE: u8 = 4;
+/// Bought again regularly (the catalog says so).
+pub const REPLENISHABLE: u8 = 8;
+/// No leaf category.
+pub const NO_LEAF: u32 = u32::MAX;
+
 /// A model and the catalog, indexed together. Items of the catalog that the model has not
 /// seen get index numbers after the model's and zero scores.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +57,11 @@ pub struct Snapshot {
     /// The trained model (its matrices are shared, not copied, between the snapshots that
     /// join it with successive catalogs).
     pub model: Option<Arc<Trained>>,
+    /// Per item, what the rules check on every candidate, packed so that scanning many
+    /// candidates stays in cache: [`KNOWN`], [`DELETED`], [`AVAILABLE`], [`REPLENISHABLE`].
+    pub flags: Vec<u8>,
+    /// Per item, its leaf category as a dense number ([`NO_LEAF`] when it has none).
+    pub leaf: Vec<u32>,
     /// Item indices by trending score, best first (only items with a score).
     pub by_trending: Vec<u32>,
     /// Item indices by popularity, best first (only items with a score).
@@ -93,6 +109,34 @@ impl Snapshot {
             &mut snapshot.repeat_rate,
         ] {
             scores.resize(n, 0.0);
+        }
+        let mut leaves: HashMap<&str, u32> = HashMap::new();
+        snapshot.flags = Vec::with_capacity(n);
+        snapshot.leaf = Vec::with_capacity(n);
+        for facts in &snapshot.facts {
+            let Some(facts) = facts else {
+                snapshot.flags.push(0);
+                snapshot.leaf.push(NO_LEAF);
+                continue;
+            };
+            let mut flags = KNOWN;
+            if facts.deleted {
+                flags |= DELETED;
+            }
+            if facts.in_stock {
+                flags |= AVAILABLE;
+            }
+            if facts.replenishable {
+                flags |= REPLENISHABLE;
+            }
+            snapshot.flags.push(flags);
+            snapshot.leaf.push(match facts.leaf() {
+                Some(leaf) => {
+                    let next = leaves.len() as u32;
+                    *leaves.entry(leaf).or_insert(next)
+                }
+                None => NO_LEAF,
+            });
         }
         snapshot.by_trending = ranked(&snapshot.trending);
         snapshot.by_popularity = ranked(&snapshot.popularity);

@@ -4,13 +4,13 @@
 //! deterministic for a given seed; never fails for want of data (fallback chain: trending,
 //! popular, newest).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use super::dataset::Kind;
-use super::model::Snapshot;
+use super::model::{self, Snapshot};
 
 const DAY: f64 = 86_400.0;
 
@@ -298,47 +298,97 @@ fn resolve_history(snapshot: &Snapshot, request: &Request<'_>, rules: &Rules) ->
 }
 
 /// Which items the rules and the filter allow, with the per-category cap applied as items
-/// are taken.
+/// are taken. Every candidate goes through it, often thousands per request: the checks read
+/// packed per-item arrays and small sorted lists, and the catalog facts only when the
+/// filter asks about them.
 struct Gate<'a> {
     snapshot: &'a Snapshot,
     filter: &'a Filter,
     rules: &'a Rules,
-    excluded: HashSet<u32>,
-    bought: HashSet<u32>,
-    taken: HashSet<u32>,
-    per_category: HashMap<&'a str, usize>,
+    /// Sorted.
+    excluded: Vec<u32>,
+    /// Sorted.
+    bought: Vec<u32>,
+    taken: Vec<u32>,
+    /// (leaf, items taken from it)
+    per_category: Vec<(u32, usize)>,
     max_per_category: usize,
     max_price: Option<f64>,
+    /// Whether the filter reads catalog facts beyond the packed flags.
+    reads_facts: bool,
 }
 
 impl<'a> Gate<'a> {
+    fn new(
+        snapshot: &'a Snapshot,
+        filter: &'a Filter,
+        rules: &'a Rules,
+        context: &[u32],
+        bought: Vec<u32>,
+        max_price: Option<f64>,
+    ) -> Gate<'a> {
+        let mut excluded: Vec<u32> = filter
+            .exclude
+            .iter()
+            .filter_map(|id| snapshot.index.get(id).copied())
+            .chain(context.iter().copied())
+            .collect();
+        excluded.sort_unstable();
+        let mut bought = bought;
+        bought.sort_unstable();
+        Gate {
+            snapshot,
+            filter,
+            rules,
+            excluded,
+            bought,
+            taken: Vec::new(),
+            per_category: Vec::new(),
+            max_per_category: if filter.max_per_category > 0 {
+                filter.max_per_category
+            } else {
+                rules.max_per_category
+            },
+            max_price,
+            reads_facts: !filter.categories.is_empty()
+                || !filter.brands.is_empty()
+                || filter.min_price.is_some()
+                || max_price.is_some(),
+        }
+    }
+
     fn allows(&self, item: u32) -> bool {
-        if self.taken.contains(&item) || self.excluded.contains(&item) {
+        let i = item as usize;
+        let flags = self.snapshot.flags[i];
+        let known = flags & model::KNOWN != 0;
+        if flags & model::DELETED != 0 {
             return false;
         }
-        let facts = self.snapshot.facts[item as usize].as_ref();
-        if let Some(facts) = facts {
-            if facts.deleted {
-                return false;
-            }
-            if !facts.in_stock && (self.filter.in_stock_only || self.rules.drop_out_of_stock) {
-                return false;
-            }
-            if let Some(leaf) = facts.leaf()
-                && self.per_category.get(leaf).copied().unwrap_or(0) >= self.max_per_category
+        if known {
+            if flags & model::AVAILABLE == 0
+                && (self.filter.in_stock_only || self.rules.drop_out_of_stock)
             {
                 return false;
             }
-        } else if self.filter.in_stock_only
-            || !self.filter.categories.is_empty()
-            || !self.filter.brands.is_empty()
-            || self.filter.min_price.is_some()
-            || self.max_price.is_some()
-        {
+        } else if self.filter.in_stock_only || self.reads_facts {
             // The filter asks about facts the catalog does not have.
             return false;
         }
-        if let Some(facts) = facts {
+        let leaf = self.snapshot.leaf[i];
+        if leaf != model::NO_LEAF
+            && self
+                .per_category
+                .iter()
+                .any(|(l, count)| *l == leaf && *count >= self.max_per_category)
+        {
+            return false;
+        }
+        if self.taken.contains(&item) || self.excluded.binary_search(&item).is_ok() {
+            return false;
+        }
+        if self.reads_facts
+            && let Some(facts) = self.snapshot.facts[i].as_ref()
+        {
             if !self.filter.categories.is_empty()
                 && !self
                     .filter
@@ -357,10 +407,9 @@ impl<'a> Gate<'a> {
                 return false;
             }
         }
-        if self.bought.contains(&item) {
-            let replenishable = facts.is_some_and(|f| f.replenishable)
-                || self.snapshot.repeat_rate[item as usize]
-                    >= self.rules.learned_replenishable_rate;
+        if self.bought.binary_search(&item).is_ok() {
+            let replenishable = flags & model::REPLENISHABLE != 0
+                || self.snapshot.repeat_rate[i] >= self.rules.learned_replenishable_rate;
             if !replenishable {
                 return false;
             }
@@ -369,14 +418,23 @@ impl<'a> Gate<'a> {
     }
 
     fn take(&mut self, item: u32) {
-        self.taken.insert(item);
-        if let Some(leaf) = self.snapshot.facts[item as usize]
-            .as_ref()
-            .and_then(|f| f.leaf())
-        {
-            *self.per_category.entry(leaf).or_insert(0) += 1;
+        self.taken.push(item);
+        let leaf = self.snapshot.leaf[item as usize];
+        if leaf == model::NO_LEAF {
+            return;
+        }
+        match self.per_category.iter_mut().find(|(l, _)| *l == leaf) {
+            Some((_, count)) => *count += 1,
+            None => self.per_category.push((leaf, 1)),
         }
     }
+}
+
+/// Candidates a ranked source (trending, popular, newest) examines before giving up on the
+/// per-category cap: in a catalog where the head is a few categories, honouring the cap
+/// strictly would scan most of the catalog per request.
+fn scan_limit(n: usize) -> usize {
+    200 + 50 * n
 }
 
 /// How many of `n` slots each source gets: the expected counts equal the shares; the
@@ -461,16 +519,16 @@ pub fn recommend(
             predicted.push((score, item));
         }
     }
-    predicted.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Only the head is needed, unless the rules turn most of it down (then the rest is
+    // sorted too, below).
+    let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let head = (8 * n + 64).min(predicted.len());
+    if head > 0 && head < predicted.len() {
+        predicted.select_nth_unstable_by(head - 1, by_score);
+    }
+    predicted[..head].sort_unstable_by(by_score);
 
-    let excluded: HashSet<u32> = request
-        .filter
-        .exclude
-        .iter()
-        .filter_map(|id| snapshot.index.get(id).copied())
-        .chain(context.iter().copied())
-        .collect();
-    let bought: HashSet<u32> = known
+    let bought: Vec<u32> = known
         .items
         .iter()
         .filter(|(_, k)| k.1 > 0)
@@ -493,29 +551,19 @@ pub fn recommend(
         }
         (_, limit) => limit,
     };
-    let mut gate = Gate {
-        snapshot,
-        filter: request.filter,
-        rules,
-        excluded,
-        bought,
-        taken: HashSet::new(),
-        per_category: HashMap::new(),
-        max_per_category: if request.filter.max_per_category > 0 {
-            request.filter.max_per_category
-        } else {
-            rules.max_per_category
-        },
-        max_price,
-    };
+    let mut gate = Gate::new(snapshot, request.filter, rules, &context, bought, max_price);
 
     let (want_predicted, want_trending, want_explore) = quotas(n, blend, &mut rng);
     let mut picks: Vec<Pick> = Vec::with_capacity(n);
     let top_predicted = predicted.first().map(|p| p.0).unwrap_or(1.0);
-    for &(score, item) in &predicted {
+    for index in 0..predicted.len() {
         if picks.len() >= want_predicted {
             break;
         }
+        if index == head {
+            predicted[head..].sort_unstable_by(by_score);
+        }
+        let (score, item) = predicted[index];
         if !gate.allows(item) {
             continue;
         }
@@ -543,7 +591,7 @@ pub fn recommend(
         .map(|i| snapshot.trending[*i as usize])
         .unwrap_or(1.0);
     let mut trending_taken = 0;
-    for &item in &snapshot.by_trending {
+    for &item in snapshot.by_trending.iter().take(scan_limit(n)) {
         if trending_taken >= trending_target {
             break;
         }
@@ -660,43 +708,45 @@ fn fallback_gate<'a>(
     rules: &'a Rules,
     context: &[u32],
 ) -> Gate<'a> {
-    Gate {
+    Gate::new(
         snapshot,
         filter,
         rules,
-        excluded: filter
-            .exclude
-            .iter()
-            .filter_map(|id| snapshot.index.get(id).copied())
-            .chain(context.iter().copied())
-            .collect(),
-        bought: HashSet::new(),
-        taken: HashSet::new(),
-        per_category: HashMap::new(),
-        max_per_category: if filter.max_per_category > 0 {
-            filter.max_per_category
-        } else {
-            rules.max_per_category
-        },
-        max_price: filter.max_price,
-    }
+        context,
+        Vec::new(),
+        filter.max_price,
+    )
 }
 
+/// Fills what is still missing from popular, then newest items: first within the
+/// per-category cap (a bounded scan), then without it — diversity is a preference, an
+/// answer short of items is not.
 fn fill_fallback(snapshot: &Snapshot, n: usize, gate: &mut Gate<'_>, picks: &mut Vec<Pick>) {
     let mut rank = 0usize;
-    for &item in snapshot.by_popularity.iter().chain(&snapshot.by_newest) {
-        if picks.len() >= n {
-            break;
+    for relaxed in [false, true] {
+        if relaxed {
+            gate.max_per_category = usize::MAX;
         }
-        if gate.allows(item) {
-            gate.take(item);
-            rank += 1;
-            picks.push(Pick {
-                item,
-                score: 0.4 / rank as f64,
-                reason: Reason::Fallback,
-                because: None,
-            });
+        let limit = if relaxed { usize::MAX } else { scan_limit(n) };
+        for &item in snapshot
+            .by_popularity
+            .iter()
+            .chain(&snapshot.by_newest)
+            .take(limit)
+        {
+            if picks.len() >= n {
+                return;
+            }
+            if gate.allows(item) {
+                gate.take(item);
+                rank += 1;
+                picks.push(Pick {
+                    item,
+                    score: 0.4 / rank as f64,
+                    reason: Reason::Fallback,
+                    because: None,
+                });
+            }
         }
     }
 }
@@ -812,14 +862,15 @@ mod tests {
             &mut Scratch::default(),
         );
         // Out of stock and already bought are dropped, replenishable tea stays, at most two
-        // mugs; the fifth slot comes from the fallback chain (h, bought but not
-        // replenishable, is not eligible either).
+        // mugs while other items can fill the answer; the fifth slot can only be the third
+        // mug (h is bought and not replenishable): the cap gives way rather than leave the
+        // answer short.
         assert_eq!(
-            names(&snapshot, &picks)[..4],
-            ["tea", "mug1", "mug2", "lamp"]
+            names(&snapshot, &picks),
+            ["tea", "mug1", "mug2", "lamp", "mug3"]
         );
         assert!(picks[..4].iter().all(|p| p.reason == Reason::Personal));
-        assert_eq!(picks.len(), 4, "nothing else is eligible: {picks:?}");
+        assert_eq!(picks[4].reason, Reason::Fallback);
         assert_eq!(
             snapshot.ids[picks[1].because.expect("because") as usize],
             "h"

@@ -22,6 +22,9 @@ pub struct PersonalOptions {
     pub lambda: f64,
     /// Regressors per item (the neighbourhood size k).
     pub neighbours: usize,
+    /// Weights kept per source item, the strongest: serving adds a source's whole row per
+    /// history item, and a popular item sits in thousands of neighbourhoods.
+    pub max_out: usize,
 }
 
 impl Default for PersonalOptions {
@@ -29,6 +32,7 @@ impl Default for PersonalOptions {
         PersonalOptions {
             lambda: 200.0,
             neighbours: 100,
+            max_out: 200,
         }
     }
 }
@@ -493,6 +497,10 @@ pub fn personal_model(
         }
     }
     for row in &mut by_source {
+        if row.len() > personal.max_out {
+            row.sort_unstable_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+            row.truncate(personal.max_out);
+        }
         row.sort_unstable_by_key(|(j, _)| *j);
     }
     Csr::from_rows(by_source)
@@ -712,6 +720,7 @@ mod tests {
         let personal = PersonalOptions {
             lambda,
             neighbours: n,
+            max_out: n,
         };
         let sparse = personal_model(&matrix, n, &personal, &options);
         // Dense EASE: B = I − P / diag(P).
