@@ -415,7 +415,7 @@ fn copy_text(workspace: &str, columns: &Columns, received_at: DateTime<Utc>) -> 
     out
 }
 
-fn push_copy_escaped(out: &mut String, value: &str) {
+pub fn push_copy_escaped(out: &mut String, value: &str) {
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

@@ -29,6 +29,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::client::Target;
+use crate::ingest::push_copy_escaped;
+use crate::report::thousands;
 use crate::stats::{self, Percentiles, RateResult};
 
 // --- Connections ----------------------------------------------------------------------------
@@ -1000,18 +1002,6 @@ const ITEM_COLUMNS: &str = "workspace_id, id, title, category_path, brand, price
 /// Customers per chunk handed from the generating thread to the COPY (≈ 12 MB of text).
 const CHUNK_CUSTOMERS: u32 = 5_000;
 
-fn push_copy_escaped(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
 fn copy_time(at: i64) -> String {
     DateTime::from_timestamp(at, 0)
         .unwrap_or_default()
@@ -1594,18 +1584,6 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
 }
 
 /// 12345.6 → "12,346".
-fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (index, c) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn bytes(value: u64) -> String {
     let value = value as f64;
     if value >= 1024.0 * 1024.0 * 1024.0 {

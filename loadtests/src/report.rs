@@ -117,7 +117,7 @@ fn read_results(dir: &Path) -> anyhow::Result<Vec<Outcome>> {
 }
 
 /// 12345.6 → "12,346".
-fn thousands(value: f64) -> String {
+pub fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (index, c) in digits.chars().enumerate() {
