@@ -210,7 +210,7 @@ const CATEGORY_RULES: &[(&[&str], &str, &str)] = &[
     (&["BAG", "TOTE", "PURSE"], "Bags", "Bags"),
     (
         &[
-            "CARD", "WRAP", "PAPER", "NOTEBOOK", "PENCIL", "PEN ", "STICKER", "RIBBON", "ENVELOPE",
+            "CARD", "WRAP", "PAPER", "NOTEBOOK", "PENCIL", "PEN", "STICKER", "RIBBON", "ENVELOPE",
             "TAPE",
         ],
         "Stationery & gifts",
@@ -270,11 +270,34 @@ const CATEGORY_RULES: &[(&[&str], &str, &str)] = &[
     ),
 ];
 
-/// The category path an Online Retail description gets (see [`CATEGORY_RULES`]).
+/// The category path an Online Retail description gets (see [`CATEGORY_RULES`]): a
+/// keyword matches whole words, plurals included (`CARDS`, `BOXES`), so that `DESIGN` is
+/// not a sign nor `TINY` a tin.
 pub fn online_retail_category(description: &str) -> Vec<String> {
     let upper = description.to_uppercase();
+    let words: Vec<&str> = upper
+        .split(|c: char| !(c.is_alphanumeric() || c == '-'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let matches = |keyword: &str| {
+        let parts: Vec<&str> = keyword.split(' ').collect();
+        words.windows(parts.len()).any(|window| {
+            window
+                .iter()
+                .zip(&parts)
+                .enumerate()
+                .all(|(index, (word, part))| {
+                    // Only the last word of a phrase may carry a plural ending.
+                    let last = index + 1 == parts.len();
+                    *word == *part
+                        || (last
+                            && (word.strip_suffix('S') == Some(part)
+                                || word.strip_suffix("ES") == Some(part)))
+                })
+        })
+    };
     for (keywords, top, leaf) in CATEGORY_RULES {
-        if keywords.iter().any(|k| upper.contains(k)) {
+        if keywords.iter().any(|k| matches(k)) {
             return vec![(*top).to_owned(), (*leaf).to_owned()];
         }
     }
@@ -562,6 +585,14 @@ mod tests {
             vec!["Seasonal", "Christmas"]
         );
         assert_eq!(online_retail_category("ZEBRA"), vec!["Other", "Other"]);
+        assert_eq!(
+            online_retail_category("SET OF 6 T-LIGHTS SNOWFLAKES"),
+            vec!["Home", "Candles & lights"]
+        );
+        assert_eq!(
+            online_retail_category("LUNCH BOXES RED RETROSPOT"),
+            vec!["Kitchen", "Storage"]
+        );
         assert_eq!(title_case("WHITE T-LIGHT"), "White T-Light");
     }
 
