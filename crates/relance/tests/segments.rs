@@ -176,7 +176,10 @@ async fn rfm_grid_and_inactive_segments_match_sql_over_the_raw_events() {
         .map(|n| ((*n).to_owned(), expected.get(*n).copied().unwrap_or(0)))
         .collect();
     let started = std::time::Instant::now();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    // Generous: the profiles consumer rescoring 4,000 customers from 23,000 events takes
+    // minutes on a 2-core host that is also building and running the other tests (and
+    // loses CPU to its hypervisor); the check is about the counts, not the speed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
     loop {
         let mut actual = BTreeMap::new();
         for name in &names {
