@@ -108,6 +108,14 @@ fn person_of(customer: Option<pb::CustomerRef>) -> ApiResult<Option<PersonKey>> 
     Ok(Some(person))
 }
 
+/// Checks every id of a list, naming the offending one by its index (`ids[3]`).
+fn check_ids(field: &str, ids: &[String]) -> ApiResult<()> {
+    for (index, id) in ids.iter().enumerate() {
+        catalog::check_id(&format!("{field}[{index}]"), id)?;
+    }
+    Ok(())
+}
+
 fn filter_of(filter: Option<pb::RecommendationFilter>) -> ApiResult<Filter> {
     let Some(filter) = filter else {
         return Ok(Filter::default());
@@ -159,9 +167,7 @@ fn filter_of(filter: Option<pb::RecommendationFilter>) -> ApiResult<Filter> {
             "must not be above filter.max_price",
         ));
     }
-    for (index, id) in filter.exclude_item_ids.iter().enumerate() {
-        catalog::check_id(&format!("filter.exclude_item_ids[{index}]"), id)?;
-    }
+    check_ids("filter.exclude_item_ids", &filter.exclude_item_ids)?;
     Ok(Filter {
         categories,
         brands: filter.brands,
@@ -381,9 +387,7 @@ impl Recommendations for RecommendationsApi {
             )
             .into());
         }
-        for (index, id) in request.context_item_ids.iter().enumerate() {
-            catalog::check_id(&format!("context_item_ids[{index}]"), id)?;
-        }
+        check_ids("context_item_ids", &request.context_item_ids)?;
         let filter = filter_of(request.filter)?;
         let history = match &person {
             Some(person) => self.history.read(&caller.workspace_id, person).await,
@@ -545,9 +549,7 @@ impl Recommendations for RecommendationsApi {
         if request.ids.is_empty() || request.ids.len() > MAX_GET {
             return Err(ApiError::invalid("ids", format!("1 to {MAX_GET} ids")).into());
         }
-        for (index, id) in request.ids.iter().enumerate() {
-            catalog::check_id(&format!("ids[{index}]"), id)?;
-        }
+        check_ids("ids", &request.ids)?;
         let mut found: std::collections::HashMap<String, StoredItem> = self
             .store
             .get_items(&caller.workspace_id, &request.ids)
@@ -575,9 +577,7 @@ impl Recommendations for RecommendationsApi {
         if request.ids.is_empty() || request.ids.len() > MAX_UPSERT {
             return Err(ApiError::invalid("ids", format!("1 to {MAX_UPSERT} ids")).into());
         }
-        for (index, id) in request.ids.iter().enumerate() {
-            catalog::check_id(&format!("ids[{index}]"), id)?;
-        }
+        check_ids("ids", &request.ids)?;
         let deleted = self
             .store
             .delete_items(&caller.workspace_id, &request.ids, self.clock.now())
