@@ -109,7 +109,13 @@ pub struct KeyStore {
     pool: PgPool,
     cache: RwLock<HashMap<String, (Option<Caller>, Instant)>>,
     ttl: Duration,
+    internal_key_hash: Option<[u8; 32]>,
 }
+
+/// Header carrying the deployment's internal key on calls between services.
+pub const INTERNAL_KEY_HEADER: &str = "x-relance-internal-key";
+/// Header naming the workspace an internal call acts for.
+pub const INTERNAL_WORKSPACE_HEADER: &str = "x-relance-workspace";
 
 /// How long a looked-up key is trusted before asking Postgres again (a revoked key stops
 /// working within this time).
@@ -122,7 +128,38 @@ impl KeyStore {
             pool,
             cache: RwLock::new(HashMap::new()),
             ttl: KEY_CACHE_TTL,
+            internal_key_hash: None,
         }
+    }
+
+    /// Also accepts calls between services that carry `internal_key` (in
+    /// [`INTERNAL_KEY_HEADER`]) and name their workspace (in [`INTERNAL_WORKSPACE_HEADER`]):
+    /// a service acting on a message of the bus has a workspace id but no workspace key.
+    pub fn with_internal_key(mut self, internal_key: &str) -> KeyStore {
+        self.internal_key_hash = Some(Sha256::digest(internal_key.as_bytes()).into());
+        self
+    }
+
+    /// The caller of an internal call, when the headers carry the internal key.
+    fn internal_caller(&self, headers: &http::HeaderMap) -> Option<ApiResult<Caller>> {
+        let expected = self.internal_key_hash?;
+        let key = headers.get(INTERNAL_KEY_HEADER)?.to_str().ok()?;
+        // Comparing digests keeps the comparison's time independent of the key's content.
+        let given: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if given != expected {
+            return Some(Err(ApiError::Unauthenticated("invalid internal key".into())));
+        }
+        let workspace = headers
+            .get(INTERNAL_WORKSPACE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if let Err(error) = validate_workspace_id(workspace) {
+            return Some(Err(error));
+        }
+        Some(Ok(Caller {
+            workspace_id: workspace.to_owned(),
+            scopes: vec![Scope::Admin],
+        }))
     }
 
     /// Creates a key for `workspace_id` (creating the workspace if new) and returns it; it is
@@ -295,6 +332,14 @@ where
             let Some(scope) = required_scope(request.uri().path()) else {
                 return inner.call(request).await;
             };
+            match keys.internal_caller(request.headers()) {
+                Some(Ok(caller)) => {
+                    request.extensions_mut().insert(caller);
+                    return inner.call(request).await;
+                }
+                Some(Err(error)) => return Ok(refuse(error)),
+                None => {}
+            }
             let Some(key) = key_from_headers(request.headers()).map(str::to_owned) else {
                 return Ok(refuse(ApiError::Unauthenticated(
                     "missing API key: send `authorization: Bearer <key>`".into(),
@@ -314,6 +359,41 @@ where
             request.extensions_mut().insert(caller);
             inner.call(request).await
         })
+    }
+}
+
+/// The client side of a call between services: the deployment's internal key and the
+/// workspace the call acts for (`ProfilesClient::with_interceptor(channel, key.clone())`, then
+/// [`InternalKey::request`] per call).
+#[derive(Clone)]
+pub struct InternalKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl std::fmt::Debug for InternalKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InternalKey(..)")
+    }
+}
+
+impl InternalKey {
+    /// Fails when the key holds characters a header cannot carry.
+    pub fn new(key: &str) -> ApiResult<InternalKey> {
+        key.parse()
+            .map(InternalKey)
+            .map_err(|_| ApiError::invalid("internal_key", "not a valid header value"))
+    }
+
+    /// A request acting for `workspace`, carrying the internal key.
+    pub fn request<T>(&self, workspace: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert(INTERNAL_KEY_HEADER, self.0.clone());
+        if let Ok(value) = workspace.parse() {
+            request
+                .metadata_mut()
+                .insert(INTERNAL_WORKSPACE_HEADER, value);
+        }
+        request
     }
 }
 

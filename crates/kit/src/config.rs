@@ -33,6 +33,11 @@ pub struct Settings {
     pub amqp_prefix: String,
     /// Queues expire when unused and exchanges auto-delete: for tests only.
     pub amqp_ephemeral: bool,
+    /// The key services present to each other (a Kubernetes Secret shared by the
+    /// Deployments); unset: a random one per process, enough when every service runs in one.
+    pub internal_key: Option<SecretString>,
+    /// Where the other services answer, for calls between them.
+    pub services: ServiceEndpoints,
     /// OTLP gRPC endpoint for traces (e.g. `http://otel-collector:4317`); unset: no export.
     pub otlp_endpoint: Option<String>,
     /// `json` (production) or `pretty` (a terminal).
@@ -45,6 +50,42 @@ pub struct Settings {
     pub shutdown_grace_secs: u64,
     #[serde(skip)]
     layers: Option<config::Config>,
+}
+
+/// The gRPC addresses of the services, for calls between them. Unset: this process's own
+/// gRPC address (every service in one process, `relance serve --all`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ServiceEndpoints {
+    /// The profiles service, e.g. `http://relance-profiles:50051`.
+    pub profiles: Option<String>,
+    /// The events service.
+    pub events: Option<String>,
+    /// The recommendations service.
+    pub recommendations: Option<String>,
+    /// The segmentation service.
+    pub segmentation: Option<String>,
+    /// The delivery service.
+    pub delivery: Option<String>,
+}
+
+impl Settings {
+    /// The URL of a service (`profiles`, `recommendations`, …) for calls between services.
+    pub fn service_url(&self, service: &str) -> String {
+        let configured = match service {
+            "profiles" => &self.services.profiles,
+            "events" => &self.services.events,
+            "recommendations" => &self.services.recommendations,
+            "segmentation" => &self.services.segmentation,
+            "delivery" => &self.services.delivery,
+            _ => &None,
+        };
+        if let Some(url) = configured {
+            return url.clone();
+        }
+        let port = self.grpc_addr.port();
+        format!("http://127.0.0.1:{port}")
+    }
 }
 
 /// Log output format.
@@ -126,6 +167,17 @@ impl Settings {
             builder = builder.add_source(layers.clone());
         }
         Settings::overridden(builder, pairs)
+    }
+
+    /// A copy with a TOML document layered on top (sections with lists, such as
+    /// `[[delivery.providers]]`, that single pairs cannot express).
+    pub fn with_toml(&self, toml: &str) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(layers) = &self.layers {
+            builder = builder.add_source(layers.clone());
+        }
+        builder = builder.add_source(config::File::from_str(toml, config::FileFormat::Toml));
+        Settings::overridden(builder, &[])
     }
 
     /// `builder` with `pairs` on top, read and validated.

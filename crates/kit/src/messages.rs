@@ -153,3 +153,36 @@ pub struct SegmentChanged {
     /// When segmentation decided it.
     pub at: DateTime<Utc>,
 }
+
+/// Routing key prefix of [`IngestEvents`]: events a service records about its own work
+/// (`ingest.message_sent`), taken in by the events service like a TrackBatch.
+pub const INGEST_KEY_PREFIX: &str = "ingest.";
+
+/// Events to add to the event log, published by a service (delivery's `message_sent`,
+/// `message_clicked`…) on the events exchange with the routing key `ingest.<name>`. The
+/// events service deduplicates on each event's `message_id`, so a republished batch adds
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestEvents {
+    /// The workspace.
+    pub workspace_id: String,
+    /// The events.
+    pub events: Vec<IngestEvent>,
+}
+
+/// One event of [`IngestEvents`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestEvent {
+    /// Unique id: the events service drops a second event with the same id.
+    pub message_id: String,
+    /// Snake-case name.
+    pub name: String,
+    /// Known customer, if any.
+    pub customer_id: Option<String>,
+    /// Anonymous visitor, if any.
+    pub anonymous_id: Option<String>,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// Properties (a JSON object).
+    pub properties: serde_json::Value,
+}

@@ -34,6 +34,8 @@ pub struct Platform {
     pub shutdown: CancellationToken,
     /// Background tasks (consumers, relays, timers) that shutdown waits for.
     pub tasks: TaskTracker,
+    /// The key this process presents to the other services (and accepts from them).
+    pub internal_key: crate::auth::InternalKey,
 }
 
 impl Platform {
@@ -46,11 +48,17 @@ impl Platform {
         let bus = Bus::connect(&settings)
             .await
             .context("connecting to RabbitMQ (RELANCE_AMQP_URL)")?;
+        let internal_key = match &settings.internal_key {
+            Some(key) => secrecy::ExposeSecret::expose_secret(key).to_owned(),
+            None => format!("rik_{}", uuid::Uuid::new_v4().simple()),
+        };
+        let keys = KeyStore::new(auth_pool).with_internal_key(&internal_key);
         Ok(Platform {
+            internal_key: crate::auth::InternalKey::new(&internal_key)?,
             settings,
             clock,
             bus,
-            keys: Arc::new(KeyStore::new(auth_pool)),
+            keys: Arc::new(keys),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })

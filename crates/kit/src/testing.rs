@@ -146,6 +146,15 @@ impl TestApp {
         clock: SharedClock,
         register: Register,
     ) -> TestApp {
+        // Bound first, so that the services know their own address (calls between services
+        // in one process go to it).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let settings = settings
+            .with(&[("grpc_addr", addr.to_string().as_str())])
+            .expect("settings with the bound address");
         let platform = Platform::start(settings, clock)
             .await
             .expect("platform starts");
@@ -153,10 +162,6 @@ impl TestApp {
         register(&platform, &mut server)
             .await
             .expect("services start");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
         let serving = platform.clone();
         let server = tokio::spawn(async move {
             if let Err(error) = server.serve(&serving, listener).await {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod delivery;
 mod demo;
 mod import;
 mod profile;
@@ -55,6 +56,9 @@ enum Command {
     /// Recommendations: offline evaluation, training, model versions.
     #[command(subcommand)]
     Reco(reco::RecoCommand),
+    /// Delivery: the dead-letter queue of send requests.
+    #[command(subcommand)]
+    Delivery(delivery::DeliveryCommand),
     /// Start the platform, import the Online Retail sample and show what it made of it.
     Demo(demo::DemoArgs),
 }
@@ -146,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply(args) => segment::apply(args).await,
         Command::Segment(command) => segment::run(command).await,
         Command::Reco(command) => reco::run(settings, command).await,
+        Command::Delivery(command) => delivery::run(settings, command).await,
         Command::Demo(args) => demo::run(settings, args).await,
     }
 }

@@ -9,11 +9,17 @@ use relance_kit::grpc::GrpcServer;
 use relance_kit::{Platform, Settings, SharedClock, SystemClock, db};
 
 /// The services this binary can run, in start order.
-pub const SERVICES: &[&str] = &["profiles", "events", "segmentation", "recommendations"];
+pub const SERVICES: &[&str] = &[
+    "profiles",
+    "events",
+    "segmentation",
+    "recommendations",
+    "delivery",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Services to run (profiles, events, segmentation, recommendations).
+    /// Services to run (profiles, events, segmentation, recommendations, delivery).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(SERVICES))]
     services: Vec<String>,
     /// Run every service.
@@ -67,6 +73,9 @@ pub async fn start(
             "recommendations" => relance_recommendations::serve(&platform, &mut server)
                 .await
                 .context("starting recommendations")?,
+            "delivery" => relance_delivery::serve(&platform, &mut server)
+                .await
+                .context("starting delivery")?,
             other => anyhow::bail!("unknown service {other:?} (known: {})", SERVICES.join(", ")),
         }
     }
@@ -96,7 +105,7 @@ pub async fn start(
 
 /// Applies every schema's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let schemas: [(&str, &sqlx::migrate::Migrator); 5] = [
+    let schemas: [(&str, &sqlx::migrate::Migrator); 6] = [
         ("auth", &relance_kit::platform::AUTH_MIGRATOR),
         (relance_profiles::SCHEMA, &relance_profiles::MIGRATOR),
         (relance_events::SCHEMA, &relance_events::MIGRATOR),
@@ -108,6 +117,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
             relance_recommendations::SCHEMA,
             &relance_recommendations::MIGRATOR,
         ),
+        (relance_delivery::SCHEMA, &relance_delivery::MIGRATOR),
     ];
     for (schema, migrator) in schemas {
         let pool = db::connect(settings, schema).await?;

@@ -5,8 +5,13 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
-use relance_kit::messages::{PROFILE_DELETED, PROFILE_MERGED, ProfileDeleted, ProfileMerged};
+use relance_kit::messages::{
+    INGEST_KEY_PREFIX, IngestEvents, PROFILE_DELETED, PROFILE_MERGED, ProfileDeleted,
+    ProfileMerged,
+};
 
+use crate::domain::RawEvent;
+use crate::ingest::Ingestor;
 use crate::store::EventStore;
 
 /// The queue of identity changes.
@@ -43,6 +48,44 @@ impl Handler for IdentityHandler {
                         "unexpected routing key {other}"
                     )));
                 }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The queue of events other services record about their own work (`ingest.*`).
+pub fn ingest_spec() -> ConsumerSpec {
+    ConsumerSpec::new("events.ingest").bind(EVENTS_EXCHANGE, &format!("{INGEST_KEY_PREFIX}#"))
+}
+
+/// Takes in [`IngestEvents`] as a TrackBatch would: validated, deduplicated on the message
+/// id (so a redelivered batch adds nothing), stored and relayed.
+#[derive(Debug)]
+pub struct IngestHandler {
+    pub ingestor: Ingestor,
+}
+
+impl Handler for IngestHandler {
+    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move {
+            let batch: IngestEvents = serde_json::from_slice(message.payload)
+                .map_err(|e| HandleError::Reject(e.into()))?;
+            let mut raw = Vec::with_capacity(batch.events.len());
+            for event in batch.events {
+                raw.push(RawEvent {
+                    message_id: event.message_id,
+                    name: event.name,
+                    customer_id: event.customer_id.unwrap_or_default(),
+                    anonymous_id: event.anonymous_id.unwrap_or_default(),
+                    timestamp: Some(Some(event.timestamp)),
+                    properties: event.properties,
+                    context: vec![("source".to_owned(), "relance".to_owned())],
+                });
+            }
+            let outcome = self.ingestor.ingest(&batch.workspace_id, raw).await?;
+            for (index, error) in &outcome.rejected {
+                tracing::warn!(workspace = %batch.workspace_id, index, field = %error.field, reason = %error.reason, "ingested event refused");
             }
             Ok(())
         })

@@ -83,6 +83,15 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         relay_wake,
         relay_cache,
     };
+    platform
+        .consume(
+            "events-ingest",
+            consumer::ingest_spec(),
+            Arc::new(consumer::IngestHandler {
+                ingestor: ingestor.clone(),
+            }),
+        )
+        .await?;
     server.add_service(
         EventsServer::new(api::EventsApi { ingestor })
             .max_decoding_message_size(config.max_message_bytes),

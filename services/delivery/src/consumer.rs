@@ -1,0 +1,348 @@
+//! The `delivery.requests` queue: send requests from campaigns (and from the Send RPC, via
+//! the outbox), taken in batches. Each message is put in the ledger, claimed, sent, and its
+//! outcome written before the broker hears the ack: a crash at any point redelivers it, and
+//! the ledger makes the redelivery find the first outcome instead of sending again.
+//!
+//! Temporary failures are retried through the consumer's delayed queues, with the attempt's
+//! exponential, jittered delay as the message's own expiration. A sweeper republishes the
+//! rare message whose retry copy was lost (a crash between the ledger write and the publish).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel as AmqpChannel};
+use prost::Message as _;
+use relance_kit::bus::{Bus, ConsumerSpec, DELIVERY_EXCHANGE, HandleError, Handler, Received};
+use relance_kit::{ApiError, SharedClock};
+use relance_proto::v1::SendRequest;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::DeliveryConfig;
+use crate::domain::request;
+use crate::pipeline::{Retry, Sender};
+use crate::store::{DeliveryStore, NewMessage, SENDING};
+use crate::wire::{Envelope, REQUESTS_QUEUE};
+
+/// The queue's topology: every channel's requests, retries at the configured backoff.
+pub fn spec(config: &DeliveryConfig) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(REQUESTS_QUEUE).bind(DELIVERY_EXCHANGE, "#");
+    spec.prefetch = config.prefetch;
+    spec.retry_delays = config.retry_levels();
+    spec
+}
+
+/// A request taken from the bus, ready for the ledger.
+pub fn new_message(
+    workspace_id: &str,
+    request: &SendRequest,
+    now: chrono::DateTime<chrono::Utc>,
+) -> NewMessage {
+    let (customer_id, anonymous_id) = match request.customer.as_ref().and_then(|c| c.id.as_ref()) {
+        Some(relance_proto::v1::customer_ref::Id::CustomerId(id)) => (Some(id.clone()), None),
+        Some(relance_proto::v1::customer_ref::Id::AnonymousId(id)) => (None, Some(id.clone())),
+        None => (None, None),
+    };
+    let origin = request.origin.clone().unwrap_or_default();
+    let template = match &request.content {
+        Some(relance_proto::v1::send_request::Content::Template(name)) => name.clone(),
+        _ => String::new(),
+    };
+    let ttl = chrono::Duration::from_std(request::ttl_of(request))
+        .unwrap_or_else(|_| chrono::Duration::hours(24));
+    let _ = workspace_id;
+    NewMessage {
+        id: Uuid::now_v7(),
+        idempotency_key: request.idempotency_key.clone(),
+        customer_id,
+        anonymous_id,
+        kind: request::kind_of(request) as i16,
+        topic: request.topic.clone(),
+        template,
+        locale: request.locale.clone(),
+        flow: origin.flow,
+        flow_version: origin.flow_version as i32,
+        step: origin.step,
+        variant: origin.variant,
+        broadcast: origin.broadcast,
+        journey_id: origin.journey_id,
+        request: request.encode_to_vec(),
+        created_at: now,
+        expires_at: now + ttl,
+    }
+}
+
+/// Handles send requests in batches.
+pub struct RequestHandler {
+    pub sender: Sender,
+    pub store: DeliveryStore,
+    pub clock: SharedClock,
+    pub config: DeliveryConfig,
+    pub retries: Arc<RetryPublisher>,
+}
+
+impl std::fmt::Debug for RequestHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestHandler").finish()
+    }
+}
+
+impl Handler for RequestHandler {
+    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move { self.run(std::slice::from_ref(message)).await })
+    }
+
+    fn max_batch(&self) -> usize {
+        self.config.batch.max(1)
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        messages: &'a [Received<'a>],
+    ) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move { self.run(messages).await })
+    }
+}
+
+impl RequestHandler {
+    async fn run(&self, messages: &[Received<'_>]) -> Result<(), HandleError> {
+        let now = self.clock.now();
+        // Workspace → new ledger rows, in arrival order.
+        let mut by_workspace: Vec<(String, Vec<NewMessage>)> = Vec::new();
+        for message in messages {
+            let (workspace, request) = decode(message.payload).map_err(HandleError::Reject)?;
+            if let Err(error) = request::validate(&request, true) {
+                return Err(HandleError::Reject(anyhow::anyhow!(
+                    "invalid send request {}: {}: {}",
+                    message.message_id,
+                    error.field,
+                    error.reason
+                )));
+            }
+            let row = new_message(&workspace, &request, now);
+            match by_workspace.iter_mut().find(|(w, _)| *w == workspace) {
+                Some((_, rows)) => rows.push(row),
+                None => by_workspace.push((workspace, vec![row])),
+            }
+        }
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut seen = HashSet::with_capacity(messages.len());
+        for (workspace, rows) in &by_workspace {
+            let admitted = self.store.accept(workspace, rows, None).await.map_err(retry)?;
+            for admitted in admitted {
+                if seen.insert(admitted.id) {
+                    ids.push(admitted.id);
+                }
+            }
+        }
+        let lease_until = now + chrono::Duration::seconds(self.config.lease_secs as i64);
+        let claimed = self.store.claim(&ids, now, lease_until).await.map_err(retry)?;
+        let claimed_ids: HashSet<Uuid> = claimed.iter().map(|c| c.id).collect();
+        let others: Vec<Uuid> = ids.iter().filter(|id| !claimed_ids.contains(id)).copied().collect();
+
+        if !claimed.is_empty() {
+            let held: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
+            match self.sender.process(claimed).await {
+                Ok(retries) => self.schedule(retries).await,
+                Err(error) => {
+                    // Nothing was written: give the messages back and let the broker retry.
+                    if let Err(release) = self.store.release(&held).await {
+                        tracing::warn!(error = %release, "could not release claimed messages; their lease will expire");
+                    }
+                    return Err(HandleError::Retry(error));
+                }
+            }
+        }
+        if !others.is_empty() {
+            self.check_unclaimed(&others, now).await?;
+        }
+        Ok(())
+    }
+
+    /// A message that could not be claimed is finished (a duplicate: nothing to do), waiting
+    /// for its retry (its delayed copy is queued), or held by another worker right now — then
+    /// it is looked at again later, in case that worker dies before finishing.
+    async fn check_unclaimed(
+        &self,
+        ids: &[Uuid],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), HandleError> {
+        let states = self.store.states(ids).await.map_err(retry)?;
+        let mut held_elsewhere = 0;
+        for state in &states {
+            if state.status == SENDING && state.lease_until.is_some_and(|l| l >= now) {
+                held_elsewhere += 1;
+            }
+        }
+        metrics::counter!("relance_delivery_duplicates_total").increment((states.len() - held_elsewhere) as u64);
+        if held_elsewhere > 0 {
+            // The sweeper republishes it once the lease has run out; nothing is lost by
+            // acking this copy.
+            tracing::debug!(held_elsewhere, "messages held by another worker; the sweeper watches their lease");
+        }
+        Ok(())
+    }
+
+    async fn schedule(&self, retries: Vec<Retry>) {
+        for retry in retries {
+            if let Err(error) = self.retries.publish(&retry).await {
+                // The ledger has the retry's due time: the sweeper republishes it.
+                tracing::warn!(error = %format!("{error:#}"), "retry copy not published; the sweeper will");
+            }
+        }
+    }
+}
+
+fn retry(error: ApiError) -> HandleError {
+    HandleError::Retry(anyhow::anyhow!("{error}"))
+}
+
+/// Reads an envelope.
+pub fn decode(payload: &[u8]) -> anyhow::Result<(String, SendRequest)> {
+    let envelope: Envelope = serde_json::from_slice(payload)?;
+    let request = envelope.decode()?;
+    Ok((envelope.workspace_id, request))
+}
+
+/// Publishes delayed copies of requests to the retry queues, each with its own expiration
+/// (the jittered delay), with publisher confirms.
+pub struct RetryPublisher {
+    bus: Arc<Bus>,
+    levels: Vec<Duration>,
+    channel: Mutex<Option<AmqpChannel>>,
+}
+
+impl RetryPublisher {
+    /// A publisher for the queue's retry levels.
+    pub fn new(bus: Arc<Bus>, levels: Vec<Duration>) -> RetryPublisher {
+        RetryPublisher {
+            bus,
+            levels,
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// Queues `retry` in the shortest level that holds its delay.
+    pub async fn publish(&self, retry: &Retry) -> anyhow::Result<()> {
+        let mut level = self.levels.len();
+        for (index, ttl) in self.levels.iter().enumerate() {
+            if *ttl >= retry.delay {
+                level = index + 1;
+                break;
+            }
+        }
+        let level = level.max(1);
+        let expiration = retry.delay.min(self.levels[level - 1]).as_millis().max(1);
+        let queue = self.bus.name(&format!("{REQUESTS_QUEUE}.retry.{level}"));
+        let payload = serde_json::to_vec(&Envelope::from_encoded(&retry.workspace_id, &retry.request))?;
+        let mut headers = FieldTable::default();
+        headers.insert("x-relance-attempt".into(), AMQPValue::LongUInt(1));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_expiration(expiration.to_string().into())
+            .with_headers(headers);
+        let mut slot = self.channel.lock().await;
+        let channel = match slot.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                let channel = self.bus.channel().await?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                *slot = Some(channel.clone());
+                channel
+            }
+        };
+        let confirm = channel
+            .basic_publish("", &queue, BasicPublishOptions::default(), &payload, properties)
+            .await;
+        let outcome = match confirm {
+            Ok(confirm) => confirm.await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(Confirmation::Nack(_)) => {
+                *slot = None;
+                anyhow::bail!("rabbitmq refused the retry copy")
+            }
+            Ok(_) => Ok(()),
+            Err(error) => {
+                *slot = None;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Publishes requests back to the main queue (the sweeper's way).
+    pub async fn requeue(&self, workspace_id: &str, request: &[u8]) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(&Envelope::from_encoded(workspace_id, request))?;
+        let queue = self.bus.name(REQUESTS_QUEUE);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let mut slot = self.channel.lock().await;
+        let channel = match slot.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                let channel = self.bus.channel().await?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                *slot = Some(channel.clone());
+                channel
+            }
+        };
+        let confirm = channel
+            .basic_publish("", &queue, BasicPublishOptions::default(), &payload, properties)
+            .await?
+            .await?;
+        if let Confirmation::Nack(_) = confirm {
+            *slot = None;
+            anyhow::bail!("rabbitmq refused the requeued request");
+        }
+        Ok(())
+    }
+}
+
+/// Republishes messages whose retry or lease is long overdue (their broker copy was lost),
+/// and forgets messages past the retention.
+pub async fn sweep_loop(
+    store: DeliveryStore,
+    retries: Arc<RetryPublisher>,
+    clock: SharedClock,
+    config: DeliveryConfig,
+    shutdown: CancellationToken,
+) {
+    let pause = Duration::from_secs(config.sweep_every_secs.max(1));
+    let grace = chrono::Duration::seconds(config.sweep_grace_secs as i64);
+    let mut last_purge = std::time::Instant::now();
+    loop {
+        match store.overdue(clock.now(), grace, 500).await {
+            Ok(rows) => {
+                for (id, workspace, request) in rows {
+                    if let Err(error) = retries.requeue(&workspace, &request).await {
+                        tracing::warn!(%id, error = %format!("{error:#}"), "overdue message not republished");
+                        break;
+                    }
+                    metrics::counter!("relance_delivery_swept_total").increment(1);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "sweep failed"),
+        }
+        if last_purge.elapsed() > Duration::from_secs(3600) {
+            last_purge = std::time::Instant::now();
+            let before = clock.now() - chrono::Duration::days(i64::from(config.retention_days));
+            match store.purge(before).await {
+                Ok(purged) => tracing::info!(purged, "old messages forgotten"),
+                Err(error) => tracing::warn!(%error, "purge failed"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
