@@ -415,10 +415,10 @@ pub fn to_text(html: &str) -> String {
             out.breaks(1);
         } else if name == "img" && !tag.closing {
             for attribute in attributes(html, &tag) {
-                if attribute.name.eq_ignore_ascii_case("alt") {
-                    if let Some((start, end)) = attribute.value {
-                        out.text(&decode_entities(&html[start..end]));
-                    }
+                if attribute.name.eq_ignore_ascii_case("alt")
+                    && let Some((start, end)) = attribute.value
+                {
+                    out.text(&decode_entities(&html[start..end]));
                 }
             }
         } else if name == "a" {
@@ -436,12 +436,12 @@ pub fn to_text(html: &str) -> String {
             } else {
                 link = None;
                 for attribute in attributes(html, &tag) {
-                    if attribute.name.eq_ignore_ascii_case("href") {
-                        if let Some((start, end)) = attribute.value {
-                            let href = decode_entities(&html[start..end]).trim().to_string();
-                            if !href.is_empty() {
-                                link = Some((href, out.text.len()));
-                            }
+                    if attribute.name.eq_ignore_ascii_case("href")
+                        && let Some((start, end)) = attribute.value
+                    {
+                        let href = decode_entities(&html[start..end]).trim().to_string();
+                        if !href.is_empty() {
+                            link = Some((href, out.text.len()));
                         }
                     }
                 }
