@@ -362,7 +362,7 @@ async fn apns_sends_over_http2_with_a_signed_jwt() {
     assert!(apns.accepts(&ios("ab")));
     assert!(!apns.accepts(&android("ab")));
     let message = outbound(ios("a1b2c3d4"), push_content());
-    let before = chrono::Utc::now().timestamp();
+    let before = relance_kit::Clock::now(&relance_kit::SystemClock).timestamp();
     let accepted = apns.send(&message).await.unwrap();
     let apns_id = message.message_id.hyphenated().to_string();
     assert_eq!(
@@ -882,7 +882,7 @@ async fn webhook_posts_a_signed_body() {
         }),
     );
     message.webhook_body = Some(json!({ "customer": "cust-42", "data": { "order": 7 } }));
-    let before = chrono::Utc::now().timestamp();
+    let before = relance_kit::Clock::now(&relance_kit::SystemClock).timestamp();
     hook.send(&message).await.unwrap();
 
     let request = &fake.requests()[0];

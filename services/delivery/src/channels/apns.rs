@@ -103,10 +103,10 @@ impl Apns {
             .jwt
             .lock()
             .map_err(|_| SendError::temporary("apns jwt lock poisoned"))?;
-        if let Some(jwt) = cached.as_ref() {
-            if jwt.issued.elapsed() < JWT_LIFETIME {
-                return Ok(jwt.clone());
-            }
+        if let Some(jwt) = cached.as_ref()
+            && jwt.issued.elapsed() < JWT_LIFETIME
+        {
+            return Ok(jwt.clone());
         }
         let token = sign(&self.key, &self.key_id, &self.team_id)
             .map_err(|err| SendError::permanent(Permanent::Rejected, err))?;
@@ -131,14 +131,12 @@ impl Apns {
         let still_current = cached
             .as_ref()
             .is_some_and(|jwt| jwt.token == refused.token);
-        if still_current {
-            if let Ok(token) = sign(&self.key, &self.key_id, &self.team_id) {
-                *cached = Some(CachedJwt {
-                    token,
-                    issued: Instant::now(),
-                    after_refusal: true,
-                });
-            }
+        if still_current && let Ok(token) = sign(&self.key, &self.key_id, &self.team_id) {
+            *cached = Some(CachedJwt {
+                token,
+                issued: Instant::now(),
+                after_refusal: true,
+            });
         }
         true
     }
@@ -148,12 +146,11 @@ impl Apns {
         if !used.after_refusal {
             return;
         }
-        if let Ok(mut cached) = self.jwt.lock() {
-            if let Some(jwt) = cached.as_mut() {
-                if jwt.token == used.token {
-                    jwt.after_refusal = false;
-                }
-            }
+        if let Ok(mut cached) = self.jwt.lock()
+            && let Some(jwt) = cached.as_mut()
+            && jwt.token == used.token
+        {
+            jwt.after_refusal = false;
         }
     }
 
@@ -201,7 +198,7 @@ fn sign(key: &EncodingKey, key_id: &str, team_id: &str) -> Result<String, String
     header.kid = Some(key_id.to_owned());
     let claims = Claims {
         iss: team_id,
-        iat: chrono::Utc::now().timestamp(),
+        iat: super::wall_clock_secs(),
     };
     jsonwebtoken::encode(&header, &claims, key)
         .map_err(|err| format!("cannot sign the apns jwt: {err}"))
@@ -242,7 +239,7 @@ impl Provider for Apns {
             };
             let payload = Apns::payload(message)?;
             let jwt = self.jwt()?;
-            let expiration = chrono::Utc::now().timestamp() + message.ttl.as_secs().max(1) as i64;
+            let expiration = super::wall_clock_secs() + message.ttl.as_secs().max(1) as i64;
             let apns_id = message.message_id.hyphenated().to_string();
             let mut request = self
                 .http

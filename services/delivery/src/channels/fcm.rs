@@ -150,10 +150,10 @@ impl Fcm {
             Auth::ServiceAccount(account) => account,
         };
         let mut cached = account.cached.lock().await;
-        if let Some((token, expires)) = cached.as_ref() {
-            if Instant::now() + TOKEN_MARGIN < *expires {
-                return Ok(token.clone());
-            }
+        if let Some((token, expires)) = cached.as_ref()
+            && Instant::now() + TOKEN_MARGIN < *expires
+        {
+            return Ok(token.clone());
         }
         let (token, lifetime) = self.exchange(account).await?;
         *cached = Some((token.clone(), Instant::now() + lifetime));
@@ -172,7 +172,7 @@ impl Fcm {
         &self,
         account: &ServiceAccount,
     ) -> Result<(SecretString, Duration), SendError> {
-        let now = chrono::Utc::now().timestamp();
+        let now = super::wall_clock_secs();
         let claims = AssertionClaims {
             iss: &account.client_email,
             scope: SCOPE,

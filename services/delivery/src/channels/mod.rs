@@ -172,6 +172,14 @@ pub fn channel_name(channel: Channel) -> &'static str {
     }
 }
 
+/// The machine's time, in unix seconds, for what a provider checks against its own clock (JWT
+/// `iat`, APNs expiration, the webhook timestamp): a test clock moved by days must not leak
+/// into them, or the provider would refuse the call.
+pub(crate) fn wall_clock_secs() -> i64 {
+    use relance_kit::Clock;
+    relance_kit::SystemClock.now().timestamp()
+}
+
 /// The `Retry-After` header, in seconds or as an HTTP date.
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers
@@ -183,8 +191,8 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
         return Some(Duration::from_secs(seconds));
     }
     let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
+    let wait = date.timestamp() - wall_clock_secs();
+    Some(Duration::from_secs(u64::try_from(wait).unwrap_or(0)))
 }
 
 /// A temporary error with the provider's `Retry-After`, when it gave one.

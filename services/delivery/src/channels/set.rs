@@ -18,6 +18,10 @@ use super::{Accepted, Outbound, Permanent, Provider, SendError, channel_name};
 /// The longest a send waits for a rate-limit token, and only on the last provider it can try.
 const MAX_TOKEN_WAIT: Duration = Duration::from_millis(50);
 
+/// Refills add up fractions of a token: without some slack, 0.99999… tokens after exactly one
+/// token's worth of time would refuse a call that is due.
+const TOKEN_EPSILON: f64 = 1e-9;
+
 /// A token bucket: `rate_per_sec` tokens a second, at most `burst` saved up. A rate of 0 means
 /// unlimited. Time is passed in, so the arithmetic is tested without sleeping.
 #[derive(Debug, Clone)]
@@ -63,8 +67,8 @@ impl TokenBucket {
             return true;
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= 1.0 - TOKEN_EPSILON {
+            self.tokens = (self.tokens - 1.0).max(0.0);
             return true;
         }
         false
@@ -76,7 +80,7 @@ impl TokenBucket {
             return Duration::ZERO;
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
+        if self.tokens >= 1.0 - TOKEN_EPSILON {
             return Duration::ZERO;
         }
         Duration::from_secs_f64((1.0 - self.tokens) / self.rate)

@@ -142,7 +142,7 @@ impl Provider for Webhook {
             };
             let body = serde_json::to_vec(&body_value)
                 .map_err(|err| SendError::permanent(Permanent::Rejected, format!("body is not JSON: {err}")))?;
-            let timestamp = chrono::Utc::now().timestamp();
+            let timestamp = super::wall_clock_secs();
             let signature = sign(self.secret.expose_secret().as_bytes(), timestamp, &body);
             let mut request = self
                 .http
