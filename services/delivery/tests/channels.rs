@@ -1290,3 +1290,30 @@ async fn the_fake_counts_without_recording_bodies() {
             .all(|request| request.body.is_empty())
     );
 }
+
+/// How many requests a second the fake takes (run by hand: `-- --ignored fake_throughput`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn fake_throughput() {
+    let fake = FakeProviders::start().await.unwrap();
+    fake.record_bodies(false);
+    let client = http();
+    let url = format!("{}/webhook", fake.base_url());
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let client = client.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..625 {
+                client.post(&url).body("{}").send().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rate = fake.count() as f64 / started.elapsed().as_secs_f64();
+    println!("fake providers: {rate:.0} requests/s");
+    assert_eq!(fake.count(), 20_000);
+}
