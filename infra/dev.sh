@@ -83,4 +83,15 @@ if ! rabbit_up; then
   $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
 fi
 
-say "PostgreSQL, Redis and RabbitMQ are up"
+# --- aiosmtpd (the SMTP server the delivery tests send e-mail to) ----------------
+if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  say "installing aiosmtpd with pip"
+  # Debian's own python3 refuses system-wide pip installs unless told.
+  python3 -m pip install --quiet aiosmtpd 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages aiosmtpd
+fi
+
+say "PostgreSQL, Redis and RabbitMQ are up; aiosmtpd is installed"

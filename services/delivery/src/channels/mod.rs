@@ -21,10 +21,12 @@ pub mod config;
 pub mod email;
 pub mod fcm;
 pub mod meta;
+pub mod set;
 pub mod twilio;
 pub mod webhook;
 
-pub use config::{ProviderConfig, ProviderKind};
+pub use config::{ProviderConfig, ProviderKind, SmtpTls, build};
+pub use set::Providers;
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,4 +157,110 @@ pub trait Provider: Send + Sync + 'static {
     fn accepts(&self, address: &Address) -> bool;
     /// Makes the provider call.
     fn send<'a>(&'a self, message: &'a Outbound) -> BoxFuture<'a, Result<Accepted, SendError>>;
+}
+
+/// The lowercase name of a channel, for logs, metrics and error details.
+pub fn channel_name(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Unspecified => "unspecified",
+        Channel::Push => "push",
+        Channel::Email => "email",
+        Channel::Sms => "sms",
+        Channel::Whatsapp => "whatsapp",
+        Channel::InApp => "in_app",
+        Channel::Webhook => "webhook",
+    }
+}
+
+/// The machine's time, in unix seconds, for what a provider checks against its own clock (JWT
+/// `iat`, APNs expiration, the webhook timestamp): a test clock moved by days must not leak
+/// into them, or the provider would refuse the call.
+pub(crate) fn wall_clock_secs() -> i64 {
+    use relance_kit::Clock;
+    relance_kit::SystemClock.now().timestamp()
+}
+
+/// The `Retry-After` header, in seconds or as an HTTP date.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = date.timestamp() - wall_clock_secs();
+    Some(Duration::from_secs(u64::try_from(wait).unwrap_or(0)))
+}
+
+/// A temporary error with the provider's `Retry-After`, when it gave one.
+pub(crate) fn temporary_after(detail: impl Into<String>, retry: Option<Duration>) -> SendError {
+    SendError::Temporary {
+        detail: truncate(detail.into()),
+        retry_after: retry,
+    }
+}
+
+/// A call that got no answer (connection refused, reset, timeout): always temporary, as
+/// nothing says the provider refused the message.
+pub(crate) fn transport_error(err: &reqwest::Error) -> SendError {
+    if err.is_timeout() {
+        return SendError::temporary(format!("timed out: {err}"));
+    }
+    if err.is_connect() {
+        return SendError::temporary(format!("cannot connect: {err}"));
+    }
+    SendError::temporary(format!("call failed: {err}"))
+}
+
+/// The start of a response body for an error detail: providers' error bodies are short, but
+/// an HTML error page from a proxy is not.
+pub(crate) fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let mut end = text.len().min(500);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Reads a response to the end, as a call's outcome: the status, headers and body, or a
+/// temporary error when the body cannot be read.
+pub(crate) async fn read_response(
+    response: reqwest::Response,
+) -> Result<
+    (
+        reqwest::StatusCode,
+        reqwest::header::HeaderMap,
+        bytes_body::Body,
+    ),
+    SendError,
+> {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| transport_error(&err))?;
+    Ok((status, headers, bytes_body::Body(body.to_vec())))
+}
+
+pub(crate) mod bytes_body {
+    /// A response body read to the end.
+    pub(crate) struct Body(pub(crate) Vec<u8>);
+
+    impl Body {
+        /// The body as JSON, or `Null` when it is not.
+        pub(crate) fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.0).unwrap_or(serde_json::Value::Null)
+        }
+
+        /// The body as text for an error detail.
+        pub(crate) fn excerpt(&self) -> String {
+            super::body_excerpt(&self.0)
+        }
+    }
 }
