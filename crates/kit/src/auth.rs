@@ -147,7 +147,9 @@ impl KeyStore {
         // Comparing digests keeps the comparison's time independent of the key's content.
         let given: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if given != expected {
-            return Some(Err(ApiError::Unauthenticated("invalid internal key".into())));
+            return Some(Err(ApiError::Unauthenticated(
+                "invalid internal key".into(),
+            )));
         }
         let workspace = headers
             .get(INTERNAL_WORKSPACE_HEADER)

@@ -37,6 +37,7 @@ pub struct Settings {
     /// Deployments); unset: a random one per process, enough when every service runs in one.
     pub internal_key: Option<SecretString>,
     /// Where the other services answer, for calls between them.
+    #[serde(default)]
     pub services: ServiceEndpoints,
     /// OTLP gRPC endpoint for traces (e.g. `http://otel-collector:4317`); unset: no export.
     pub otlp_endpoint: Option<String>,

@@ -75,7 +75,10 @@ fn customer_of(customer: Option<&pb::CustomerRef>, field: &str) -> ApiResult<pb:
             Ok(customer.cloned().unwrap_or_default())
         }
         Some(_) => Err(ApiError::invalid(field, "must be 1 to 128 characters")),
-        None => Err(ApiError::invalid(field, "required: customer_id or anonymous_id")),
+        None => Err(ApiError::invalid(
+            field,
+            "required: customer_id or anonymous_id",
+        )),
     }
 }
 
@@ -170,12 +173,25 @@ fn inbox_message(row: &InboxRow) -> pb::InboxMessage {
     let data = match &row.data {
         serde_json::Value::Object(map) => map
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
             .collect(),
         _ => Default::default(),
     };
     let origin = &row.origin;
-    let text = |key: &str| origin.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let text = |key: &str| {
+        origin
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
     pb::InboxMessage {
         message_id: row.message_id.to_string(),
         title: row.title.clone(),
@@ -190,7 +206,10 @@ fn inbox_message(row: &InboxRow) -> pb::InboxMessage {
         expires_at: Some(chrono_to_timestamp(row.expires_at)),
         origin: Some(pb::MessageOrigin {
             flow: text("flow"),
-            flow_version: origin.get("flow_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
+            flow_version: origin
+                .get("flow_version")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as u32,
             step: text("step"),
             variant: text("variant"),
             broadcast: text("broadcast"),
@@ -204,7 +223,12 @@ fn parse_ids(ids: &[String]) -> ApiResult<Vec<Uuid>> {
     for (index, id) in ids.iter().enumerate() {
         match Uuid::parse_str(id) {
             Ok(id) => parsed.push(id),
-            Err(_) => return Err(ApiError::invalid(format!("message_ids[{index}]"), "not a message id")),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    format!("message_ids[{index}]"),
+                    "not a message id",
+                ));
+            }
         }
     }
     Ok(parsed)
@@ -219,7 +243,9 @@ fn wait_budget<T>(request: &Request<T>) -> Duration {
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     match deadline {
-        Some(deadline) => deadline.saturating_sub(Duration::from_millis(200)).min(Duration::from_secs(30)),
+        Some(deadline) => deadline
+            .saturating_sub(Duration::from_millis(200))
+            .min(Duration::from_secs(30)),
         None => Duration::from_secs(10),
     }
 }
@@ -243,7 +269,10 @@ type InboxStream = Pin<Box<dyn Stream<Item = Result<pb::InboxUpdate, Status>> + 
 #[tonic::async_trait]
 impl Delivery for DeliveryApi {
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let budget = wait_budget(&request);
@@ -255,11 +284,18 @@ impl Delivery for DeliveryApi {
                     return Err(template_errors(&errors).into());
                 }
             }
-            Some(send_request::Content::Template(name)) => {
-                if self.sender.template(&caller.workspace_id, name).await?.is_none() {
-                    return Err(ApiError::invalid("template", format!("no template named {name:?}")).into());
-                }
+            Some(send_request::Content::Template(name))
+                if self
+                    .sender
+                    .template(&caller.workspace_id, name)
+                    .await?
+                    .is_none() =>
+            {
+                return Err(
+                    ApiError::invalid("template", format!("no template named {name:?}")).into(),
+                );
             }
+            Some(send_request::Content::Template(_)) => {}
             None => {}
         }
         let mut normalized = send.clone();
@@ -276,7 +312,11 @@ impl Delivery for DeliveryApi {
         };
         let admitted = self
             .store
-            .accept(&caller.workspace_id, std::slice::from_ref(&row), Some(&publish))
+            .accept(
+                &caller.workspace_id,
+                std::slice::from_ref(&row),
+                Some(&publish),
+            )
             .await?;
         let Some(admitted) = admitted.into_iter().next() else {
             return Err(ApiError::Internal(anyhow::anyhow!("accept returned nothing")).into());
@@ -294,7 +334,11 @@ impl Delivery for DeliveryApi {
             {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(200));
-                if let Some(row) = self.store.message(&caller.workspace_id, Some(admitted.id), None).await? {
+                if let Some(row) = self
+                    .store
+                    .message(&caller.workspace_id, Some(admitted.id), None)
+                    .await?
+                {
                     current = row;
                 }
             }
@@ -309,18 +353,30 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn get_message(&self, request: Request<pb::GetMessageRequest>) -> Result<Response<pb::MessageRecord>, Status> {
+    async fn get_message(
+        &self,
+        request: Request<pb::GetMessageRequest>,
+    ) -> Result<Response<pb::MessageRecord>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let row = match request.into_inner().key {
             Some(pb::get_message_request::Key::MessageId(id)) => {
-                let id = Uuid::parse_str(&id).map_err(|_| ApiError::invalid("message_id", "not a message id"))?;
-                self.store.message(&caller.workspace_id, Some(id), None).await?
+                let id = Uuid::parse_str(&id)
+                    .map_err(|_| ApiError::invalid("message_id", "not a message id"))?;
+                self.store
+                    .message(&caller.workspace_id, Some(id), None)
+                    .await?
             }
             Some(pb::get_message_request::Key::IdempotencyKey(key)) if !key.is_empty() => {
-                self.store.message(&caller.workspace_id, None, Some(&key)).await?
+                self.store
+                    .message(&caller.workspace_id, None, Some(&key))
+                    .await?
             }
-            _ => return Err(ApiError::invalid("key", "required: message_id or idempotency_key").into()),
+            _ => {
+                return Err(
+                    ApiError::invalid("key", "required: message_id or idempotency_key").into(),
+                );
+            }
         };
         match row {
             Some(row) => Ok(Response::new(record(row, true))),
@@ -329,7 +385,10 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn list_messages(&self, request: Request<pb::ListMessagesRequest>) -> Result<Response<pb::ListMessagesResponse>, Status> {
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let list = request.into_inner();
@@ -351,7 +410,10 @@ impl Delivery for DeliveryApi {
             Some(customer_ref::Id::AnonymousId(id)) => (None, Some(id.as_str())),
             None => (None, None),
         };
-        let rows = self.store.messages_of(&caller.workspace_id, customer_id, anonymous_id, &filter).await?;
+        let rows = self
+            .store
+            .messages_of(&caller.workspace_id, customer_id, anonymous_id, &filter)
+            .await?;
         let next_page_token = match rows.last() {
             Some(last) if rows.len() as i64 == limit => page_token(last.created_at, last.id),
             _ => String::new(),
@@ -363,7 +425,10 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn list_inbox(&self, request: Request<pb::ListInboxRequest>) -> Result<Response<pb::ListInboxResponse>, Status> {
+    async fn list_inbox(
+        &self,
+        request: Request<pb::ListInboxRequest>,
+    ) -> Result<Response<pb::ListInboxResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let list = request.into_inner();
@@ -372,10 +437,25 @@ impl Delivery for DeliveryApi {
         let before = parse_page_token(&list.page_token)?;
         let recipient = recipient_key(&customer);
         let now = self.clock.now();
-        let rows = self.store.inbox(&caller.workspace_id, &recipient, list.unread_only, before, limit, now).await?;
-        let unread_count = self.store.unread_count(&caller.workspace_id, &recipient, now).await?;
+        let rows = self
+            .store
+            .inbox(
+                &caller.workspace_id,
+                &recipient,
+                list.unread_only,
+                before,
+                limit,
+                now,
+            )
+            .await?;
+        let unread_count = self
+            .store
+            .unread_count(&caller.workspace_id, &recipient, now)
+            .await?;
         let next_page_token = match rows.last() {
-            Some(last) if rows.len() as i64 == limit => page_token(last.created_at, last.message_id),
+            Some(last) if rows.len() as i64 == limit => {
+                page_token(last.created_at, last.message_id)
+            }
             _ => String::new(),
         };
         Ok(Response::new(pb::ListInboxResponse {
@@ -386,7 +466,10 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
+    async fn mark_read(
+        &self,
+        request: Request<pb::MarkReadRequest>,
+    ) -> Result<Response<pb::MarkReadResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let mark = request.into_inner();
@@ -402,9 +485,17 @@ impl Delivery for DeliveryApi {
         let now = self.clock.now();
         let marked = self
             .store
-            .mark_read(&caller.workspace_id, &recipient, if mark.all { None } else { Some(&ids) }, now)
+            .mark_read(
+                &caller.workspace_id,
+                &recipient,
+                if mark.all { None } else { Some(&ids) },
+                now,
+            )
             .await?;
-        let unread_count = self.store.unread_count(&caller.workspace_id, &recipient, now).await?;
+        let unread_count = self
+            .store
+            .unread_count(&caller.workspace_id, &recipient, now)
+            .await?;
         Ok(Response::new(pb::MarkReadResponse {
             marked: marked.len() as u32,
             unread_count,
@@ -414,7 +505,10 @@ impl Delivery for DeliveryApi {
     type WatchInboxStream = InboxStream;
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn watch_inbox(&self, request: Request<pb::WatchInboxRequest>) -> Result<Response<Self::WatchInboxStream>, Status> {
+    async fn watch_inbox(
+        &self,
+        request: Request<pb::WatchInboxRequest>,
+    ) -> Result<Response<Self::WatchInboxStream>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let customer = customer_of(request.get_ref().customer.as_ref(), "customer")?;
@@ -424,7 +518,9 @@ impl Delivery for DeliveryApi {
         let mut changes = self.feed.subscribe();
         let store = self.store.clone();
         let clock = self.clock.clone();
-        let unread = store.unread_count(&workspace, &recipient, clock.now()).await?;
+        let unread = store
+            .unread_count(&workspace, &recipient, clock.now())
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::InboxUpdate, Status>>(64);
         tokio::spawn(async move {
             let sync = pb::InboxUpdate {
@@ -467,11 +563,16 @@ impl Delivery for DeliveryApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn preview_template(&self, request: Request<pb::PreviewTemplateRequest>) -> Result<Response<pb::PreviewTemplateResponse>, Status> {
+    async fn preview_template(
+        &self,
+        request: Request<pb::PreviewTemplateRequest>,
+    ) -> Result<Response<pb::PreviewTemplateResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let preview = request.into_inner();
@@ -482,7 +583,12 @@ impl Delivery for DeliveryApi {
                     .store
                     .template(&caller.workspace_id, name, version)
                     .await?
-                    .ok_or_else(|| ApiError::NotFound(format!("no template named {name:?} (version {})", preview.version)))?;
+                    .ok_or_else(|| {
+                        ApiError::NotFound(format!(
+                            "no template named {name:?} (version {})",
+                            preview.version
+                        ))
+                    })?;
                 template::compile(&stored).map_err(|errors| template_errors(&errors))?
             }
             Some(pb::preview_template_request::Source::Draft(draft)) => {
@@ -496,14 +602,23 @@ impl Delivery for DeliveryApi {
             .as_ref()
             .map(struct_to_json)
             .unwrap_or_else(|| serde_json::json!({}));
-        let mut customer_json = sample.get("customer").cloned().unwrap_or_else(|| serde_json::json!({}));
+        let mut customer_json = sample
+            .get("customer")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
         let mut locale = preview.locale.clone();
         let mut products_items: Vec<pb::RecommendedItem> = Vec::new();
-        let mut products = sample.get("products").cloned().unwrap_or_else(|| serde_json::json!([]));
+        let mut products = sample
+            .get("products")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!([]));
         let mut products_fallback = false;
         let data = match &preview.data {
             Some(data) => struct_to_json(data),
-            None => sample.get("data").cloned().unwrap_or_else(|| serde_json::json!({})),
+            None => sample
+                .get("data")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({})),
         };
         if let Some(customer) = &preview.customer {
             let customer = customer_of(Some(customer), "customer")?;
@@ -512,7 +627,9 @@ impl Delivery for DeliveryApi {
                 .clients
                 .profiles(&caller.workspace_id, std::slice::from_ref(&customer))
                 .await
-                .map_err(|status| ApiError::Unavailable(format!("profiles: {}", status.message())))?;
+                .map_err(|status| {
+                    ApiError::Unavailable(format!("profiles: {}", status.message()))
+                })?;
             let profile = profiles
                 .get(&recipient_key(&customer))
                 .ok_or_else(|| ApiError::NotFound("no profile for this customer".into()))?;
@@ -543,11 +660,18 @@ impl Delivery for DeliveryApi {
                 let timeout = block
                     .timeout
                     .as_ref()
-                    .map(|d| Duration::from_millis(d.seconds as u64 * 1000 + d.nanos.max(0) as u64 / 1_000_000))
+                    .map(|d| {
+                        Duration::from_millis(
+                            d.seconds as u64 * 1000 + d.nanos.max(0) as u64 / 1_000_000,
+                        )
+                    })
                     .filter(|d| !d.is_zero())
-                    .unwrap_or(Duration::from_millis(self.sender.config.products_timeout_ms))
+                    .unwrap_or(Duration::from_millis(
+                        self.sender.config.products_timeout_ms,
+                    ))
                     .min(Duration::from_secs(1));
-                let trending = pb::ProductsFallback::try_from(block.fallback).unwrap_or(pb::ProductsFallback::Trending)
+                let trending = pb::ProductsFallback::try_from(block.fallback)
+                    .unwrap_or(pb::ProductsFallback::Trending)
                     != pb::ProductsFallback::Omit;
                 let (items, fallback) = self
                     .sender
@@ -594,14 +718,21 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn upsert_template(&self, request: Request<pb::UpsertTemplateRequest>) -> Result<Response<pb::UpsertTemplateResponse>, Status> {
+    async fn upsert_template(
+        &self,
+        request: Request<pb::UpsertTemplateRequest>,
+    ) -> Result<Response<pb::UpsertTemplateResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let upsert = request.into_inner();
         let Some(draft) = upsert.template else {
             return Err(ApiError::invalid("template", "required").into());
         };
-        let current = self.store.template_version(&caller.workspace_id, &draft.name).await.unwrap_or(None);
+        let current = self
+            .store
+            .template_version(&caller.workspace_id, &draft.name)
+            .await
+            .unwrap_or(None);
         if let Err(errors) = template::compile(&draft) {
             if upsert.dry_run {
                 return Ok(Response::new(pb::UpsertTemplateResponse {
@@ -619,13 +750,24 @@ impl Delivery for DeliveryApi {
             return Err(template_errors(&prefixed).into());
         }
         let mut channels: Vec<i16> = Vec::new();
-        for channel in [pb::Channel::Push, pb::Channel::Email, pb::Channel::Sms, pb::Channel::Whatsapp, pb::Channel::InApp, pb::Channel::Webhook] {
+        for channel in [
+            pb::Channel::Push,
+            pb::Channel::Email,
+            pb::Channel::Sms,
+            pb::Channel::Whatsapp,
+            pb::Channel::InApp,
+            pb::Channel::Webhook,
+        ] {
             if choose::template_has_channel(&draft, channel as i32) {
                 channels.push(channel as i16);
             }
         }
         if upsert.dry_run {
-            let changed = match self.store.template(&caller.workspace_id, &draft.name, None).await? {
+            let changed = match self
+                .store
+                .template(&caller.workspace_id, &draft.name, None)
+                .await?
+            {
                 Some(stored) => {
                     let mut a = stored;
                     a.version = 0;
@@ -662,7 +804,10 @@ impl Delivery for DeliveryApi {
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn get_template(&self, request: Request<pb::GetTemplateRequest>) -> Result<Response<pb::Template>, Status> {
+    async fn get_template(
+        &self,
+        request: Request<pb::GetTemplateRequest>,
+    ) -> Result<Response<pb::Template>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let get = request.into_inner();
@@ -670,14 +815,21 @@ impl Delivery for DeliveryApi {
             return Err(ApiError::invalid("name", reason).into());
         }
         let version = (get.version > 0).then_some(get.version);
-        match self.store.template(&caller.workspace_id, &get.name, version).await? {
+        match self
+            .store
+            .template(&caller.workspace_id, &get.name, version)
+            .await?
+        {
             Some(template) => Ok(Response::new(template)),
             None => Err(ApiError::NotFound(format!("no template named {:?}", get.name)).into()),
         }
     }
 
     #[tracing::instrument(skip_all, fields(workspace))]
-    async fn list_templates(&self, request: Request<pb::ListTemplatesRequest>) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
         let caller = auth::caller(&request)?;
         tracing::Span::current().record("workspace", caller.workspace_id.as_str());
         let list = request.into_inner();
@@ -688,7 +840,8 @@ impl Delivery for DeliveryApi {
             let bytes = URL_SAFE_NO_PAD
                 .decode(&list.page_token)
                 .map_err(|_| ApiError::invalid("page_token", "not a token this call returned"))?;
-            String::from_utf8(bytes).map_err(|_| ApiError::invalid("page_token", "not a token this call returned"))?
+            String::from_utf8(bytes)
+                .map_err(|_| ApiError::invalid("page_token", "not a token this call returned"))?
         };
         let channel = match pb::Channel::try_from(list.channel) {
             Ok(pb::Channel::Unspecified) | Err(_) => None,
@@ -696,7 +849,13 @@ impl Delivery for DeliveryApi {
         };
         let templates = self
             .store
-            .list_templates(&caller.workspace_id, &list.name_prefix, channel, &after, limit)
+            .list_templates(
+                &caller.workspace_id,
+                &list.name_prefix,
+                channel,
+                &after,
+                limit,
+            )
             .await?;
         let next_page_token = match templates.last() {
             Some(last) if templates.len() as i64 == limit => URL_SAFE_NO_PAD.encode(&last.name),

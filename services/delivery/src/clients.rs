@@ -28,13 +28,16 @@ pub fn recipient_key(customer: &CustomerRef) -> String {
     }
 }
 
+/// Items and when they were fetched.
+type CachedItems = (Instant, Vec<RecommendedItem>);
+
 /// The other services, reached with the deployment's internal key.
 #[derive(Clone)]
 pub struct Clients {
     profiles: ProfilesClient<GrpcChannel>,
     recommendations: RecommendationsClient<GrpcChannel>,
     key: InternalKey,
-    trending: Arc<Mutex<HashMap<String, (Instant, Vec<RecommendedItem>)>>>,
+    trending: Arc<Mutex<HashMap<String, CachedItems>>>,
 }
 
 impl std::fmt::Debug for Clients {
@@ -150,10 +153,8 @@ impl Clients {
         trending_fallback: bool,
     ) -> (Vec<RecommendedItem>, bool) {
         let n = request.n;
-        let call = self
-            .recommendations
-            .clone()
-            .recommend(self.key.request(workspace_id, request));
+        let mut client = self.recommendations.clone();
+        let call = client.recommend(self.key.request(workspace_id, request));
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => return (response.into_inner().items, false),
             Ok(Err(status)) => {
@@ -193,7 +194,9 @@ impl Clients {
     pub async fn refresh_trending(&self, workspace_id: &str) {
         let request = RecommendRequest {
             customer: Some(CustomerRef {
-                id: Some(customer_ref::Id::AnonymousId("relance-delivery-trending".into())),
+                id: Some(customer_ref::Id::AnonymousId(
+                    "relance-delivery-trending".into(),
+                )),
             }),
             placement: Placement::Home as i32,
             n: 12,
@@ -201,10 +204,8 @@ impl Clients {
             seed: Some(0),
             ..RecommendRequest::default()
         };
-        let call = self
-            .recommendations
-            .clone()
-            .recommend(self.key.request(workspace_id, request));
+        let mut client = self.recommendations.clone();
+        let call = client.recommend(self.key.request(workspace_id, request));
         match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(response)) => {
                 let items = response.into_inner().items;

@@ -134,7 +134,11 @@ impl RequestHandler {
         let mut ids = Vec::with_capacity(messages.len());
         let mut seen = HashSet::with_capacity(messages.len());
         for (workspace, rows) in &by_workspace {
-            let admitted = self.store.accept(workspace, rows, None).await.map_err(retry)?;
+            let admitted = self
+                .store
+                .accept(workspace, rows, None)
+                .await
+                .map_err(retry)?;
             for admitted in admitted {
                 if seen.insert(admitted.id) {
                     ids.push(admitted.id);
@@ -142,9 +146,17 @@ impl RequestHandler {
             }
         }
         let lease_until = now + chrono::Duration::seconds(self.config.lease_secs as i64);
-        let claimed = self.store.claim(&ids, now, lease_until).await.map_err(retry)?;
+        let claimed = self
+            .store
+            .claim(&ids, now, lease_until)
+            .await
+            .map_err(retry)?;
         let claimed_ids: HashSet<Uuid> = claimed.iter().map(|c| c.id).collect();
-        let others: Vec<Uuid> = ids.iter().filter(|id| !claimed_ids.contains(id)).copied().collect();
+        let others: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !claimed_ids.contains(id))
+            .copied()
+            .collect();
 
         if !claimed.is_empty() {
             let held: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
@@ -180,11 +192,15 @@ impl RequestHandler {
                 held_elsewhere += 1;
             }
         }
-        metrics::counter!("relance_delivery_duplicates_total").increment((states.len() - held_elsewhere) as u64);
+        metrics::counter!("relance_delivery_duplicates_total")
+            .increment((states.len() - held_elsewhere) as u64);
         if held_elsewhere > 0 {
             // The sweeper republishes it once the lease has run out; nothing is lost by
             // acking this copy.
-            tracing::debug!(held_elsewhere, "messages held by another worker; the sweeper watches their lease");
+            tracing::debug!(
+                held_elsewhere,
+                "messages held by another worker; the sweeper watches their lease"
+            );
         }
         Ok(())
     }
@@ -240,7 +256,8 @@ impl RetryPublisher {
         let level = level.max(1);
         let expiration = retry.delay.min(self.levels[level - 1]).as_millis().max(1);
         let queue = self.bus.name(&format!("{REQUESTS_QUEUE}.retry.{level}"));
-        let payload = serde_json::to_vec(&Envelope::from_encoded(&retry.workspace_id, &retry.request))?;
+        let payload =
+            serde_json::to_vec(&Envelope::from_encoded(&retry.workspace_id, &retry.request))?;
         let mut headers = FieldTable::default();
         headers.insert("x-relance-attempt".into(), AMQPValue::LongUInt(1));
         let properties = BasicProperties::default()
@@ -253,13 +270,21 @@ impl RetryPublisher {
             Some(channel) if channel.status().connected() => channel.clone(),
             _ => {
                 let channel = self.bus.channel().await?;
-                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
                 *slot = Some(channel.clone());
                 channel
             }
         };
         let confirm = channel
-            .basic_publish("", &queue, BasicPublishOptions::default(), &payload, properties)
+            .basic_publish(
+                "",
+                &queue,
+                BasicPublishOptions::default(),
+                &payload,
+                properties,
+            )
             .await;
         let outcome = match confirm {
             Ok(confirm) => confirm.await,
@@ -290,13 +315,21 @@ impl RetryPublisher {
             Some(channel) if channel.status().connected() => channel.clone(),
             _ => {
                 let channel = self.bus.channel().await?;
-                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
                 *slot = Some(channel.clone());
                 channel
             }
         };
         let confirm = channel
-            .basic_publish("", &queue, BasicPublishOptions::default(), &payload, properties)
+            .basic_publish(
+                "",
+                &queue,
+                BasicPublishOptions::default(),
+                &payload,
+                properties,
+            )
             .await?
             .await?;
         if let Confirmation::Nack(_) = confirm {
@@ -335,7 +368,7 @@ pub async fn sweep_loop(
         if last_purge.elapsed() > Duration::from_secs(3600) {
             last_purge = std::time::Instant::now();
             let before = clock.now() - chrono::Duration::days(i64::from(config.retention_days));
-            match store.purge(before).await {
+            match store.purge(before, clock.now()).await {
                 Ok(purged) => tracing::info!(purged, "old messages forgotten"),
                 Err(error) => tracing::warn!(%error, "purge failed"),
             }

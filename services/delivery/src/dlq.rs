@@ -3,10 +3,10 @@
 //! operator lists them, fixes the cause, and replays them into the main queue; replayed
 //! requests keep their idempotency keys, so one that did go out is not sent twice.
 
+use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::AMQPValue;
-use lapin::BasicProperties;
 use relance_kit::bus::Bus;
 
 use crate::wire::REQUESTS_QUEUE;
@@ -56,7 +56,10 @@ pub async fn list(bus: &Bus, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let queue = dlq_name(bus);
     let mut letters = Vec::new();
     while letters.len() < limit {
-        let Some(message) = channel.basic_get(&queue, BasicGetOptions { no_ack: false }).await? else {
+        let Some(message) = channel
+            .basic_get(&queue, BasicGetOptions { no_ack: false })
+            .await?
+        else {
             break;
         };
         let delivery = message.delivery;
@@ -67,7 +70,8 @@ pub async fn list(bus: &Bus, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
                 .as_ref()
                 .map(|m| m.as_str().to_owned())
                 .unwrap_or_default(),
-            routing_key: header_text(&delivery.properties, "x-relance-routing-key").unwrap_or_default(),
+            routing_key: header_text(&delivery.properties, "x-relance-routing-key")
+                .unwrap_or_default(),
             attempt: header_text(&delivery.properties, "x-relance-attempt")
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1),
@@ -83,12 +87,17 @@ pub async fn list(bus: &Bus, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
 /// removed from the dead-letter queue only once the broker confirmed the copy.
 pub async fn replay(bus: &Bus, limit: usize) -> anyhow::Result<usize> {
     let channel = bus.channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let queue = dlq_name(bus);
     let target = bus.name(REQUESTS_QUEUE);
     let mut replayed = 0;
     while replayed < limit {
-        let Some(message) = channel.basic_get(&queue, BasicGetOptions { no_ack: false }).await? else {
+        let Some(message) = channel
+            .basic_get(&queue, BasicGetOptions { no_ack: false })
+            .await?
+        else {
             break;
         };
         let delivery = message.delivery;
@@ -99,7 +108,13 @@ pub async fn replay(bus: &Bus, limit: usize) -> anyhow::Result<usize> {
             properties = properties.with_message_id(id.clone());
         }
         let confirm = channel
-            .basic_publish("", &target, BasicPublishOptions::default(), &delivery.data, properties)
+            .basic_publish(
+                "",
+                &target,
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
             .await?
             .await?;
         if let Confirmation::Nack(_) = confirm {

@@ -20,9 +20,9 @@ use crate::store::{DeliveryStore, Interaction};
 
 /// A transparent 1×1 GIF.
 const PIXEL: &[u8] = &[
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00,
-    0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
 /// What the listener needs.
@@ -81,7 +81,8 @@ async fn click(State(tracking): State<Tracking>, Path(token): Path<String>) -> R
         Ok(link) => link,
         Err(error) => {
             tracing::info!(%error, "click link refused");
-            metrics::counter!("relance_delivery_links_refused_total", "kind" => "click").increment(1);
+            metrics::counter!("relance_delivery_links_refused_total", "kind" => "click")
+                .increment(1);
             return invalid_link();
         }
     };
@@ -92,7 +93,13 @@ async fn click(State(tracking): State<Tracking>, Path(token): Path<String>) -> R
     // The customer is sent on even if the click could not be recorded.
     if let Err(error) = tracking
         .store
-        .interaction(&link.workspace, link.message_id, Interaction::Clicked, Some(&target), now)
+        .interaction(
+            &link.workspace,
+            link.message_id,
+            Interaction::Clicked,
+            Some(&target),
+            now,
+        )
         .await
     {
         tracing::warn!(%error, message_id = %link.message_id, "click not recorded");
@@ -115,7 +122,13 @@ async fn open(State(tracking): State<Tracking>, Path(file): Path<String>) -> Res
             let now = tracking.clock.now();
             if let Err(error) = tracking
                 .store
-                .interaction(&link.workspace, link.message_id, Interaction::Opened, None, now)
+                .interaction(
+                    &link.workspace,
+                    link.message_id,
+                    Interaction::Opened,
+                    None,
+                    now,
+                )
                 .await
             {
                 tracing::warn!(%error, message_id = %link.message_id, "open not recorded");
@@ -138,7 +151,11 @@ async fn open(State(tracking): State<Tracking>, Path(file): Path<String>) -> Res
 }
 
 async fn unsubscribe_page(State(tracking): State<Tracking>, Path(token): Path<String>) -> Response {
-    if tracking.links.verify(LinkKind::Unsubscribe, &token).is_err() {
+    if tracking
+        .links
+        .verify(LinkKind::Unsubscribe, &token)
+        .is_err()
+    {
         return invalid_link();
     }
     // A GET only asks: link scanners in mail gateways fetch every link, and must not
@@ -174,7 +191,13 @@ async fn unsubscribe(State(tracking): State<Tracking>, Path(token): Path<String>
     };
     match tracking
         .clients
-        .opt_out(&link.workspace, customer, channel, &topic, "unsubscribe_link")
+        .opt_out(
+            &link.workspace,
+            customer,
+            channel,
+            &topic,
+            "unsubscribe_link",
+        )
         .await
     {
         Ok(()) => page(

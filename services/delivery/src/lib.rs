@@ -160,7 +160,9 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     let secret = match &config.link_secret {
         Some(secret) => secret.expose_secret().as_bytes().to_vec(),
         None => {
-            tracing::warn!("delivery.link_secret is not set: tracking links will not survive a restart");
+            tracing::warn!(
+                "delivery.link_secret is not set: tracking links will not survive a restart"
+            );
             uuid::Uuid::new_v4().as_bytes().to_vec()
         }
     };
@@ -183,7 +185,12 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     let publisher = Arc::new(Publisher::new(platform.bus.clone()));
     platform.spawn(
         "delivery-outbox",
-        outbox::run_relay(pool.clone(), publisher, outbox_wake, platform.shutdown.clone()),
+        outbox::run_relay(
+            pool.clone(),
+            publisher,
+            outbox_wake,
+            platform.shutdown.clone(),
+        ),
     );
     let retries = Arc::new(consumer::RetryPublisher::new(
         platform.bus.clone(),

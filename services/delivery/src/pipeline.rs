@@ -21,6 +21,7 @@ use relance_proto::v1::{
     TextDirection, customer_ref, send_request,
 };
 
+use crate::DeliveryConfig;
 use crate::channels::set::Providers;
 use crate::channels::{Address, Content, Outbound, Permanent, SendError};
 use crate::clients::{Clients, recipient_key};
@@ -30,7 +31,6 @@ use crate::domain::links::LinkSigner;
 use crate::domain::request;
 use crate::domain::template::{self, CompiledTemplate, RenderInput};
 use crate::store::{Claimed, DeliveryStore, InboxRow, Outcome};
-use crate::DeliveryConfig;
 
 /// A message that must be tried again later.
 #[derive(Debug, Clone)]
@@ -67,8 +67,11 @@ struct Done {
 /// every `TEMPLATE_CHECK` so that a saved change is used within that time.
 #[derive(Default)]
 struct TemplateCache {
-    entries: Mutex<HashMap<(String, String), (Instant, u32, Arc<CompiledTemplate>)>>,
+    entries: Mutex<HashMap<(String, String), CachedTemplate>>,
 }
+
+/// When the version was last checked, the version, the compiled template.
+type CachedTemplate = (Instant, u32, Arc<CompiledTemplate>);
 
 const TEMPLATE_CHECK: Duration = Duration::from_secs(2);
 
@@ -125,7 +128,11 @@ impl Sender {
     ) -> relance_kit::ApiResult<Option<Arc<CompiledTemplate>>> {
         let key = (workspace_id.to_owned(), name.to_owned());
         let cached = {
-            let entries = self.templates.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let entries = self
+                .templates
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             entries.get(&key).cloned()
         };
         if let Some((checked, _, compiled)) = &cached
@@ -147,7 +154,11 @@ impl Sender {
                 .insert(key, (Instant::now(), version, compiled.clone()));
             return Ok(Some(compiled));
         }
-        let Some(stored) = self.store.template(workspace_id, name, Some(version)).await? else {
+        let Some(stored) = self
+            .store
+            .template(workspace_id, name, Some(version))
+            .await?
+        else {
             return Ok(None);
         };
         // Saved templates compiled when they were saved; failing now would be a bug.
@@ -302,27 +313,64 @@ impl Sender {
         });
 
         if now >= claimed.expires_at {
-            return Ok(finish(done, &customer, base_properties, Ended::Skip(MessageReason::Expired, "not sent before its ttl ran out".into())));
+            return Ok(finish(
+                done,
+                &customer,
+                base_properties,
+                Ended::Skip(
+                    MessageReason::Expired,
+                    "not sent before its ttl ran out".into(),
+                ),
+            ));
         }
         let Some(profile) = profile else {
-            return Ok(finish(done, &customer, base_properties, Ended::Skip(MessageReason::UnknownCustomer, "no profile for this customer".into())));
+            return Ok(finish(
+                done,
+                &customer,
+                base_properties,
+                Ended::Skip(
+                    MessageReason::UnknownCustomer,
+                    "no profile for this customer".into(),
+                ),
+            ));
         };
 
         let compiled = match &request.content {
-            Some(send_request::Content::Template(name)) => match self.template(&workspace, name).await? {
-                Some(compiled) => compiled,
-                None => {
-                    return Ok(finish(done, &customer, base_properties, Ended::Fail(MessageReason::TemplateError, format!("template {name:?} does not exist"))));
+            Some(send_request::Content::Template(name)) => {
+                match self.template(&workspace, name).await? {
+                    Some(compiled) => compiled,
+                    None => {
+                        return Ok(finish(
+                            done,
+                            &customer,
+                            base_properties,
+                            Ended::Fail(
+                                MessageReason::TemplateError,
+                                format!("template {name:?} does not exist"),
+                            ),
+                        ));
+                    }
                 }
-            },
-            Some(send_request::Content::Inline(content)) => match template::compile_inline(content) {
+            }
+            Some(send_request::Content::Inline(content)) => match template::compile_inline(content)
+            {
                 Ok(compiled) => Arc::new(compiled),
                 Err(errors) => {
-                    return Ok(finish(done, &customer, base_properties, Ended::Fail(MessageReason::TemplateError, describe(&errors))));
+                    return Ok(finish(
+                        done,
+                        &customer,
+                        base_properties,
+                        Ended::Fail(MessageReason::TemplateError, describe(&errors)),
+                    ));
                 }
             },
             None => {
-                return Ok(finish(done, &customer, base_properties, Ended::Fail(MessageReason::TemplateError, "no content".into())));
+                return Ok(finish(
+                    done,
+                    &customer,
+                    base_properties,
+                    Ended::Fail(MessageReason::TemplateError, "no content".into()),
+                ));
             }
         };
         done.outcome.template_version = compiled.template().version as i32;
@@ -356,9 +404,13 @@ impl Sender {
             Choice::Send(channel, address) => (channel, address),
             Choice::Skip(reason) => {
                 let detail = match reason {
-                    MessageReason::NoConsent => "no consent for any requested channel and this topic",
+                    MessageReason::NoConsent => {
+                        "no consent for any requested channel and this topic"
+                    }
                     MessageReason::NoAddress => "no address for any requested channel",
-                    MessageReason::ChannelNotConfigured => "no provider configured for the requested channels",
+                    MessageReason::ChannelNotConfigured => {
+                        "no provider configured for the requested channels"
+                    }
                     _ => "the template has no content for the requested channels",
                 };
                 let ended = if reason == MessageReason::TemplateError {
@@ -372,7 +424,9 @@ impl Sender {
         done.outcome.channel = channel as i16;
         done.outcome.address = choose::mask(&address);
 
-        let products = self.products(&workspace, &compiled, &request, &customer, channel).await;
+        let products = self
+            .products(&workspace, &compiled, &request, &customer, channel)
+            .await;
         let customer_json = customer_json(profile);
         let data_json = request
             .data
@@ -387,13 +441,26 @@ impl Sender {
         let rendered = match compiled.render(variant, channel, &input) {
             Ok(rendered) => rendered,
             Err(errors) => {
-                return Ok(finish(done, &customer, base_properties, Ended::Fail(MessageReason::TemplateError, describe(&errors))));
+                return Ok(finish(
+                    done,
+                    &customer,
+                    base_properties,
+                    Ended::Fail(MessageReason::TemplateError, describe(&errors)),
+                ));
             }
         };
         let direction = compiled.direction(variant);
         let right_to_left = direction == TextDirection::Rtl;
         let marketing = kind == MessageKind::Marketing;
-        let tracked = self.track(&workspace, claimed.id, rendered, &customer, channel, &request.topic, marketing);
+        let tracked = self.track(
+            &workspace,
+            claimed.id,
+            rendered,
+            &customer,
+            channel,
+            &request.topic,
+            marketing,
+        );
         done.outcome.rendered = Some(tracked.content.encode_to_vec());
 
         let mut properties = base_properties;
@@ -401,7 +468,12 @@ impl Sender {
 
         if channel == Channel::InApp {
             let Some(in_app) = tracked.content.in_app.clone() else {
-                return Ok(finish(done, &customer, properties, Ended::Fail(MessageReason::TemplateError, "no in-app content".into())));
+                return Ok(finish(
+                    done,
+                    &customer,
+                    properties,
+                    Ended::Fail(MessageReason::TemplateError, "no in-app content".into()),
+                ));
             };
             let expires_after = in_app
                 .expires_after
@@ -417,7 +489,11 @@ impl Sender {
                 image_url: in_app.image_url,
                 url: in_app.url,
                 data: serde_json::to_value(&in_app.data).unwrap_or_default(),
-                direction: if right_to_left { TextDirection::Rtl as i16 } else { TextDirection::Ltr as i16 },
+                direction: if right_to_left {
+                    TextDirection::Rtl as i16
+                } else {
+                    TextDirection::Ltr as i16
+                },
                 locale: variant_locale,
                 origin: serde_json::to_value(origin_json(&request)).unwrap_or_default(),
                 created_at: now,
@@ -425,16 +501,31 @@ impl Sender {
                 read_at: None,
             });
             done.outcome.provider = "inbox".into();
-            return Ok(finish(done, &customer, properties, Ended::Sent("inbox".into(), String::new())));
+            return Ok(finish(
+                done,
+                &customer,
+                properties,
+                Ended::Sent("inbox".into(), String::new()),
+            ));
         }
 
         let content = match content_of(channel, &tracked.content) {
             Some(content) => content,
             None => {
-                return Ok(finish(done, &customer, properties, Ended::Fail(MessageReason::TemplateError, "no content for the channel".into())));
+                return Ok(finish(
+                    done,
+                    &customer,
+                    properties,
+                    Ended::Fail(
+                        MessageReason::TemplateError,
+                        "no content for the channel".into(),
+                    ),
+                ));
             }
         };
-        let ttl_left = (claimed.expires_at - now).to_std().unwrap_or(Duration::from_secs(1));
+        let ttl_left = (claimed.expires_at - now)
+            .to_std()
+            .unwrap_or(Duration::from_secs(1));
         let outbound = Outbound {
             message_id: claimed.id,
             workspace_id: workspace.clone(),
@@ -443,7 +534,8 @@ impl Sender {
             content,
             ttl: ttl_left.max(Duration::from_secs(1)),
             unsubscribe_url: tracked.unsubscribe_url,
-            webhook_body: (channel == Channel::Webhook).then(|| webhook_body(&tracked.content, claimed.id, &customer_json, &data_json)),
+            webhook_body: (channel == Channel::Webhook)
+                .then(|| webhook_body(&tracked.content, claimed.id, &customer_json, &data_json)),
             right_to_left,
             tags: tags(&request),
         };
@@ -451,7 +543,12 @@ impl Sender {
             Ok((provider, accepted)) => {
                 set(&mut properties, "provider", &provider);
                 let id = accepted.provider_message_id.unwrap_or_default();
-                Ok(finish(done, &customer, properties, Ended::Sent(provider, id)))
+                Ok(finish(
+                    done,
+                    &customer,
+                    properties,
+                    Ended::Sent(provider, id),
+                ))
             }
             Err(SendError::Permanent { kind, detail }) => {
                 let reason = match kind {
@@ -460,31 +557,54 @@ impl Sender {
                     Permanent::Rejected => MessageReason::ProviderRejected,
                 };
                 done.feedback = match (kind, &address) {
-                    (Permanent::InvalidAddress, Address::Push { token, .. }) => {
-                        Some(Feedback::DeadToken(workspace.clone(), customer.clone(), token.clone()))
-                    }
-                    (Permanent::Unsubscribed, _) => {
-                        Some(Feedback::Unsubscribed(workspace.clone(), customer.clone(), channel))
-                    }
+                    (Permanent::InvalidAddress, Address::Push { token, .. }) => Some(
+                        Feedback::DeadToken(workspace.clone(), customer.clone(), token.clone()),
+                    ),
+                    (Permanent::Unsubscribed, _) => Some(Feedback::Unsubscribed(
+                        workspace.clone(),
+                        customer.clone(),
+                        channel,
+                    )),
                     _ => None,
                 };
-                Ok(finish(done, &customer, properties, Ended::Fail(reason, detail)))
+                Ok(finish(
+                    done,
+                    &customer,
+                    properties,
+                    Ended::Fail(reason, detail),
+                ))
             }
-            Err(SendError::Temporary { detail, retry_after }) => {
+            Err(SendError::Temporary {
+                detail,
+                retry_after,
+            }) => {
                 let attempt = claimed.attempts.max(1) as u32;
                 let jitter: f64 = rand::rng().random();
-                let mut delay = request::retry_delay(attempt, self.config.retry_base(), self.config.retry_cap(), jitter);
+                let mut delay = request::retry_delay(
+                    attempt,
+                    self.config.retry_base(),
+                    self.config.retry_cap(),
+                    jitter,
+                );
                 if let Some(after) = retry_after {
                     delay = delay.max(after);
                 }
-                let next = now + chrono::Duration::from_std(delay).unwrap_or_else(|_| chrono::Duration::seconds(60));
+                let next = now
+                    + chrono::Duration::from_std(delay)
+                        .unwrap_or_else(|_| chrono::Duration::seconds(60));
                 if attempt >= self.config.max_attempts || next >= claimed.expires_at {
-                    let reason = if next >= claimed.expires_at && attempt < self.config.max_attempts {
+                    let reason = if next >= claimed.expires_at && attempt < self.config.max_attempts
+                    {
                         MessageReason::Expired
                     } else {
                         MessageReason::ProviderUnavailable
                     };
-                    return Ok(finish(done, &customer, properties, Ended::Fail(reason, format!("after {attempt} attempts: {detail}"))));
+                    return Ok(finish(
+                        done,
+                        &customer,
+                        properties,
+                        Ended::Fail(reason, format!("after {attempt} attempts: {detail}")),
+                    ));
                 }
                 done.outcome.status = MessageStatus::Retrying as i16;
                 done.outcome.reason = MessageReason::ProviderUnavailable as i16;
@@ -524,12 +644,20 @@ impl Sender {
             Ok(Placement::Unspecified) | Err(_) => placement_of(channel),
             Ok(placement) => placement,
         };
-        let data = request.data.as_ref().map(struct_to_json).unwrap_or_default();
+        let data = request
+            .data
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
         let context = values_at(&data, &block.context_path);
         let timeout = block
             .timeout
             .as_ref()
-            .map(|d| Duration::from_millis((d.seconds as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000))
+            .map(|d| {
+                Duration::from_millis(
+                    (d.seconds as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000,
+                )
+            })
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_millis(self.config.products_timeout_ms))
             .min(Duration::from_secs(1));
@@ -542,9 +670,13 @@ impl Sender {
             seed: None,
             include_details: true,
         };
-        let trending = ProductsFallback::try_from(block.fallback).unwrap_or(ProductsFallback::Trending)
+        let trending = ProductsFallback::try_from(block.fallback)
+            .unwrap_or(ProductsFallback::Trending)
             != ProductsFallback::Omit;
-        let (items, _) = self.clients.products(workspace, recommend, timeout, trending).await;
+        let (items, _) = self
+            .clients
+            .products(workspace, recommend, timeout, trending)
+            .await;
         products_json(&items)
     }
 
@@ -568,7 +700,8 @@ impl Sender {
             body = html::add_open_pixel(&body, &links.open_url(workspace, message_id));
             email.html = body;
             if marketing && let Some(customer_ref::Id::CustomerId(id)) = &customer.id {
-                unsubscribe_url = Some(links.unsubscribe_url(workspace, message_id, id, channel, topic));
+                unsubscribe_url =
+                    Some(links.unsubscribe_url(workspace, message_id, id, channel, topic));
             }
         }
         if let Some(push) = content.push.as_mut()
@@ -620,12 +753,21 @@ fn finish(
         Ended::Skip(reason, detail) | Ended::Fail(reason, detail) => {
             done.outcome.reason = reason as i16;
             set(&mut properties, "reason", reason.as_str_name());
-            set(&mut properties, "status", if status == MessageStatus::Skipped { "skipped" } else { "failed" });
+            set(
+                &mut properties,
+                "status",
+                if status == MessageStatus::Skipped {
+                    "skipped"
+                } else {
+                    "failed"
+                },
+            );
             done.outcome.detail = detail;
         }
     }
     if done.outcome.channel != 0 && properties.get("channel").is_none() {
-        let channel = Channel::try_from(i32::from(done.outcome.channel)).unwrap_or(Channel::Unspecified);
+        let channel =
+            Channel::try_from(i32::from(done.outcome.channel)).unwrap_or(Channel::Unspecified);
         set(&mut properties, "channel", choose::channel_name(channel));
     }
     let (customer_id, anonymous_id) = match &customer.id {
@@ -667,7 +809,9 @@ fn template_name(request: &SendRequest) -> String {
 
 fn customer_label(customer: &CustomerRef) -> String {
     match &customer.id {
-        Some(customer_ref::Id::CustomerId(id)) | Some(customer_ref::Id::AnonymousId(id)) => id.clone(),
+        Some(customer_ref::Id::CustomerId(id)) | Some(customer_ref::Id::AnonymousId(id)) => {
+            id.clone()
+        }
         None => String::new(),
     }
 }
@@ -679,7 +823,7 @@ pub fn recipient_of(profile: &Profile) -> Recipient {
         .iter()
         .map(|t| (t, t.updated_at.as_ref().map(|u| u.seconds).unwrap_or(0)))
         .collect();
-    tokens.sort_by(|a, b| b.1.cmp(&a.1));
+    tokens.sort_by_key(|t| std::cmp::Reverse(t.1));
     let preferred = profile
         .attributes
         .as_ref()
@@ -876,7 +1020,11 @@ fn webhook_body(
 fn record_metrics(outcomes: &[Outcome]) {
     for outcome in outcomes {
         let status = MessageStatus::try_from(i32::from(outcome.status))
-            .map(|s| s.as_str_name().trim_start_matches("MESSAGE_STATUS_").to_ascii_lowercase())
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("MESSAGE_STATUS_")
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default();
         let channel = Channel::try_from(i32::from(outcome.channel))
             .map(choose::channel_name)
@@ -890,7 +1038,9 @@ async fn send_feedback(clients: Clients, feedback: Vec<Feedback>) {
     for item in feedback {
         let result = match &item {
             Feedback::DeadToken(workspace, customer, token) => {
-                clients.remove_push_token(workspace, customer.clone(), token).await
+                clients
+                    .remove_push_token(workspace, customer.clone(), token)
+                    .await
             }
             Feedback::Unsubscribed(workspace, customer, channel) => {
                 clients

@@ -51,6 +51,12 @@ pub struct NewMessage {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Builds the bus message (routing key, JSON body) announcing an accepted request.
+pub type Announce<'a> = dyn Fn(&NewMessage) -> (String, serde_json::Value) + Sync + 'a;
+
+/// A row of [`DeliveryStore::states`].
+type StateRow = (Uuid, i16, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// Where a request stands after [`DeliveryStore::accept`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
@@ -220,7 +226,8 @@ impl DeliveryStore {
         let mut created_at = now;
         let mut next = 1;
         if let Some((version, body)) = current {
-            let stored = Template::decode(body.as_slice()).map_err(|e| ApiError::Internal(e.into()))?;
+            let stored =
+                Template::decode(body.as_slice()).map_err(|e| ApiError::Internal(e.into()))?;
             created_at = stored
                 .created_at
                 .as_ref()
@@ -263,16 +270,14 @@ impl DeliveryStore {
         version: Option<u32>,
     ) -> ApiResult<Option<Template>> {
         let row: Option<(Vec<u8>,)> = match version {
-            Some(version) if version > 0 => {
-                sqlx::query_as(
-                    "SELECT body FROM templates WHERE workspace_id = $1 AND name = $2 AND version = $3",
-                )
-                .bind(workspace_id)
-                .bind(name)
-                .bind(version as i32)
-                .fetch_optional(&self.pool)
-                .await?
-            }
+            Some(version) if version > 0 => sqlx::query_as(
+                "SELECT body FROM templates WHERE workspace_id = $1 AND name = $2 AND version = $3",
+            )
+            .bind(workspace_id)
+            .bind(name)
+            .bind(version as i32)
+            .fetch_optional(&self.pool)
+            .await?,
             _ => {
                 sqlx::query_as(
                     "SELECT body FROM templates WHERE workspace_id = $1 AND name = $2 \
@@ -325,7 +330,8 @@ impl DeliveryStore {
         .await?;
         let mut templates = Vec::new();
         for (body,) in rows {
-            let template = Template::decode(body.as_slice()).map_err(|e| ApiError::Internal(e.into()))?;
+            let template =
+                Template::decode(body.as_slice()).map_err(|e| ApiError::Internal(e.into()))?;
             if let Some(channel) = channel
                 && !crate::domain::choose::template_has_channel(&template, channel as i32)
             {
@@ -348,7 +354,7 @@ impl DeliveryStore {
         &self,
         workspace_id: &str,
         messages: &[NewMessage],
-        publish: Option<&dyn Fn(&NewMessage) -> (String, serde_json::Value)>,
+        publish: Option<&Announce<'_>>,
     ) -> ApiResult<Vec<Admitted>> {
         let mut tx = self.pool.begin().await?;
         let admitted = insert_messages(&mut tx, workspace_id, messages).await?;
@@ -414,7 +420,7 @@ impl DeliveryStore {
 
     /// The state of messages (those a delivery could not claim).
     pub async fn states(&self, ids: &[Uuid]) -> ApiResult<Vec<State>> {
-        let rows: Vec<(Uuid, i16, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let rows: Vec<StateRow> = sqlx::query_as(
             "SELECT id, status, next_attempt_at, lease_until FROM messages WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -486,17 +492,16 @@ impl DeliveryStore {
     }
 
     /// Forgets messages older than `before` (idempotency keys are remembered 30 days).
-    pub async fn purge(&self, before: DateTime<Utc>) -> ApiResult<u64> {
+    pub async fn purge(&self, before: DateTime<Utc>, now: DateTime<Utc>) -> ApiResult<u64> {
         let inbox = sqlx::query("DELETE FROM inbox WHERE expires_at < $1")
-            .bind(before.max(Utc::now()))
+            .bind(now)
             .execute(&self.pool)
             .await?;
-        let done = sqlx::query(
-            "DELETE FROM messages WHERE created_at < $1 AND status NOT IN (1, 6, 100)",
-        )
-        .bind(before)
-        .execute(&self.pool)
-        .await?;
+        let done =
+            sqlx::query("DELETE FROM messages WHERE created_at < $1 AND status NOT IN (1, 6, 100)")
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected() + inbox.rows_affected())
     }
 
@@ -664,7 +669,12 @@ impl DeliveryStore {
     }
 
     /// Unread, unexpired messages of an inbox.
-    pub async fn unread_count(&self, workspace_id: &str, recipient: &str, now: DateTime<Utc>) -> ApiResult<u32> {
+    pub async fn unread_count(
+        &self,
+        workspace_id: &str,
+        recipient: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<u32> {
         let (count,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM inbox WHERE workspace_id = $1 AND recipient = $2 \
              AND expires_at > $3 AND read_at IS NULL",
@@ -701,7 +711,14 @@ impl DeliveryStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let inbox = inbox_row(&row)?;
-            notify_inbox(&mut tx, &inbox.workspace_id, &inbox.recipient, "read", inbox.message_id).await?;
+            notify_inbox(
+                &mut tx,
+                &inbox.workspace_id,
+                &inbox.recipient,
+                "read",
+                inbox.message_id,
+            )
+            .await?;
             out.push(inbox);
         }
         tx.commit().await?;
@@ -971,7 +988,14 @@ async fn insert_inbox(conn: &mut PgConnection, row: &InboxRow) -> ApiResult<()> 
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() > 0 {
-        notify_inbox(conn, &row.workspace_id, &row.recipient, "added", row.message_id).await?;
+        notify_inbox(
+            conn,
+            &row.workspace_id,
+            &row.recipient,
+            "added",
+            row.message_id,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -1009,7 +1033,12 @@ async fn enqueue_events(conn: &mut PgConnection, batches: &[IngestEvents]) -> Ap
             conn,
             EVENTS_EXCHANGE,
             &format!("{INGEST_KEY_PREFIX}{}", first.name),
-            &format!("{}:{}+{}", batch.workspace_id, first.message_id, batch.events.len()),
+            &format!(
+                "{}:{}+{}",
+                batch.workspace_id,
+                first.message_id,
+                batch.events.len()
+            ),
             &payload,
         )
         .await?;

@@ -184,12 +184,20 @@ impl Harness {
         };
         self.profiles.upsert(self.admin(upsert)).await.unwrap();
         if opted_in {
-            for channel in [pb::Channel::Push, pb::Channel::Email, pb::Channel::Sms, pb::Channel::Whatsapp] {
+            for channel in [
+                pb::Channel::Push,
+                pb::Channel::Email,
+                pb::Channel::Sms,
+                pb::Channel::Whatsapp,
+            ] {
                 let request = pb::SetConsentRequest {
                     customer: customer(id),
                     consent: Some(consent(channel, pb::ConsentStatus::OptedIn)),
                 };
-                self.profiles.set_consent(self.admin(request)).await.unwrap();
+                self.profiles
+                    .set_consent(self.admin(request))
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -199,18 +207,30 @@ impl Harness {
             template: Some(template),
             dry_run: false,
         };
-        self.delivery.upsert_template(self.admin(request)).await.unwrap().into_inner()
+        self.delivery
+            .upsert_template(self.admin(request))
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     async fn send(&mut self, request: pb::SendRequest) -> pb::SendResponse {
-        self.delivery.send(self.admin(request)).await.unwrap().into_inner()
+        self.delivery
+            .send(self.admin(request))
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     async fn message(&mut self, key: &str) -> pb::MessageRecord {
         let request = pb::GetMessageRequest {
             key: Some(pb::get_message_request::Key::IdempotencyKey(key.into())),
         };
-        self.delivery.get_message(self.admin(request)).await.unwrap().into_inner()
+        self.delivery
+            .get_message(self.admin(request))
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     /// Waits until the message has left QUEUED (and RETRYING unless `through_retries`).
@@ -224,7 +244,11 @@ impl Harness {
                 let request = pb::GetMessageRequest {
                     key: Some(pb::get_message_request::Key::IdempotencyKey(key.into())),
                 };
-                let record = delivery.get_message(authed(&admin, request)).await.ok()?.into_inner();
+                let record = delivery
+                    .get_message(authed(&admin, request))
+                    .await
+                    .ok()?
+                    .into_inner();
                 let status = pb::MessageStatus::try_from(record.status).ok()?;
                 match status {
                     pb::MessageStatus::Queued | pb::MessageStatus::Retrying => None,
@@ -259,7 +283,10 @@ fn every_channel_template(name: &str) -> pb::Template {
         whatsapp: Some(pb::WhatsAppContent {
             template_name: "cart_reminder".into(),
             language: "fr".into(),
-            body_parameters: vec!["{{ customer.first_name }}".into(), "{{ data.items[0].title }}".into()],
+            body_parameters: vec![
+                "{{ customer.first_name }}".into(),
+                "{{ data.items[0].title }}".into(),
+            ],
             ..Default::default()
         }),
         in_app: Some(pb::InAppContent {
@@ -269,7 +296,9 @@ fn every_channel_template(name: &str) -> pb::Template {
             ..Default::default()
         }),
         webhook: Some(pb::WebhookContent {
-            body: "{\"who\": \"{{ customer.customer_id }}\", \"item\": \"{{ data.items[0].title }}\"}".into(),
+            body:
+                "{\"who\": \"{{ customer.customer_id }}\", \"item\": \"{{ data.items[0].title }}\"}"
+                    .into(),
             ..Default::default()
         }),
     };
@@ -289,7 +318,12 @@ fn every_channel_template(name: &str) -> pb::Template {
     }
 }
 
-fn send_request(key: &str, customer_id: &str, channels: &[pb::Channel], template: &str) -> pb::SendRequest {
+fn send_request(
+    key: &str,
+    customer_id: &str,
+    channels: &[pb::Channel],
+    template: &str,
+) -> pb::SendRequest {
     pb::SendRequest {
         idempotency_key: key.into(),
         customer: customer(customer_id),
@@ -297,7 +331,9 @@ fn send_request(key: &str, customer_id: &str, channels: &[pb::Channel], template
         content: Some(pb::send_request::Content::Template(template.into())),
         topic: "marketing".into(),
         kind: pb::MessageKind::Marketing as i32,
-        data: Some(json_to_struct(&serde_json::json!({"items": [{"title": "Lamp", "product_id": "p1"}]}))),
+        data: Some(json_to_struct(
+            &serde_json::json!({"items": [{"title": "Lamp", "product_id": "p1"}]}),
+        )),
         ..Default::default()
     }
 }
@@ -322,7 +358,11 @@ async fn every_channel_goes_out_in_its_providers_wire_format() {
         let response = h.send(send_request(&key, "c1", &[channel], "cart-1")).await;
         assert!(!response.duplicate);
         let record = h.outcome(&key).await;
-        assert_eq!(record.status, pb::MessageStatus::Sent as i32, "{channel:?}: {record:?}");
+        assert_eq!(
+            record.status,
+            pb::MessageStatus::Sent as i32,
+            "{channel:?}: {record:?}"
+        );
         assert_eq!(record.channel, channel as i32);
         assert_eq!(record.template_version, 1);
     }
@@ -331,16 +371,25 @@ async fn every_channel_goes_out_in_its_providers_wire_format() {
     let fcm = h.fake.requests_for("/v1/projects/shop/messages:send");
     assert_eq!(fcm.len(), 1);
     assert_eq!(fcm[0].method, "POST");
-    assert_eq!(fcm[0].header("authorization"), Some("Bearer fcm-test-token"));
+    assert_eq!(
+        fcm[0].header("authorization"),
+        Some("Bearer fcm-test-token")
+    );
     let body = fcm[0].json();
     assert_eq!(body["message"]["token"], "android-token-c1");
     assert_eq!(body["message"]["notification"]["title"], "Hello Amina");
     assert_eq!(body["message"]["notification"]["body"], "Your cart: Lamp");
     let push_url = body["message"]["data"]["url"].as_str().unwrap();
-    assert!(push_url.starts_with(&format!("{}/c/", h.tracking)), "{push_url}");
+    assert!(
+        push_url.starts_with(&format!("{}/c/", h.tracking)),
+        "{push_url}"
+    );
     let push_record = h.message("wire-CHANNEL_PUSH").await;
-    assert_eq!(body["message"]["data"]["relance_message_id"], push_record.message_id);
-    assert_eq!(push_record.address, "…oken-c1");
+    assert_eq!(
+        body["message"]["data"]["relance_message_id"],
+        push_record.message_id
+    );
+    assert_eq!(push_record.address, "…ken-c1");
     assert_eq!(push_record.provider, "fcm");
 
     // SMTP: multipart, tracking links, open pixel, List-Unsubscribe (marketing).
@@ -353,16 +402,35 @@ async fn every_channel_goes_out_in_its_providers_wire_format() {
     let mail = &mails[0];
     assert!(mail.contains("Subject: Your cart, Amina"), "{mail}");
     assert!(mail.contains("multipart/alternative"), "{mail}");
-    assert!(mail.contains("List-Unsubscribe: <http://127.0.0.1:"), "{mail}");
-    assert!(mail.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"), "{mail}");
+    assert!(
+        mail.contains("List-Unsubscribe: <http://127.0.0.1:"),
+        "{mail}"
+    );
+    assert!(
+        mail.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+        "{mail}"
+    );
     let email_record = h.message("wire-CHANNEL_EMAIL").await;
-    let html = email_record.rendered.as_ref().unwrap().email.as_ref().unwrap().html.clone();
+    let html = email_record
+        .rendered
+        .as_ref()
+        .unwrap()
+        .email
+        .as_ref()
+        .unwrap()
+        .html
+        .clone();
     assert!(html.contains(&format!("{}/c/", h.tracking)), "{html}");
     assert!(html.contains(&format!("{}/o/", h.tracking)), "{html}");
-    assert!(!html.contains("href=\"https://shop.example/cart"), "links are wrapped: {html}");
+    assert!(
+        !html.contains("href=\"https://shop.example/cart"),
+        "links are wrapped: {html}"
+    );
 
     // Twilio.
-    let sms = h.fake.requests_for("/2010-04-01/Accounts/AC123/Messages.json");
+    let sms = h
+        .fake
+        .requests_for("/2010-04-01/Accounts/AC123/Messages.json");
     assert_eq!(sms.len(), 1);
     let form: HashMap<String, String> = sms[0].form().into_iter().collect();
     assert_eq!(form["To"], "+213555123412");
@@ -385,15 +453,32 @@ async fn every_channel_goes_out_in_its_providers_wire_format() {
     // Webhook: the rendered JSON, signed.
     let hooks = h.fake.requests_for("/webhook");
     assert_eq!(hooks.len(), 1);
-    assert_eq!(hooks[0].json(), serde_json::json!({"who": "c1", "item": "Lamp"}));
-    let timestamp: i64 = hooks[0].header("x-relance-timestamp").unwrap().parse().unwrap();
-    let expected = relance_delivery::channels::webhook::sign(b"hook-secret", timestamp, &hooks[0].body);
-    assert_eq!(hooks[0].header("x-relance-signature"), Some(expected.as_str()));
+    assert_eq!(
+        hooks[0].json(),
+        serde_json::json!({"who": "c1", "item": "Lamp"})
+    );
+    let timestamp: i64 = hooks[0]
+        .header("x-relance-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected =
+        relance_delivery::channels::webhook::sign(b"hook-secret", timestamp, &hooks[0].body);
+    assert_eq!(
+        hooks[0].header("x-relance-signature"),
+        Some(expected.as_str())
+    );
 
     // In-app: in the inbox, unread, then read.
     let inbox = h
         .delivery
-        .list_inbox(authed(&h.app.ingest_key, pb::ListInboxRequest { customer: customer("c1"), ..Default::default() }))
+        .list_inbox(authed(
+            &h.app.ingest_key,
+            pb::ListInboxRequest {
+                customer: customer("c1"),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -402,11 +487,14 @@ async fn every_channel_goes_out_in_its_providers_wire_format() {
     assert_eq!(inbox.messages[0].direction, pb::TextDirection::Ltr as i32);
     let marked = h
         .delivery
-        .mark_read(authed(&h.app.ingest_key, pb::MarkReadRequest {
-            customer: customer("c1"),
-            message_ids: vec![inbox.messages[0].message_id.clone()],
-            all: false,
-        }))
+        .mark_read(authed(
+            &h.app.ingest_key,
+            pb::MarkReadRequest {
+                customer: customer("c1"),
+                message_ids: vec![inbox.messages[0].message_id.clone()],
+                all: false,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -422,8 +510,22 @@ async fn a_request_delivered_twice_sends_once() {
     h.save(every_channel_template("cart-1")).await;
 
     // Through Send: the retried call returns the first outcome.
-    let first = h.send(send_request("twice-rpc", "c1", &[pb::Channel::Push], "cart-1")).await;
-    let second = h.send(send_request("twice-rpc", "c1", &[pb::Channel::Push], "cart-1")).await;
+    let first = h
+        .send(send_request(
+            "twice-rpc",
+            "c1",
+            &[pb::Channel::Push],
+            "cart-1",
+        ))
+        .await;
+    let second = h
+        .send(send_request(
+            "twice-rpc",
+            "c1",
+            &[pb::Channel::Push],
+            "cart-1",
+        ))
+        .await;
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.message_id, second.message_id);
@@ -440,7 +542,10 @@ async fn a_request_delivered_twice_sends_once() {
         payload: envelope,
         headers: Default::default(),
     };
-    publisher.publish_all(&[outgoing.clone(), outgoing.clone()]).await.unwrap();
+    publisher
+        .publish_all(&[outgoing.clone(), outgoing.clone()])
+        .await
+        .unwrap();
     h.outcome("twice-bus").await;
     publisher.publish_all(&[outgoing]).await.unwrap();
     h.outcome("twice-rpc").await;
@@ -461,8 +566,19 @@ async fn temporary_failures_are_retried_then_succeed_and_permanent_ones_are_not(
     h.save(every_channel_template("cart-1")).await;
 
     // Twilio answers 503 twice, then accepts.
-    h.fake.fail_next("/2010-04-01/", 503, "{\"code\": 20503, \"message\": \"unavailable\"}", 2);
-    h.send(send_request("retry-sms", "c1", &[pb::Channel::Sms], "cart-1")).await;
+    h.fake.fail_next(
+        "/2010-04-01/",
+        503,
+        "{\"code\": 20503, \"message\": \"unavailable\"}",
+        2,
+    );
+    h.send(send_request(
+        "retry-sms",
+        "c1",
+        &[pb::Channel::Sms],
+        "cart-1",
+    ))
+    .await;
     let record = h.outcome("retry-sms").await;
     assert_eq!(record.status, pb::MessageStatus::Sent as i32, "{record:?}");
     assert_eq!(record.attempts, 3);
@@ -476,13 +592,23 @@ async fn temporary_failures_are_retried_then_succeed_and_permanent_ones_are_not(
          \"details\": [{\"@type\": \"type.googleapis.com/google.firebase.fcm.v1.FcmError\", \"errorCode\": \"UNREGISTERED\"}]}}",
         1,
     );
-    h.send(send_request("dead-token", "c2", &[pb::Channel::Push], "cart-1")).await;
+    h.send(send_request(
+        "dead-token",
+        "c2",
+        &[pb::Channel::Push],
+        "cart-1",
+    ))
+    .await;
     let record = h.outcome("dead-token").await;
     assert_eq!(record.status, pb::MessageStatus::Failed as i32);
     assert_eq!(record.reason, pb::MessageReason::InvalidAddress as i32);
     assert_eq!(record.attempts, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(h.fake.requests_for("/v1/projects/shop/").len(), 1, "a permanent error is not retried");
+    assert_eq!(
+        h.fake.requests_for("/v1/projects/shop/").len(),
+        1,
+        "a permanent error is not retried"
+    );
     let mut profiles = h.profiles.clone();
     let admin = h.app.admin_key.clone();
     eventually(10, "the dead token removed from the profile", || {
@@ -490,7 +616,12 @@ async fn temporary_failures_are_retried_then_succeed_and_permanent_ones_are_not(
         let admin = admin.clone();
         async move {
             let profile = profiles
-                .get(authed(&admin, pb::GetProfileRequest { customer: customer("c2") }))
+                .get(authed(
+                    &admin,
+                    pb::GetProfileRequest {
+                        customer: customer("c2"),
+                    },
+                ))
                 .await
                 .ok()?
                 .into_inner();
@@ -508,13 +639,22 @@ async fn a_provider_that_is_down_fails_over_to_the_secondary() {
     h.customer("c1", "fr", true).await;
     h.save(every_channel_template("cart-1")).await;
     h.fake.set_down("/v1/projects/shop/", true);
-    h.send(send_request("failover", "c1", &[pb::Channel::Push], "cart-1")).await;
+    h.send(send_request(
+        "failover",
+        "c1",
+        &[pb::Channel::Push],
+        "cart-1",
+    ))
+    .await;
     let record = h.outcome("failover").await;
     assert_eq!(record.status, pb::MessageStatus::Sent as i32, "{record:?}");
     assert_eq!(record.provider, "fcm-backup");
     let backup = h.fake.requests_for("/v1/projects/shop-backup/");
     assert_eq!(backup.len(), 1);
-    assert_eq!(backup[0].header("authorization"), Some("Bearer fcm-backup-token"));
+    assert_eq!(
+        backup[0].header("authorization"),
+        Some("Bearer fcm-backup-token")
+    );
     h.app.stop().await;
 }
 
@@ -525,7 +665,13 @@ async fn consent_and_missing_addresses_skip_with_their_reason() {
     h.save(every_channel_template("cart-1")).await;
 
     // Marketing without an opt-in: skipped.
-    h.send(send_request("marketing-no-consent", "no-consent", &[pb::Channel::Push, pb::Channel::Email], "cart-1")).await;
+    h.send(send_request(
+        "marketing-no-consent",
+        "no-consent",
+        &[pb::Channel::Push, pb::Channel::Email],
+        "cart-1",
+    ))
+    .await;
     let record = h.outcome("marketing-no-consent").await;
     assert_eq!(record.status, pb::MessageStatus::Skipped as i32);
     assert_eq!(record.reason, pb::MessageReason::NoConsent as i32);
@@ -535,7 +681,10 @@ async fn consent_and_missing_addresses_skip_with_their_reason() {
     transactional.kind = pb::MessageKind::Transactional as i32;
     transactional.topic = "order_updates".into();
     h.send(transactional).await;
-    assert_eq!(h.outcome("order-1").await.status, pb::MessageStatus::Sent as i32);
+    assert_eq!(
+        h.outcome("order-1").await.status,
+        pb::MessageStatus::Sent as i32
+    );
 
     // …but respects an opt-out of its topic.
     let opt_out = pb::SetConsentRequest {
@@ -553,7 +702,10 @@ async fn consent_and_missing_addresses_skip_with_their_reason() {
     transactional.kind = pb::MessageKind::Transactional as i32;
     transactional.topic = "order_updates".into();
     h.send(transactional).await;
-    assert_eq!(h.outcome("order-2").await.reason, pb::MessageReason::NoConsent as i32);
+    assert_eq!(
+        h.outcome("order-2").await.reason,
+        pb::MessageReason::NoConsent as i32
+    );
 
     // A customer with no push token: no address.
     let upsert = pb::UpsertProfileRequest {
@@ -569,11 +721,18 @@ async fn consent_and_missing_addresses_skip_with_their_reason() {
     assert_eq!(record.reason, pb::MessageReason::NoAddress as i32);
 
     // Nobody at all.
-    h.send(send_request("ghost-1", "ghost", &[pb::Channel::Push], "cart-1")).await;
-    assert_eq!(h.outcome("ghost-1").await.reason, pb::MessageReason::UnknownCustomer as i32);
+    h.send(send_request(
+        "ghost-1",
+        "ghost",
+        &[pb::Channel::Push],
+        "cart-1",
+    ))
+    .await;
+    assert_eq!(
+        h.outcome("ghost-1").await.reason,
+        pb::MessageReason::UnknownCustomer as i32
+    );
     assert_eq!(h.fake.count(), 0, "nothing reached a provider");
-
-    // Every skip was announced as an event, with its reason.
     h.app.stop().await;
 }
 
@@ -581,39 +740,76 @@ async fn consent_and_missing_addresses_skip_with_their_reason() {
 async fn template_errors_are_refused_at_save_and_bad_requests_name_the_field() {
     let mut h = spawn_app(&[]).await;
     let mut bad = every_channel_template("cart-bad");
-    bad.variants[0].content.as_mut().unwrap().email.as_mut().unwrap().html =
-        "<p>{{ customer.first_name | monye }}</p>".into();
+    bad.variants[0]
+        .content
+        .as_mut()
+        .unwrap()
+        .email
+        .as_mut()
+        .unwrap()
+        .html = "<p>{{ customer.first_name | monye }}</p>".into();
     let error = h
         .delivery
-        .upsert_template(h.admin(pb::UpsertTemplateRequest { template: Some(bad.clone()), dry_run: false }))
+        .upsert_template(h.admin(pb::UpsertTemplateRequest {
+            template: Some(bad.clone()),
+            dry_run: false,
+        }))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().starts_with("template.variants[0].content.email.html:"), "{}", error.message());
+    assert!(
+        error
+            .message()
+            .starts_with("template.variants[0].content.email.html:"),
+        "{}",
+        error.message()
+    );
     assert!(error.message().contains("monye"), "{}", error.message());
     let dry = h
         .delivery
-        .upsert_template(h.admin(pb::UpsertTemplateRequest { template: Some(bad), dry_run: true }))
+        .upsert_template(h.admin(pb::UpsertTemplateRequest {
+            template: Some(bad),
+            dry_run: true,
+        }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(dry.errors[0].field, "variants[0].content.email.html");
     let missing = h
         .delivery
-        .get_template(h.admin(pb::GetTemplateRequest { name: "cart-bad".into(), version: 0 }))
+        .get_template(h.admin(pb::GetTemplateRequest {
+            name: "cart-bad".into(),
+            version: 0,
+        }))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
     // Unclosed tag.
     let mut unclosed = every_channel_template("cart-bad");
-    unclosed.variants[0].content.as_mut().unwrap().push.as_mut().unwrap().body = "{% if x %}oops".into();
+    unclosed.variants[0]
+        .content
+        .as_mut()
+        .unwrap()
+        .push
+        .as_mut()
+        .unwrap()
+        .body = "{% if x %}oops".into();
     let error = h
         .delivery
-        .upsert_template(h.admin(pb::UpsertTemplateRequest { template: Some(unclosed), dry_run: false }))
+        .upsert_template(h.admin(pb::UpsertTemplateRequest {
+            template: Some(unclosed),
+            dry_run: false,
+        }))
         .await
         .unwrap_err();
-    assert!(error.message().starts_with("template.variants[0].content.push.body:"), "{}", error.message());
+    assert!(
+        error
+            .message()
+            .starts_with("template.variants[0].content.push.body:"),
+        "{}",
+        error.message()
+    );
 
     // Saving the same template twice stores one version.
     assert_eq!(h.save(every_channel_template("cart-1")).await.version, 1);
@@ -622,15 +818,40 @@ async fn template_errors_are_refused_at_save_and_bad_requests_name_the_field() {
 
     // Send requests: each fault names its field.
     let cases: Vec<(pb::SendRequest, &str)> = vec![
-        (pb::SendRequest { idempotency_key: String::new(), ..send_request("k", "c1", &[pb::Channel::Push], "cart-1") }, "idempotency_key"),
-        (pb::SendRequest { channels: vec![], ..send_request("k", "c1", &[pb::Channel::Push], "cart-1") }, "channels"),
-        (pb::SendRequest { topic: String::new(), ..send_request("k", "c1", &[pb::Channel::Push], "cart-1") }, "topic"),
-        (send_request("k", "c1", &[pb::Channel::Push], "no-such-template"), "template"),
+        (
+            pb::SendRequest {
+                idempotency_key: String::new(),
+                ..send_request("k", "c1", &[pb::Channel::Push], "cart-1")
+            },
+            "idempotency_key",
+        ),
+        (
+            pb::SendRequest {
+                channels: vec![],
+                ..send_request("k", "c1", &[pb::Channel::Push], "cart-1")
+            },
+            "channels",
+        ),
+        (
+            pb::SendRequest {
+                topic: String::new(),
+                ..send_request("k", "c1", &[pb::Channel::Push], "cart-1")
+            },
+            "topic",
+        ),
+        (
+            send_request("k", "c1", &[pb::Channel::Push], "no-such-template"),
+            "template",
+        ),
     ];
     for (request, field) in cases {
         let error = h.delivery.send(h.admin(request)).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument);
-        assert!(error.message().starts_with(&format!("{field}:")), "{field}: {}", error.message());
+        assert!(
+            error.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            error.message()
+        );
     }
     h.app.stop().await;
 }
@@ -652,7 +873,10 @@ async fn products_fall_back_when_recommendations_time_out() {
     template.products = Some(pb::TemplateProducts {
         placement: pb::Placement::Email as i32,
         n: 3,
-        timeout: Some(prost_types::Duration { seconds: 0, nanos: 50_000_000 }),
+        timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 50_000_000,
+        }),
         fallback: pb::ProductsFallback::Omit as i32,
         ..Default::default()
     });
@@ -666,10 +890,19 @@ async fn products_fall_back_when_recommendations_time_out() {
     })));
     h.save(template).await;
     let started = std::time::Instant::now();
-    let mut request = send_request("products-timeout", "c1", &[pb::Channel::Email], "with-products");
+    let mut request = send_request(
+        "products-timeout",
+        "c1",
+        &[pb::Channel::Email],
+        "with-products",
+    );
     request.wait_for_outcome = true;
     let response = h.send(request).await;
-    assert_eq!(response.status, pb::MessageStatus::Sent as i32, "{response:?}");
+    assert_eq!(
+        response.status,
+        pb::MessageStatus::Sent as i32,
+        "{response:?}"
+    );
     let record = h.message("products-timeout").await;
     let html = record.rendered.unwrap().email.unwrap().html;
     assert!(html.contains("See what is new"), "{html}");
@@ -682,16 +915,28 @@ async fn click_links_redirect_and_tampered_ones_are_refused() {
     let mut h = spawn_app(&[]).await;
     h.customer("c1", "fr", true).await;
     h.save(every_channel_template("cart-1")).await;
-    h.send(send_request("click-1", "c1", &[pb::Channel::Email], "cart-1")).await;
+    h.send(send_request(
+        "click-1",
+        "c1",
+        &[pb::Channel::Email],
+        "cart-1",
+    ))
+    .await;
     let record = h.outcome("click-1").await;
     let html = record.rendered.unwrap().email.unwrap().html;
     let start = html.find(&format!("{}/c/", h.tracking)).unwrap();
     let link: String = html[start..].chars().take_while(|c| *c != '"').collect();
 
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let response = client.get(&link).send().await.unwrap();
     assert_eq!(response.status(), 302);
-    assert_eq!(response.headers()["location"], "https://shop.example/cart?x=1&y=2");
+    assert_eq!(
+        response.headers()["location"],
+        "https://shop.example/cart?x=1&y=2"
+    );
 
     // One character changed: refused, and no redirect anywhere.
     let mut tampered: Vec<char> = link.chars().collect();
@@ -702,16 +947,28 @@ async fn click_links_redirect_and_tampered_ones_are_refused() {
     assert_eq!(response.status(), 404);
     assert!(response.headers().get("location").is_none());
     // A link to somewhere else entirely, never signed.
-    let response = client.get(format!("{}/c/aHR0cHM6Ly9ldmlsLmV4YW1wbGU", h.tracking)).send().await.unwrap();
+    let response = client
+        .get(format!("{}/c/aHR0cHM6Ly9ldmlsLmV4YW1wbGU", h.tracking))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
 
     // The click and the implied open are recorded once, and announced as events.
-    let mut tap = Tap::bind(&h.app.platform.bus, EVENTS_EXCHANGE, "event.message_clicked").await;
+    let mut tap = Tap::bind(
+        &h.app.platform.bus,
+        EVENTS_EXCHANGE,
+        "event.message_clicked",
+    )
+    .await;
     client.get(&link).send().await.unwrap();
     let record = h.message("click-1").await;
     assert!(record.clicked_at.is_some());
     assert!(record.opened_at.is_some());
-    let (_, body) = tap.next(20).await.expect("message_clicked reaches the event stream");
+    let (_, body) = tap
+        .next(20)
+        .await
+        .expect("message_clicked reaches the event stream");
     let batch: relance_kit::messages::EventBatch = serde_json::from_slice(&body).unwrap();
     assert_eq!(batch.events.len(), 1);
     assert_eq!(batch.events[0].properties["message_id"], record.message_id);
@@ -743,8 +1000,20 @@ async fn an_arabic_template_renders_right_to_left() {
         content: Some(arabic),
     });
     h.save(template).await;
-    h.send(send_request("ar-email", "c-ar", &[pb::Channel::Email], "welcome")).await;
-    h.send(send_request("ar-inapp", "c-ar", &[pb::Channel::InApp], "welcome")).await;
+    h.send(send_request(
+        "ar-email",
+        "c-ar",
+        &[pb::Channel::Email],
+        "welcome",
+    ))
+    .await;
+    h.send(send_request(
+        "ar-inapp",
+        "c-ar",
+        &[pb::Channel::InApp],
+        "welcome",
+    ))
+    .await;
     let email = h.outcome("ar-email").await;
     assert_eq!(email.locale, "ar");
     let html = email.rendered.unwrap().email.unwrap().html;
@@ -753,7 +1022,10 @@ async fn an_arabic_template_renders_right_to_left() {
     h.outcome("ar-inapp").await;
     let inbox = h
         .delivery
-        .list_inbox(h.admin(pb::ListInboxRequest { customer: customer("c-ar"), ..Default::default() }))
+        .list_inbox(h.admin(pb::ListInboxRequest {
+            customer: customer("c-ar"),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -773,6 +1045,14 @@ async fn an_arabic_template_renders_right_to_left() {
         .unwrap()
         .into_inner();
     assert_eq!(preview.direction, pb::TextDirection::Rtl as i32);
-    assert!(preview.rendered.unwrap().email.unwrap().subject.contains("Amina"));
+    assert!(
+        preview
+            .rendered
+            .unwrap()
+            .email
+            .unwrap()
+            .subject
+            .contains("Amina")
+    );
     h.app.stop().await;
 }

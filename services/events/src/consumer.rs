@@ -6,8 +6,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
 use relance_kit::messages::{
-    INGEST_KEY_PREFIX, IngestEvents, PROFILE_DELETED, PROFILE_MERGED, ProfileDeleted,
-    ProfileMerged,
+    INGEST_KEY_PREFIX, IngestEvents, PROFILE_DELETED, PROFILE_MERGED, ProfileDeleted, ProfileMerged,
 };
 
 use crate::domain::RawEvent;

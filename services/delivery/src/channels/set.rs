@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use relance_proto::v1::Channel;
 
 use super::config::{self, ProviderConfig};
-use super::{Accepted, Outbound, Permanent, Provider, SendError, channel_name};
+use super::{Accepted, Address, Outbound, Permanent, Provider, SendError, channel_name};
 
 /// The longest a send waits for a rate-limit token, and only on the last provider it can try.
 const MAX_TOKEN_WAIT: Duration = Duration::from_millis(50);
@@ -284,6 +284,22 @@ impl Providers {
         self.channels
             .iter()
             .any(|(known, slots)| *known == channel && !slots.is_empty())
+    }
+
+    /// Whether some provider of the channel can send to this address (a push token of a
+    /// platform no provider serves is no address).
+    pub fn accepts(&self, channel: Channel, address: &Address) -> bool {
+        for (known, slots) in &self.channels {
+            if *known != channel {
+                continue;
+            }
+            for slot in slots {
+                if slot.provider.accepts(address) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// The names of a channel's providers, in failover order.

@@ -63,8 +63,8 @@ pub fn consent_allows(
     if decision == ConsentStatus::OptedOut {
         return false;
     }
-    let needs_opt_in = kind == MessageKind::Marketing
-        && !matches!(channel, Channel::InApp | Channel::Webhook);
+    let needs_opt_in =
+        kind == MessageKind::Marketing && !matches!(channel, Channel::InApp | Channel::Webhook);
     !needs_opt_in || decision == ConsentStatus::OptedIn
 }
 
@@ -89,7 +89,9 @@ pub fn address_for(
             }
             None
         }
-        Channel::Email if !recipient.email.is_empty() => Some(Address::Email(recipient.email.clone())),
+        Channel::Email if !recipient.email.is_empty() => {
+            Some(Address::Email(recipient.email.clone()))
+        }
         Channel::Sms | Channel::Whatsapp if !recipient.phone.is_empty() => {
             Some(Address::Phone(recipient.phone.clone()))
         }
@@ -210,17 +212,7 @@ pub fn content_has_channel(content: &relance_proto::v1::MessageContent, channel:
 }
 
 /// A channel's name as written in configuration, YAML and events.
-pub fn channel_name(channel: Channel) -> &'static str {
-    match channel {
-        Channel::Push => "push",
-        Channel::Email => "email",
-        Channel::Sms => "sms",
-        Channel::Whatsapp => "whatsapp",
-        Channel::InApp => "in_app",
-        Channel::Webhook => "webhook",
-        Channel::Unspecified => "unspecified",
-    }
-}
+pub use crate::channels::channel_name;
 
 /// Parses a channel's name (`push`, `email`, `sms`, `whatsapp`, `in_app`, `webhook`).
 pub fn parse_channel(name: &str) -> Option<Channel> {
@@ -261,30 +253,87 @@ mod tests {
     #[test]
     fn marketing_needs_an_opt_in_transactional_only_no_opt_out() {
         let mut r = recipient();
-        assert!(!consent_allows(&r, Channel::Email, "marketing", MessageKind::Marketing));
-        assert!(consent_allows(&r, Channel::Email, "order_updates", MessageKind::Transactional));
-        r.consents.push((Channel::Email, String::new(), ConsentStatus::OptedIn));
-        assert!(consent_allows(&r, Channel::Email, "marketing", MessageKind::Marketing));
+        assert!(!consent_allows(
+            &r,
+            Channel::Email,
+            "marketing",
+            MessageKind::Marketing
+        ));
+        assert!(consent_allows(
+            &r,
+            Channel::Email,
+            "order_updates",
+            MessageKind::Transactional
+        ));
+        r.consents
+            .push((Channel::Email, String::new(), ConsentStatus::OptedIn));
+        assert!(consent_allows(
+            &r,
+            Channel::Email,
+            "marketing",
+            MessageKind::Marketing
+        ));
         // The topic's decision overrides the channel's.
-        r.consents.push((Channel::Email, "marketing".into(), ConsentStatus::OptedOut));
-        assert!(!consent_allows(&r, Channel::Email, "marketing", MessageKind::Marketing));
-        assert!(consent_allows(&r, Channel::Email, "newsletter", MessageKind::Marketing));
-        r.consents.push((Channel::Email, "order_updates".into(), ConsentStatus::OptedOut));
-        assert!(!consent_allows(&r, Channel::Email, "order_updates", MessageKind::Transactional));
+        r.consents
+            .push((Channel::Email, "marketing".into(), ConsentStatus::OptedOut));
+        assert!(!consent_allows(
+            &r,
+            Channel::Email,
+            "marketing",
+            MessageKind::Marketing
+        ));
+        assert!(consent_allows(
+            &r,
+            Channel::Email,
+            "newsletter",
+            MessageKind::Marketing
+        ));
+        r.consents.push((
+            Channel::Email,
+            "order_updates".into(),
+            ConsentStatus::OptedOut,
+        ));
+        assert!(!consent_allows(
+            &r,
+            Channel::Email,
+            "order_updates",
+            MessageKind::Transactional
+        ));
         // In-app needs no opt-in, but an opt-out stops it.
-        assert!(consent_allows(&r, Channel::InApp, "marketing", MessageKind::Marketing));
-        r.consents.push((Channel::InApp, String::new(), ConsentStatus::OptedOut));
-        assert!(!consent_allows(&r, Channel::InApp, "marketing", MessageKind::Marketing));
+        assert!(consent_allows(
+            &r,
+            Channel::InApp,
+            "marketing",
+            MessageKind::Marketing
+        ));
+        r.consents
+            .push((Channel::InApp, String::new(), ConsentStatus::OptedOut));
+        assert!(!consent_allows(
+            &r,
+            Channel::InApp,
+            "marketing",
+            MessageKind::Marketing
+        ));
     }
 
     #[test]
     fn the_preferred_channel_wins_then_the_order_given() {
         let mut r = recipient();
-        r.consents.push((Channel::Push, String::new(), ConsentStatus::OptedIn));
-        r.consents.push((Channel::Whatsapp, String::new(), ConsentStatus::OptedIn));
+        r.consents
+            .push((Channel::Push, String::new(), ConsentStatus::OptedIn));
+        r.consents
+            .push((Channel::Whatsapp, String::new(), ConsentStatus::OptedIn));
         let requested = [Channel::Push, Channel::Whatsapp];
         let pick = |r: &Recipient| {
-            choose(r, &requested, MessageKind::Marketing, "marketing", everything, everything, any)
+            choose(
+                r,
+                &requested,
+                MessageKind::Marketing,
+                "marketing",
+                everything,
+                everything,
+                any,
+            )
         };
         assert!(matches!(pick(&r), Choice::Send(Channel::Push, _)));
         r.preferred = Some(Channel::Whatsapp);
@@ -302,33 +351,68 @@ mod tests {
         let mut r = recipient();
         let requested = [Channel::Push, Channel::Email];
         let skip = |r: &Recipient, kind| {
-            choose(r, &requested, kind, "marketing", everything, everything, any)
+            choose(
+                r,
+                &requested,
+                kind,
+                "marketing",
+                everything,
+                everything,
+                any,
+            )
         };
-        assert_eq!(skip(&r, MessageKind::Marketing), Choice::Skip(MessageReason::NoConsent));
+        assert_eq!(
+            skip(&r, MessageKind::Marketing),
+            Choice::Skip(MessageReason::NoConsent)
+        );
         r.push_tokens.clear();
         r.email.clear();
-        assert_eq!(skip(&r, MessageKind::Transactional), Choice::Skip(MessageReason::NoAddress));
+        assert_eq!(
+            skip(&r, MessageKind::Transactional),
+            Choice::Skip(MessageReason::NoAddress)
+        );
         let none = |_: Channel| false;
         assert_eq!(
-            choose(&r, &requested, MessageKind::Transactional, "t", everything, none, any),
+            choose(
+                &r,
+                &requested,
+                MessageKind::Transactional,
+                "t",
+                everything,
+                none,
+                any
+            ),
             Choice::Skip(MessageReason::ChannelNotConfigured)
         );
         // A token no configured provider serves is no address.
         let mut r = recipient();
-        r.consents.push((Channel::Push, String::new(), ConsentStatus::OptedIn));
-        let android_only = |a: &Address| {
-            matches!(a, Address::Push { platform, .. } if *platform == PushPlatform::Android)
-        };
+        r.consents
+            .push((Channel::Push, String::new(), ConsentStatus::OptedIn));
+        let android_only = |a: &Address| matches!(a, Address::Push { platform, .. } if *platform == PushPlatform::Android);
         assert_eq!(
-            choose(&r, &[Channel::Push], MessageKind::Marketing, "m", everything, everything, android_only),
+            choose(
+                &r,
+                &[Channel::Push],
+                MessageKind::Marketing,
+                "m",
+                everything,
+                everything,
+                android_only
+            ),
             Choice::Skip(MessageReason::NoAddress)
         );
     }
 
     #[test]
     fn masks_keep_enough_to_recognise() {
-        assert_eq!(mask(&Address::Email("amina@example.com".into())), "a***@example.com");
-        assert_eq!(mask(&Address::Phone("+213555123412".into())), "+2135******12");
+        assert_eq!(
+            mask(&Address::Email("amina@example.com".into())),
+            "a***@example.com"
+        );
+        assert_eq!(
+            mask(&Address::Phone("+213555123412".into())),
+            "+2135******12"
+        );
         let push = Address::Push {
             token: "abcdefghijkl".into(),
             platform: PushPlatform::Android,

@@ -39,10 +39,16 @@ pub fn validate(request: &SendRequest, from_bus: bool) -> Result<(), FieldError>
         Some(customer_ref::Id::CustomerId(id)) if valid_id(id) => {}
         Some(customer_ref::Id::AnonymousId(id)) if valid_id(id) => {}
         Some(customer_ref::Id::CustomerId(_)) => {
-            return Err(refuse("customer.customer_id", "must be 1 to 128 characters"));
+            return Err(refuse(
+                "customer.customer_id",
+                "must be 1 to 128 characters",
+            ));
         }
         Some(customer_ref::Id::AnonymousId(_)) => {
-            return Err(refuse("customer.anonymous_id", "must be 1 to 128 characters"));
+            return Err(refuse(
+                "customer.anonymous_id",
+                "must be 1 to 128 characters",
+            ));
         }
         None => return Err(refuse("customer", "required: customer_id or anonymous_id")),
     }
@@ -74,16 +80,26 @@ pub fn validate(request: &SendRequest, from_bus: bool) -> Result<(), FieldError>
     }
     let kind = MessageKind::try_from(request.kind).unwrap_or(MessageKind::Unspecified);
     if from_bus && kind == MessageKind::Unspecified {
-        return Err(refuse("kind", "required on the bus: TRANSACTIONAL or MARKETING"));
+        return Err(refuse(
+            "kind",
+            "required on the bus: TRANSACTIONAL or MARKETING",
+        ));
     }
     if let Some(data) = &request.data {
         let json = relance_proto::convert::struct_to_json(data);
-        if serde_json::to_vec(&json).map(|b| b.len()).unwrap_or(usize::MAX) > MAX_DATA_BYTES {
+        if serde_json::to_vec(&json)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX)
+            > MAX_DATA_BYTES
+        {
             return Err(refuse("data", "larger than 32 KiB as JSON"));
         }
     }
     if !request.locale.is_empty() && !valid_locale(&request.locale) {
-        return Err(refuse("locale", "not a BCP 47 locale such as fr, ar or fr-DZ"));
+        return Err(refuse(
+            "locale",
+            "not a BCP 47 locale such as fr, ar or fr-DZ",
+        ));
     }
     if let Some(ttl) = &request.ttl {
         let seconds = ttl.seconds;
@@ -176,7 +192,8 @@ mod tests {
     #[test]
     fn a_good_request_passes_and_each_fault_names_its_field() {
         assert_eq!(validate(&request(), false), Ok(()));
-        let cases: Vec<(Box<dyn Fn(&mut SendRequest)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut SendRequest)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|r| r.idempotency_key.clear()), "idempotency_key"),
             (Box::new(|r| r.customer = None), "customer"),
             (Box::new(|r| r.channels.clear()), "channels"),
@@ -190,17 +207,28 @@ mod tests {
             (Box::new(|r| r.topic.clear()), "topic"),
             (Box::new(|r| r.locale = "not a locale!".into()), "locale"),
             (
-                Box::new(|r| r.ttl = Some(prost_types::Duration { seconds: 40 * 86400, nanos: 0 })),
+                Box::new(|r| {
+                    r.ttl = Some(prost_types::Duration {
+                        seconds: 40 * 86400,
+                        nanos: 0,
+                    })
+                }),
                 "ttl",
             ),
         ];
         for (change, field) in cases {
             let mut r = request();
             change(&mut r);
-            assert_eq!(validate(&r, false).map_err(|e| e.field), Err(field.to_owned()));
+            assert_eq!(
+                validate(&r, false).map_err(|e| e.field),
+                Err(field.to_owned())
+            );
         }
         // On the bus the kind must be said.
-        assert_eq!(validate(&request(), true).map_err(|e| e.field), Err("kind".into()));
+        assert_eq!(
+            validate(&request(), true).map_err(|e| e.field),
+            Err("kind".into())
+        );
     }
 
     #[test]
