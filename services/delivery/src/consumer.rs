@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::DeliveryConfig;
 use crate::domain::request;
-use crate::pipeline::{Retry, Sender};
+use crate::pipeline::{ProcessError, Retry, Sender};
 use crate::store::{DeliveryStore, NewMessage, SENDING};
 use crate::wire::{Envelope, REQUESTS_QUEUE};
 
@@ -162,11 +162,16 @@ impl RequestHandler {
             let held: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
             match self.sender.process(claimed).await {
                 Ok(retries) => self.schedule(retries).await,
-                Err(error) => {
-                    // Nothing was written: give the messages back and let the broker retry.
+                Err(ProcessError::BeforeSending(error)) => {
+                    // Nothing went out: give the messages back and let the broker retry.
                     if let Err(release) = self.store.release(&held).await {
                         tracing::warn!(error = %release, "could not release claimed messages; their lease will expire");
                     }
+                    return Err(HandleError::Retry(error));
+                }
+                Err(ProcessError::WhileSending(error)) => {
+                    // Some may have gone out: their leases run out and the sweeper sends
+                    // them again as in doubt (the broker's copies find them still held).
                     return Err(HandleError::Retry(error));
                 }
             }

@@ -92,6 +92,10 @@ pub async fn replay(bus: &Bus, limit: usize) -> anyhow::Result<usize> {
         .await?;
     let queue = dlq_name(bus);
     let target = bus.name(REQUESTS_QUEUE);
+    // Only what is there now: a replayed request refused again lands back in this queue,
+    // and must not be picked up twice in one replay.
+    let waiting = bus.queue_depth(&format!("{REQUESTS_QUEUE}.dlq")).await? as usize;
+    let limit = limit.min(waiting);
     let mut replayed = 0;
     while replayed < limit {
         let Some(message) = channel

@@ -67,6 +67,9 @@ pub struct DeliveryConfig {
     pub prefetch: u16,
     /// Provider calls in flight per batch.
     pub concurrency: usize,
+    /// Finished sends written to the ledger together (at most; fewer when fewer are done):
+    /// what a crash can leave in doubt besides the calls in flight.
+    pub record_every: usize,
     /// Seconds a worker holds a message it is sending; after that another may take it.
     pub lease_secs: u64,
     /// Attempts before a temporary failure becomes FAILED.
@@ -95,6 +98,7 @@ impl Default for DeliveryConfig {
             batch: 256,
             prefetch: 512,
             concurrency: 128,
+            record_every: 32,
             lease_secs: 30,
             max_attempts: 6,
             retry_base_ms: 5_000,

@@ -32,6 +32,18 @@ use crate::domain::request;
 use crate::domain::template::{self, CompiledTemplate, RenderInput};
 use crate::store::{Claimed, DeliveryStore, InboxRow, Outcome};
 
+/// Why a batch stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Nothing was handed to a provider: the claims can be given back at once.
+    #[error("before sending: {0:#}")]
+    BeforeSending(anyhow::Error),
+    /// Some messages may have reached a provider without their outcome written: their
+    /// claims must run out (and the messages be resent as in doubt), never be given back.
+    #[error("while sending: {0:#}")]
+    WhileSending(anyhow::Error),
+}
+
 /// A message that must be tried again later.
 #[derive(Debug, Clone)]
 pub struct Retry {
@@ -179,10 +191,8 @@ impl Sender {
         Ok(Some(compiled))
     }
 
-    /// Sends claimed messages and writes their outcomes; returns those to retry later. An
-    /// error means nothing was written (a dependency is down): the caller releases the
-    /// claims and retries the whole batch.
-    pub async fn process(&self, claimed: Vec<Claimed>) -> anyhow::Result<Vec<Retry>> {
+    /// Sends claimed messages and writes their outcomes; returns those to retry later.
+    pub async fn process(&self, claimed: Vec<Claimed>) -> Result<Vec<Retry>, ProcessError> {
         let mut jobs = Vec::with_capacity(claimed.len());
         let mut broken = Vec::new();
         for claimed in claimed {
@@ -206,15 +216,40 @@ impl Sender {
                 .clients
                 .profiles(&workspace, &customers)
                 .await
-                .map_err(|status| anyhow::anyhow!("profiles unavailable: {status}"))?;
+                .map_err(|status| {
+                    ProcessError::BeforeSending(anyhow::anyhow!("profiles unavailable: {status}"))
+                })?;
             for (key, profile) in found {
                 profiles.insert((workspace.clone(), key), profile);
             }
         }
 
+        let now = self.clock.now();
+        let mut retries = Vec::new();
+        if !broken.is_empty() {
+            let mut outcomes = Vec::with_capacity(broken.len());
+            for (claimed, error) in broken {
+                outcomes.push(Outcome {
+                    id: claimed.id,
+                    status: MessageStatus::Failed as i16,
+                    reason: MessageReason::TemplateError as i16,
+                    detail: format!("the stored request does not decode: {error}"),
+                    at: now,
+                    ..Outcome::default()
+                });
+            }
+            self.store
+                .record(&outcomes, &[], &[])
+                .await
+                .map_err(|e| ProcessError::BeforeSending(e.into()))?;
+        }
+
+        // Outcomes are written as sends finish, a few at a time, not once per batch: a
+        // crash then leaves in doubt only the calls in flight and the last few finished,
+        // not the whole batch.
         let concurrency = self.config.concurrency.max(1);
         let profiles = &profiles;
-        let results: Vec<anyhow::Result<Done>> = futures::stream::iter(jobs)
+        let mut finished = futures::stream::iter(jobs)
             .map(|job| async move {
                 let key = job
                     .request
@@ -226,27 +261,38 @@ impl Sender {
                 self.deliver(job, profile).await
             })
             .buffer_unordered(concurrency)
-            .collect()
-            .await;
+            .ready_chunks(self.config.record_every.max(1));
+        while let Some(chunk) = finished.next().await {
+            let mut done = Vec::with_capacity(chunk.len());
+            let mut failure = None;
+            for result in chunk {
+                match result {
+                    Ok(one) => done.push(one),
+                    Err(error) => failure = Some(error),
+                }
+            }
+            // What finished is written even when a neighbour failed.
+            retries.extend(
+                self.record(done)
+                    .await
+                    .map_err(ProcessError::WhileSending)?,
+            );
+            if let Some(error) = failure {
+                return Err(ProcessError::WhileSending(error));
+            }
+        }
+        Ok(retries)
+    }
 
-        let now = self.clock.now();
-        let mut outcomes = Vec::with_capacity(results.len() + broken.len());
+    /// Writes finished sends to the ledger (with their inbox rows and events) and passes
+    /// feedback to profiles; returns the retries to schedule.
+    async fn record(&self, finished: Vec<Done>) -> anyhow::Result<Vec<Retry>> {
+        let mut outcomes = Vec::with_capacity(finished.len());
         let mut inbox = Vec::new();
         let mut events: BTreeMap<(String, String), Vec<IngestEvent>> = BTreeMap::new();
         let mut feedback = Vec::new();
         let mut retries = Vec::new();
-        for (claimed, error) in broken {
-            outcomes.push(Outcome {
-                id: claimed.id,
-                status: MessageStatus::Failed as i16,
-                reason: MessageReason::TemplateError as i16,
-                detail: format!("the stored request does not decode: {error}"),
-                at: now,
-                ..Outcome::default()
-            });
-        }
-        for result in results {
-            let done = result?;
+        for done in finished {
             if let Some(event) = done.event {
                 events
                     .entry((done.workspace.clone(), event.name.clone()))

@@ -1056,3 +1056,65 @@ async fn an_arabic_template_renders_right_to_left() {
     );
     h.app.stop().await;
 }
+
+#[tokio::test]
+async fn requests_that_can_never_be_handled_wait_in_the_dead_letter_queue() {
+    let mut h = spawn_app(&[]).await;
+    h.customer("c1", "fr", true).await;
+    h.save(every_channel_template("cart-1")).await;
+    let publisher = Publisher::new(h.app.platform.bus.clone());
+    // No kind on the bus: a producer's bug, refused to the dead-letter queue.
+    let mut invalid = send_request("no-kind", "c1", &[pb::Channel::Push], "cart-1");
+    invalid.kind = pb::MessageKind::Unspecified as i32;
+    let bodies = [
+        serde_json::to_vec(&Envelope::new(&h.app.workspace, &invalid)).unwrap(),
+        b"not json at all".to_vec(),
+    ];
+    for (index, body) in bodies.iter().enumerate() {
+        publisher
+            .publish_all(&[Outgoing {
+                exchange: DELIVERY_EXCHANGE.into(),
+                routing_key: "push".into(),
+                message_id: format!("bad-{index}"),
+                payload: body.clone(),
+                headers: Default::default(),
+            }])
+            .await
+            .unwrap();
+    }
+    let bus = h.app.platform.bus.clone();
+    let letters = eventually(20, "both requests in the dead-letter queue", || {
+        let bus = bus.clone();
+        async move {
+            let letters = relance_delivery::dlq::list(&bus, 10).await.ok()?;
+            (letters.len() == 2).then_some(letters)
+        }
+    })
+    .await;
+    assert!(
+        letters.iter().any(|l| l.summary.contains("\"no-kind\"")),
+        "{letters:?}"
+    );
+    assert!(
+        letters.iter().any(|l| l.summary.starts_with("undecodable")),
+        "{letters:?}"
+    );
+    // Listing leaves them there; nothing was sent and nothing is in the ledger.
+    assert_eq!(
+        relance_delivery::dlq::list(&bus, 10).await.unwrap().len(),
+        2
+    );
+    assert_eq!(h.fake.count(), 0);
+
+    // Replayed, they go through the queue again (and, still broken, come back).
+    assert_eq!(relance_delivery::dlq::replay(&bus, 10).await.unwrap(), 2);
+    eventually(20, "the replayed requests refused again", || {
+        let bus = bus.clone();
+        async move {
+            let letters = relance_delivery::dlq::list(&bus, 10).await.ok()?;
+            (letters.len() == 2).then_some(())
+        }
+    })
+    .await;
+    h.app.stop().await;
+}

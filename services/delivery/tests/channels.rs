@@ -177,7 +177,7 @@ async fn fcm_sends_the_v1_request() {
     );
     assert_eq!(
         sent["android"],
-        json!({ "ttl": "3600s", "collapse_key": "cart" })
+        json!({ "ttl": "3600s", "collapse_key": "cart", "notification": { "tag": "cart" } })
     );
     assert_eq!(
         sent["fcm_options"],

@@ -259,6 +259,10 @@ impl Provider for Apns {
                     end -= 1;
                 }
                 request = request.header("apns-collapse-id", &push.collapse_key[..end]);
+            } else {
+                // A resend after a crash (same message) replaces the notification on the
+                // device instead of showing twice.
+                request = request.header("apns-collapse-id", &apns_id);
             }
             let response = request.send().await.map_err(|err| transport_error(&err))?;
             let (status, headers, body) = read_response(response).await?;

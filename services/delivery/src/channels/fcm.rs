@@ -268,6 +268,14 @@ impl Fcm {
         if !push.collapse_key.is_empty() {
             android["collapse_key"] = json!(push.collapse_key);
         }
+        // The notification's tag: a resend after a crash (same message) replaces the one on
+        // the device instead of showing twice; a collapse key groups on purpose.
+        let tag = if push.collapse_key.is_empty() {
+            message_id.as_str()
+        } else {
+            push.collapse_key.as_str()
+        };
+        android["notification"] = json!({ "tag": tag });
         let mut body = json!({
             "message": {
                 "token": token,
