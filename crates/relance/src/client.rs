@@ -1,6 +1,7 @@
 //! gRPC clients of the CLI, carrying the API key.
 
 use relance_kit::auth::BearerKey;
+use relance_proto::v1::delivery_client::DeliveryClient;
 use relance_proto::v1::events_client::EventsClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
 use relance_proto::v1::recommendations_client::RecommendationsClient;
@@ -28,6 +29,7 @@ pub struct Clients {
     pub events: EventsClient<Authed>,
     pub segments: SegmentsClient<Authed>,
     pub recommendations: RecommendationsClient<Authed>,
+    pub delivery: DeliveryClient<Authed>,
 }
 
 impl Target {
@@ -48,6 +50,7 @@ impl Target {
             profiles: ProfilesClient::with_interceptor(channel.clone(), key.clone()),
             segments: SegmentsClient::with_interceptor(channel.clone(), key.clone()),
             recommendations: RecommendationsClient::with_interceptor(channel.clone(), key.clone()),
+            delivery: DeliveryClient::with_interceptor(channel.clone(), key.clone()),
             events: EventsClient::with_interceptor(channel, key)
                 .max_encoding_message_size(16 * 1024 * 1024),
         })

@@ -36,6 +36,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     if std::env::var_os("RELANCE_LOG_FORMAT").is_none() {
         settings.log_format = LogFormat::Pretty;
     }
+    if std::env::var_os("RELANCE_DELIVERY__LINK_SECRET").is_none() {
+        // The demo's tracking links need not outlive it; production sets a real secret.
+        settings = settings.with(&[("delivery.link_secret", "relance-demo-links")])?;
+    }
     let _telemetry = relance_kit::telemetry::init(&settings, "relance-demo")?;
     let clock: SharedClock = Arc::new(SystemClock);
     let services: Vec<String> = serve::SERVICES.iter().map(|s| s.to_string()).collect();
@@ -160,6 +164,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     }
 
     if let Some(first) = top.first() {
+        show_delivery(&mut clients.clone(), &first.customer_id).await?;
+    }
+
+    if let Some(first) = top.first() {
         println!("\nTry:");
         println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
         println!("  target/debug/relance profile get {}", first.customer_id);
@@ -180,6 +188,142 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     server.await??;
     platform.drain().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Saves a three-language template with a products block, sends the best customer an
+/// in-app message with it (no provider needed: the inbox is Relance's own), and previews
+/// the Arabic e-mail, right to left.
+async fn show_delivery(
+    clients: &mut crate::client::Clients,
+    customer_id: &str,
+) -> anyhow::Result<()> {
+    println!(
+        "\nDelivery: a post-purchase template in French, Arabic and English, with 3 recommended products …"
+    );
+    let variant = |locale: &str, title: &str, body: &str, intro: &str| pb::TemplateVariant {
+        locale: locale.into(),
+        direction: 0,
+        content: Some(pb::MessageContent {
+            in_app: Some(pb::InAppContent {
+                title: title.into(),
+                body: format!(
+                    "{body}{{% for p in products %}}\n- {{{{ p.title }}}} ({{{{ p.price }}}}){{% endfor %}}"
+                ),
+                url: "https://shop.example/orders".into(),
+                ..Default::default()
+            }),
+            email: Some(pb::EmailContent {
+                subject: title.into(),
+                html: format!(
+                    "<html><body><p>{intro}</p><ul>{{% for p in products %}}<li>{{{{ p.title }}}}</li>{{% endfor %}}</ul></body></html>"
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let template = pb::Template {
+        name: "post-purchase".into(),
+        description: "Thanks for the order, with three products bought with it".into(),
+        default_locale: "en".into(),
+        variants: vec![
+            variant(
+                "en",
+                "Thank you for your order",
+                "You may also like:",
+                "You may also like",
+            ),
+            variant(
+                "fr",
+                "Merci pour votre commande",
+                "Vous aimerez aussi :",
+                "Vous aimerez aussi",
+            ),
+            variant("ar", "شكرا على طلبك", "قد يعجبك أيضا:", "قد يعجبك أيضا"),
+        ],
+        products: Some(pb::TemplateProducts {
+            placement: pb::Placement::Email as i32,
+            n: 3,
+            ..Default::default()
+        }),
+        sample_data: Some(relance_proto::convert::json_to_struct(&serde_json::json!({
+            "customer": {"first_name": "Amina"},
+            "products": [{"title": "White hanging heart t-light holder", "price": 2.95}],
+        }))),
+        ..Default::default()
+    };
+    let saved = clients
+        .delivery
+        .upsert_template(pb::UpsertTemplateRequest {
+            template: Some(template),
+            dry_run: false,
+        })
+        .await?
+        .into_inner();
+    println!("  template post-purchase saved, version {}", saved.version);
+    let customer = Some(pb::CustomerRef {
+        id: Some(pb::customer_ref::Id::CustomerId(customer_id.into())),
+    });
+    let sent = clients
+        .delivery
+        .send(pb::SendRequest {
+            idempotency_key: format!("demo-post-purchase-{customer_id}"),
+            customer: customer.clone(),
+            channels: vec![pb::Channel::InApp as i32],
+            content: Some(pb::send_request::Content::Template("post-purchase".into())),
+            topic: "order_updates".into(),
+            kind: pb::MessageKind::Transactional as i32,
+            wait_for_outcome: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let status = pb::MessageStatus::try_from(sent.status)
+        .map(|s| s.as_str_name().trim_start_matches("MESSAGE_STATUS_"))
+        .unwrap_or("?");
+    println!(
+        "  in-app message to customer {customer_id}: {status} (message {})",
+        sent.message_id
+    );
+    let inbox = clients
+        .delivery
+        .list_inbox(pb::ListInboxRequest {
+            customer: customer.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if let Some(message) = inbox.messages.first() {
+        println!(
+            "  their inbox ({} unread): {}",
+            inbox.unread_count, message.title
+        );
+        for line in message.body.lines() {
+            println!("    {line}");
+        }
+    }
+    let preview = clients
+        .delivery
+        .preview_template(pb::PreviewTemplateRequest {
+            source: Some(pb::preview_template_request::Source::Name(
+                "post-purchase".into(),
+            )),
+            customer,
+            channel: pb::Channel::Email as i32,
+            locale: "ar".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let html = preview
+        .rendered
+        .and_then(|r| r.email)
+        .map(|e| e.html)
+        .unwrap_or_default();
+    println!("  the Arabic e-mail, as it would be sent (right to left):");
+    println!("    {}", html.chars().take(160).collect::<String>());
+    Ok(())
 }
 
 /// Trains the recommendation models on the imported orders and shows what they answer
