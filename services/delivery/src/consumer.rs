@@ -384,3 +384,40 @@ pub async fn sweep_loop(
         }
     }
 }
+
+/// The queue of opens reported by apps (`message_opened` through `Events.Track`, with the
+/// message's id in `properties.message_id`), so the ledger knows of push and in-app opens.
+pub fn opens_spec() -> ConsumerSpec {
+    ConsumerSpec::new("delivery.opens").bind(
+        relance_kit::bus::EVENTS_EXCHANGE,
+        &format!("{}message_opened", relance_kit::messages::EVENT_KEY_PREFIX),
+    )
+}
+
+/// Records app-reported opens in the ledger (idempotent: the first open is kept).
+pub struct OpensHandler {
+    pub store: DeliveryStore,
+}
+
+impl Handler for OpensHandler {
+    fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
+        Box::pin(async move {
+            let batch: relance_kit::messages::EventBatch = serde_json::from_slice(message.payload)
+                .map_err(|e| HandleError::Reject(e.into()))?;
+            let mut opens = Vec::with_capacity(batch.events.len());
+            for event in batch.events {
+                let Some(id) = event
+                    .properties
+                    .get("message_id")
+                    .and_then(|v| v.as_str())
+                    .and_then(|v| Uuid::parse_str(v).ok())
+                else {
+                    continue;
+                };
+                opens.push((event.workspace_id, id, event.timestamp));
+            }
+            self.store.app_opens(&opens).await.map_err(retry)?;
+            Ok(())
+        })
+    }
+}

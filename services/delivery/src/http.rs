@@ -14,8 +14,10 @@ use relance_proto::v1::{CustomerRef, customer_ref};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::channels::{ProviderConfig, ProviderKind};
 use crate::clients::Clients;
 use crate::domain::links::{LinkAction, LinkKind, LinkSigner};
+use crate::domain::receipts;
 use crate::store::{DeliveryStore, Interaction};
 
 /// A transparent 1×1 GIF.
@@ -32,6 +34,10 @@ pub struct Tracking {
     pub links: Arc<LinkSigner>,
     pub clients: Clients,
     pub clock: SharedClock,
+    /// The providers, for their receipts' secrets.
+    pub providers: Arc<Vec<ProviderConfig>>,
+    /// The public URL of this listener (what providers sign their callbacks with).
+    pub public_url: String,
 }
 
 /// The listener's routes.
@@ -40,6 +46,10 @@ pub fn router(tracking: Tracking) -> Router {
         .route("/c/{token}", get(click))
         .route("/o/{token}", get(open))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route(
+            "/receipts/{provider}",
+            get(receipts_verification).post(receipts),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(tracking)
 }
@@ -214,4 +224,118 @@ async fn unsubscribe(State(tracking): State<Tracking>, Path(token): Path<String>
             )
         }
     }
+}
+
+fn provider<'a>(tracking: &'a Tracking, name: &str) -> Option<&'a ProviderConfig> {
+    tracking.providers.iter().find(|p| p.name == name)
+}
+
+/// Meta's webhook registration: echo `hub.challenge` when `hub.verify_token` matches.
+async fn receipts_verification(
+    State(tracking): State<Tracking>,
+    Path(name): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let Some(config) = provider(&tracking, &name) else {
+        return (StatusCode::NOT_FOUND, "").into_response();
+    };
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let field = |key: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let expected = config.verify_token.clone().unwrap_or_default();
+    if config.kind != ProviderKind::Meta
+        || expected.is_empty()
+        || field("hub.mode").as_deref() != Some("subscribe")
+        || field("hub.verify_token").as_deref() != Some(expected.as_str())
+    {
+        return (StatusCode::FORBIDDEN, "").into_response();
+    }
+    (StatusCode::OK, field("hub.challenge").unwrap_or_default()).into_response()
+}
+
+/// Delivery receipts: Twilio status callbacks and Meta status webhooks, each verified with
+/// its provider's signature before anything is recorded.
+async fn receipts(
+    State(tracking): State<Tracking>,
+    Path(name): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use secrecy::ExposeSecret as _;
+    let Some(config) = provider(&tracking, &name) else {
+        return (StatusCode::NOT_FOUND, "").into_response();
+    };
+    let header = |key: &str| {
+        headers
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let found = match config.kind {
+        ProviderKind::Twilio => {
+            let Some(token) = &config.auth_token else {
+                return (StatusCode::FORBIDDEN, "").into_response();
+            };
+            let params: Vec<(String, String)> =
+                form_urlencoded::parse(&body).into_owned().collect();
+            let mut url = format!("{}/receipts/{name}", tracking.public_url);
+            if let Some(query) = &query {
+                url.push('?');
+                url.push_str(query);
+            }
+            let signature = header("x-twilio-signature");
+            if !receipts::twilio_verify(token.expose_secret().as_bytes(), &url, &params, signature)
+            {
+                metrics::counter!("relance_delivery_receipts_refused_total", "provider" => name.clone()).increment(1);
+                return (StatusCode::FORBIDDEN, "").into_response();
+            }
+            receipts::twilio_receipt(&params)
+                .into_iter()
+                .collect::<Vec<_>>()
+        }
+        ProviderKind::Meta => {
+            let Some(secret) = &config.app_secret else {
+                return (StatusCode::FORBIDDEN, "").into_response();
+            };
+            if !receipts::meta_verify(
+                secret.expose_secret().as_bytes(),
+                &body,
+                header("x-hub-signature-256"),
+            ) {
+                metrics::counter!("relance_delivery_receipts_refused_total", "provider" => name.clone()).increment(1);
+                return (StatusCode::FORBIDDEN, "").into_response();
+            }
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(json) => receipts::meta_receipts(&json),
+                Err(_) => return (StatusCode::BAD_REQUEST, "").into_response(),
+            }
+        }
+        _ => return (StatusCode::NOT_FOUND, "").into_response(),
+    };
+    let now = tracking.clock.now();
+    for receipt in &found {
+        match tracking.store.receipt(&name, receipt, now).await {
+            Ok(true) => {
+                metrics::counter!("relance_delivery_receipts_total", "provider" => name.clone())
+                    .increment(1);
+            }
+            Ok(false) => {
+                tracing::debug!(provider = %name, id = %receipt.provider_message_id, "receipt for no sent message");
+            }
+            // The provider retries a callback that did not get a 2xx.
+            Err(error) => {
+                tracing::warn!(%error, provider = %name, "receipt not recorded");
+                return (StatusCode::SERVICE_UNAVAILABLE, "").into_response();
+            }
+        }
+    }
+    (StatusCode::OK, "").into_response()
 }

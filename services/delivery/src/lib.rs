@@ -210,6 +210,15 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
     platform
         .consume("delivery-requests", consumer::spec(&config), handler)
         .await?;
+    platform
+        .consume(
+            "delivery-opens",
+            consumer::opens_spec(),
+            Arc::new(consumer::OpensHandler {
+                store: store.clone(),
+            }),
+        )
+        .await?;
     platform.spawn(
         "delivery-sweeper",
         consumer::sweep_loop(
@@ -231,6 +240,8 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         links,
         clients,
         clock: platform.clock.clone(),
+        providers: Arc::new(config.providers.clone()),
+        public_url: config.public_url.trim_end_matches('/').to_owned(),
     };
     tracing::info!(addr = %listener.local_addr()?, "tracking links listening");
     platform.spawn(

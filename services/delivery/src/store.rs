@@ -628,6 +628,87 @@ impl DeliveryStore {
         Ok(true)
     }
 
+    /// Records what a provider's receipt says of a message it took (delivered, or failed
+    /// after all) and announces it (`message_delivered`, `message_failed`); a repeated
+    /// receipt changes nothing. Returns false when no sent message has that provider id.
+    pub async fn receipt(
+        &self,
+        provider: &str,
+        receipt: &crate::domain::receipts::Receipt,
+        now: DateTime<Utc>,
+    ) -> ApiResult<bool> {
+        use crate::domain::receipts::ReceiptState;
+        let (status, reason, detail, name) = match &receipt.state {
+            ReceiptState::Delivered => (
+                MessageStatus::Delivered,
+                0i16,
+                String::new(),
+                "message_delivered",
+            ),
+            ReceiptState::Failed(detail) => (
+                MessageStatus::Failed,
+                relance_proto::v1::MessageReason::ProviderRejected as i16,
+                detail.clone(),
+                "message_failed",
+            ),
+        };
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE messages SET status = $3, reason = $4, reason_detail = $5,              delivered_at = CASE WHEN $3 = 3 THEN $6 ELSE delivered_at END,              ended_at = CASE WHEN $3 = 4 THEN $6 ELSE ended_at END              WHERE provider = $1 AND provider_message_id = $2 AND status = 2              RETURNING {MESSAGE_COLUMNS}"
+        );
+        let Some(message) = sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(provider)
+            .bind(&receipt.provider_message_id)
+            .bind(status as i16)
+            .bind(reason)
+            .bind(&detail)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let mut properties = message_properties(&message);
+        if let Some(object) = properties.as_object_mut() {
+            object.insert("provider".into(), provider.into());
+            if !detail.is_empty() {
+                object.insert("reason".into(), "PROVIDER_REJECTED".into());
+                object.insert("detail".into(), detail.into());
+            }
+        }
+        let event = IngestEvents {
+            workspace_id: message.workspace_id.clone(),
+            events: vec![IngestEvent {
+                message_id: format!("{}:{name}", message.id),
+                name: name.to_owned(),
+                customer_id: message.customer_id.clone(),
+                anonymous_id: message.anonymous_id.clone(),
+                timestamp: now,
+                properties,
+            }],
+        };
+        enqueue_events(&mut tx, &[event]).await?;
+        tx.commit().await?;
+        self.outbox_wake.notify_one();
+        Ok(true)
+    }
+
+    /// Records opens that apps reported through `Events.Track` (`message_opened` with the
+    /// message's id): the event is already on the stream, only the ledger learns of it.
+    pub async fn app_opens(&self, opens: &[(String, Uuid, DateTime<Utc>)]) -> ApiResult<()> {
+        for (workspace_id, id, at) in opens {
+            sqlx::query(
+                "UPDATE messages SET opened_at = least(coalesce(opened_at, $3), $3)                  WHERE workspace_id = $1 AND id = $2",
+            )
+            .bind(workspace_id)
+            .bind(id)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
     // ----- the inbox -----
 
     /// A page of an inbox, newest first, without expired messages.

@@ -108,6 +108,8 @@ kind = "meta"
 base_url = "{base}"
 phone_number_id = "1055"
 access_token = "meta-token"
+app_secret = "meta-app-secret"
+verify_token = "verify-me"
 
 [[delivery.providers]]
 name = "webhook"
@@ -1116,5 +1118,162 @@ async fn requests_that_can_never_be_handled_wait_in_the_dead_letter_queue() {
         }
     })
     .await;
+    h.app.stop().await;
+}
+
+#[tokio::test]
+async fn provider_receipts_and_app_opens_reach_the_ledger_and_the_event_stream() {
+    use hmac::Mac as _;
+    let mut h = spawn_app(&[]).await;
+    h.customer("c1", "fr", true).await;
+    h.save(every_channel_template("cart-1")).await;
+    h.send(send_request(
+        "receipt-sms",
+        "c1",
+        &[pb::Channel::Sms],
+        "cart-1",
+    ))
+    .await;
+    h.send(send_request(
+        "receipt-wa",
+        "c1",
+        &[pb::Channel::Whatsapp],
+        "cart-1",
+    ))
+    .await;
+    h.send(send_request(
+        "opened-push",
+        "c1",
+        &[pb::Channel::Push],
+        "cart-1",
+    ))
+    .await;
+    let sms = h.outcome("receipt-sms").await;
+    let whatsapp = h.outcome("receipt-wa").await;
+    let push = h.outcome("opened-push").await;
+    assert!(!sms.provider_message_id.is_empty());
+    let mut tap = Tap::bind(
+        &h.app.platform.bus,
+        EVENTS_EXCHANGE,
+        "event.message_delivered",
+    )
+    .await;
+    let client = reqwest::Client::new();
+
+    // Twilio's status callback, signed as Twilio signs it.
+    let url = format!("{}/receipts/twilio", h.tracking);
+    let params = vec![
+        ("MessageSid".to_owned(), sms.provider_message_id.clone()),
+        ("MessageStatus".to_owned(), "delivered".to_owned()),
+    ];
+    let signature =
+        relance_delivery::domain::receipts::twilio_signature(b"twilio-secret", &url, &params);
+    let forged = client
+        .post(&url)
+        .header("x-twilio-signature", "AAAA")
+        .form(&params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403, "an unsigned receipt is refused");
+    assert_eq!(
+        h.message("receipt-sms").await.status,
+        pb::MessageStatus::Sent as i32
+    );
+    let response = client
+        .post(&url)
+        .header("x-twilio-signature", signature)
+        .form(&params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let record = h.message("receipt-sms").await;
+    assert_eq!(record.status, pb::MessageStatus::Delivered as i32);
+    assert!(record.delivered_at.is_some());
+    let (_, body) = tap
+        .next(20)
+        .await
+        .expect("message_delivered on the event stream");
+    let batch: relance_kit::messages::EventBatch = serde_json::from_slice(&body).unwrap();
+    assert_eq!(batch.events[0].properties["message_id"], record.message_id);
+    assert_eq!(batch.events[0].properties["channel"], "sms");
+
+    // Meta's webhook: a failure after acceptance.
+    let body = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"changes": [{"value": {"statuses": [
+        {"id": whatsapp.provider_message_id, "status": "failed", "errors": [{"code": 131026, "title": "Message undeliverable"}]}
+    ]}}]}]});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"meta-app-secret").unwrap();
+    mac.update(&bytes);
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let response = client
+        .post(format!("{}/receipts/meta", h.tracking))
+        .header("x-hub-signature-256", signature)
+        .header("content-type", "application/json")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let record = h.message("receipt-wa").await;
+    assert_eq!(record.status, pb::MessageStatus::Failed as i32);
+    assert!(
+        record.reason_detail.contains("131026"),
+        "{}",
+        record.reason_detail
+    );
+    let challenge = client
+        .get(format!(
+            "{}/receipts/meta?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=42",
+            h.tracking
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.text().await.unwrap(), "42");
+
+    // The app reports the push as opened through Events.Track.
+    let mut events = relance_proto::v1::events_client::EventsClient::new(h.app.channel().await);
+    events
+        .track(authed(
+            &h.app.ingest_key,
+            pb::TrackRequest {
+                event: Some(pb::Event {
+                    message_id: "app-open-1".into(),
+                    name: "message_opened".into(),
+                    customer_id: "c1".into(),
+                    properties: Some(json_to_struct(
+                        &serde_json::json!({"message_id": push.message_id, "channel": "push"}),
+                    )),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut delivery = h.delivery.clone();
+    let admin = h.app.admin_key.clone();
+    eventually(20, "the app's open in the ledger", || {
+        let mut delivery = delivery.clone();
+        let admin = admin.clone();
+        async move {
+            let record = delivery
+                .get_message(authed(
+                    &admin,
+                    pb::GetMessageRequest {
+                        key: Some(pb::get_message_request::Key::IdempotencyKey(
+                            "opened-push".into(),
+                        )),
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner();
+            record.opened_at.map(|_| ())
+        }
+    })
+    .await;
+    let _ = &mut delivery;
     h.app.stop().await;
 }

@@ -155,6 +155,13 @@ pub struct ProviderConfig {
     /// Meta: the Graph API version; unset means `v21.0`.
     #[serde(default)]
     pub api_version: Option<String>,
+    /// Meta: the app secret that signs status webhooks (`X-Hub-Signature-256`); unset means
+    /// delivery receipts from Meta are refused.
+    #[serde(default)]
+    pub app_secret: Option<SecretString>,
+    /// Meta: the token Meta echoes when the webhook is registered (`hub.verify_token`).
+    #[serde(default)]
+    pub verify_token: Option<String>,
 
     // --- webhook ---
     /// Webhook: the endpoint messages are POSTed to.
@@ -209,6 +216,8 @@ impl ProviderConfig {
             from: None,
             phone_number_id: None,
             api_version: None,
+            app_secret: None,
+            verify_token: None,
             url: None,
             secret: None,
         }

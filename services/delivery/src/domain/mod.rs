@@ -5,5 +5,6 @@
 pub mod choose;
 pub mod html;
 pub mod links;
+pub mod receipts;
 pub mod request;
 pub mod template;
