@@ -34,6 +34,8 @@ pub struct DeliveryApi {
     pub sender: Sender,
     pub feed: Feed,
     pub clock: SharedClock,
+    /// Ends live feeds at shutdown (a graceful shutdown waits for open streams).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for DeliveryApi {
@@ -518,6 +520,7 @@ impl Delivery for DeliveryApi {
         let mut changes = self.feed.subscribe();
         let store = self.store.clone();
         let clock = self.clock.clone();
+        let shutdown = self.shutdown.clone();
         let unread = store
             .unread_count(&workspace, &recipient, clock.now())
             .await?;
@@ -536,6 +539,7 @@ impl Delivery for DeliveryApi {
             loop {
                 let update = tokio::select! {
                     _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
                     _ = heartbeat.tick() => {
                         let unread = store.unread_count(&workspace, &recipient, clock.now()).await.unwrap_or(0);
                         pb::InboxUpdate { kind: pb::InboxUpdateKind::Heartbeat as i32, message: None, unread_count: unread }

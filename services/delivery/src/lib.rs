@@ -253,6 +253,7 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         sender,
         feed,
         clock: platform.clock.clone(),
+        shutdown: platform.shutdown.clone(),
     }));
     Ok(())
 }

@@ -1277,3 +1277,198 @@ async fn provider_receipts_and_app_opens_reach_the_ledger_and_the_event_stream()
     let _ = &mut delivery;
     h.app.stop().await;
 }
+
+#[tokio::test]
+async fn the_inbox_feed_ledger_listing_and_templates_are_per_workspace() {
+    let mut h = spawn_app(&[]).await;
+    h.customer("c1", "fr", true).await;
+    h.save(every_channel_template("cart-1")).await;
+
+    // An app opens the live feed: the unread count at once, then each change.
+    let mut feed = h
+        .delivery
+        .watch_inbox(authed(
+            &h.app.ingest_key,
+            pb::WatchInboxRequest {
+                customer: customer("c1"),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sync = tokio::time::timeout(Duration::from_secs(20), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (sync.kind, sync.unread_count),
+        (pb::InboxUpdateKind::Sync as i32, 0)
+    );
+    h.send(send_request(
+        "feed-1",
+        "c1",
+        &[pb::Channel::InApp],
+        "cart-1",
+    ))
+    .await;
+    let added = tokio::time::timeout(Duration::from_secs(20), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(added.kind, pb::InboxUpdateKind::Added as i32);
+    assert_eq!(added.unread_count, 1);
+    let message = added.message.unwrap();
+    assert_eq!(message.title, "Hello Amina");
+    h.delivery
+        .mark_read(authed(
+            &h.app.ingest_key,
+            pb::MarkReadRequest {
+                customer: customer("c1"),
+                message_ids: vec![],
+                all: true,
+            },
+        ))
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(20), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (read.kind, read.unread_count),
+        (pb::InboxUpdateKind::Read as i32, 0)
+    );
+    assert_eq!(read.message.unwrap().message_id, message.message_id);
+    drop(feed);
+
+    // The ledger, newest first, filtered and paged.
+    h.send(send_request("list-1", "c1", &[pb::Channel::Push], "cart-1"))
+        .await;
+    h.send(send_request("list-2", "c1", &[pb::Channel::Push], "cart-1"))
+        .await;
+    h.outcome("list-1").await;
+    h.outcome("list-2").await;
+    let page = h
+        .delivery
+        .list_messages(h.admin(pb::ListMessagesRequest {
+            customer: customer("c1"),
+            channels: vec![pb::Channel::Push as i32],
+            page_size: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].idempotency_key, "list-2");
+    assert!(
+        page.messages[0].rendered.is_none(),
+        "lists leave the content out"
+    );
+    let next = h
+        .delivery
+        .list_messages(h.admin(pb::ListMessagesRequest {
+            customer: customer("c1"),
+            channels: vec![pb::Channel::Push as i32],
+            page_size: 1,
+            page_token: page.next_page_token,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.messages[0].idempotency_key, "list-1");
+    let bad = h
+        .delivery
+        .list_messages(h.admin(pb::ListMessagesRequest {
+            customer: customer("c1"),
+            page_size: 501,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.message(), "page_size: must be at most 500");
+
+    // Versions: a change makes version 2; version 1 stays readable.
+    let mut changed = every_channel_template("cart-1");
+    changed.variants[0]
+        .content
+        .as_mut()
+        .unwrap()
+        .push
+        .as_mut()
+        .unwrap()
+        .title = "Bonjour {{ customer.first_name }}".into();
+    assert_eq!(h.save(changed).await.version, 2);
+    let v1 = h
+        .delivery
+        .get_template(h.admin(pb::GetTemplateRequest {
+            name: "cart-1".into(),
+            version: 1,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        v1.variants[0]
+            .content
+            .as_ref()
+            .unwrap()
+            .push
+            .as_ref()
+            .unwrap()
+            .title,
+        "Hello {{ customer.first_name }}"
+    );
+    let listed = h
+        .delivery
+        .list_templates(h.admin(pb::ListTemplatesRequest {
+            channel: pb::Channel::Sms as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.templates.len(), 1);
+    assert_eq!(listed.templates[0].version, 2);
+
+    // Another workspace sees none of it; an ingest key cannot read the ledger.
+    let other = h.app.other_workspace_key().await;
+    let missing = h
+        .delivery
+        .get_message(authed(
+            &other,
+            pb::GetMessageRequest {
+                key: Some(pb::get_message_request::Key::IdempotencyKey(
+                    "list-1".into(),
+                )),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let none = h
+        .delivery
+        .list_templates(authed(&other, pb::ListTemplatesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.templates.is_empty());
+    let denied = h
+        .delivery
+        .get_message(authed(
+            &h.app.ingest_key,
+            pb::GetMessageRequest {
+                key: Some(pb::get_message_request::Key::IdempotencyKey(
+                    "list-1".into(),
+                )),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    h.app.stop().await;
+}
