@@ -642,45 +642,13 @@ impl Delivery for DeliveryApi {
                 locale = profile.locale.clone();
             }
             if let Some(block) = &compiled.template().products {
-                let channel = pb::Channel::try_from(preview.channel).unwrap_or(pb::Channel::Email);
-                let placement = match pb::Placement::try_from(block.placement) {
-                    Ok(pb::Placement::Unspecified) | Err(_) => match channel {
-                        pb::Channel::Push => pb::Placement::Push,
-                        pb::Channel::InApp => pb::Placement::InApp,
-                        pb::Channel::Whatsapp => pb::Placement::Whatsapp,
-                        _ => pb::Placement::Email,
-                    },
-                    Ok(placement) => placement,
+                let channel = match pb::Channel::try_from(preview.channel) {
+                    Ok(pb::Channel::Unspecified) | Err(_) => pb::Channel::Email,
+                    Ok(channel) => channel,
                 };
-                let recommend = pb::RecommendRequest {
-                    customer: Some(customer.clone()),
-                    placement: placement as i32,
-                    context_item_ids: pipeline::values_at(&data, &block.context_path),
-                    n: if block.n == 0 { 3 } else { block.n.min(12) },
-                    filter: block.filter.clone(),
-                    seed: None,
-                    include_details: true,
-                };
-                let timeout = block
-                    .timeout
-                    .as_ref()
-                    .map(|d| {
-                        Duration::from_millis(
-                            d.seconds as u64 * 1000 + d.nanos.max(0) as u64 / 1_000_000,
-                        )
-                    })
-                    .filter(|d| !d.is_zero())
-                    .unwrap_or(Duration::from_millis(
-                        self.sender.config.products_timeout_ms,
-                    ))
-                    .min(Duration::from_secs(1));
-                let trending = pb::ProductsFallback::try_from(block.fallback)
-                    .unwrap_or(pb::ProductsFallback::Trending)
-                    != pb::ProductsFallback::Omit;
                 let (items, fallback) = self
                     .sender
-                    .clients
-                    .products(&caller.workspace_id, recommend, timeout, trending)
+                    .products_for(&caller.workspace_id, block, &customer, &data, channel)
                     .await;
                 products = pipeline::products_json(&items);
                 products_items = items;

@@ -249,6 +249,24 @@ impl RetryPublisher {
         }
     }
 
+    /// The publishing channel, in confirm mode, opened again after a failure.
+    async fn confirmed_channel(
+        &self,
+        slot: &mut Option<AmqpChannel>,
+    ) -> anyhow::Result<AmqpChannel> {
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.bus.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
     /// Queues `retry` in the shortest level that holds its delay.
     pub async fn publish(&self, retry: &Retry) -> anyhow::Result<()> {
         let mut level = self.levels.len();
@@ -271,17 +289,7 @@ impl RetryPublisher {
             .with_expiration(expiration.to_string().into())
             .with_headers(headers);
         let mut slot = self.channel.lock().await;
-        let channel = match slot.as_ref() {
-            Some(channel) if channel.status().connected() => channel.clone(),
-            _ => {
-                let channel = self.bus.channel().await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                *slot = Some(channel.clone());
-                channel
-            }
-        };
+        let channel = self.confirmed_channel(&mut slot).await?;
         let confirm = channel
             .basic_publish(
                 "",
@@ -316,17 +324,7 @@ impl RetryPublisher {
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
         let mut slot = self.channel.lock().await;
-        let channel = match slot.as_ref() {
-            Some(channel) if channel.status().connected() => channel.clone(),
-            _ => {
-                let channel = self.bus.channel().await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                *slot = Some(channel.clone());
-                channel
-            }
-        };
+        let channel = self.confirmed_channel(&mut slot).await?;
         let confirm = channel
             .basic_publish(
                 "",

@@ -18,7 +18,7 @@ use relance_proto::convert::struct_to_json;
 use relance_proto::v1::{
     Channel, CustomerRef, MessageContent, MessageKind, MessageReason, MessageStatus, Placement,
     ProductsFallback, Profile, PushPlatform, RecommendRequest, RecommendedItem, SendRequest,
-    TextDirection, customer_ref, send_request,
+    TemplateProducts, TextDirection, customer_ref, send_request,
 };
 
 use crate::DeliveryConfig;
@@ -344,19 +344,11 @@ impl Sender {
             feedback: None,
             retry: None,
         };
-        let origin = request.origin.clone().unwrap_or_default();
         let customer = request.customer.clone().unwrap_or_default();
-        let base_properties = serde_json::json!({
-            "message_id": claimed.id.to_string(),
-            "flow": origin.flow,
-            "flow_version": origin.flow_version,
-            "step": origin.step,
-            "variant": origin.variant,
-            "broadcast": origin.broadcast,
-            "journey_id": origin.journey_id,
-            "topic": request.topic,
-            "template": template_name(&request),
-        });
+        let mut base_properties = origin_json(&request);
+        set(&mut base_properties, "message_id", &claimed.id.to_string());
+        set(&mut base_properties, "topic", &request.topic);
+        set(&mut base_properties, "template", &template_name(&request));
 
         if now >= claimed.expires_at {
             return Ok(finish(
@@ -683,25 +675,41 @@ impl Sender {
         customer: &CustomerRef,
         channel: Channel,
     ) -> serde_json::Value {
-        let Some(block) = compiled.template().products.clone() else {
+        let Some(block) = &compiled.template().products else {
             return serde_json::Value::Array(Vec::new());
-        };
-        let placement = match Placement::try_from(block.placement) {
-            Ok(Placement::Unspecified) | Err(_) => placement_of(channel),
-            Ok(placement) => placement,
         };
         let data = request
             .data
             .as_ref()
             .map(struct_to_json)
             .unwrap_or_default();
-        let context = values_at(&data, &block.context_path);
+        let (items, _) = self
+            .products_for(workspace, block, customer, &data, channel)
+            .await;
+        products_json(&items)
+    }
+
+    /// Asks recommendations for a products block: the block's placement (else the
+    /// channel's), the context items found at the block's path in the send's data, within
+    /// the block's deadline; the fallback is the block's. True when it fell back.
+    pub async fn products_for(
+        &self,
+        workspace: &str,
+        block: &TemplateProducts,
+        customer: &CustomerRef,
+        data: &serde_json::Value,
+        channel: Channel,
+    ) -> (Vec<RecommendedItem>, bool) {
+        let placement = match Placement::try_from(block.placement) {
+            Ok(Placement::Unspecified) | Err(_) => placement_of(channel),
+            Ok(placement) => placement,
+        };
         let timeout = block
             .timeout
             .as_ref()
             .map(|d| {
                 Duration::from_millis(
-                    (d.seconds as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000,
+                    (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000,
                 )
             })
             .filter(|d| !d.is_zero())
@@ -710,7 +718,7 @@ impl Sender {
         let recommend = RecommendRequest {
             customer: Some(customer.clone()),
             placement: placement as i32,
-            context_item_ids: context,
+            context_item_ids: values_at(data, &block.context_path),
             n: if block.n == 0 { 3 } else { block.n.min(12) },
             filter: block.filter.clone(),
             seed: None,
@@ -719,11 +727,9 @@ impl Sender {
         let trending = ProductsFallback::try_from(block.fallback)
             .unwrap_or(ProductsFallback::Trending)
             != ProductsFallback::Omit;
-        let (items, _) = self
-            .clients
+        self.clients
             .products(workspace, recommend, timeout, trending)
-            .await;
-        products_json(&items)
+            .await
     }
 
     /// Wraps links for tracking and adds the open pixel and unsubscribe link.
