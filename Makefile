@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments bench-reco lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery lint fmt services build
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -17,7 +17,7 @@ test: services
 	fi
 
 ## Benchmarks (release build); results are written to BENCHMARKS.md.
-bench: bench-ingest bench-segments bench-reco
+bench: bench-ingest bench-segments bench-reco bench-delivery
 
 ## Event ingestion: TrackBatch and Track against raw Postgres baselines.
 bench-ingest: services
@@ -31,6 +31,12 @@ bench-segments: services
 ## load on the Online Retail data and on a generated 100k-item / 1 M-customer shop.
 bench-reco: services
 	bash bench/reco.sh
+
+## Delivery: messages/s through the whole send pipeline (queue → render with products →
+## fake provider → ledger) for push and e-mail, with queue → provider latency, against the
+## bus alone and the fake provider alone.
+bench-delivery: services
+	bash bench/delivery.sh
 
 ## Formatting and clippy, as CI would.
 lint:

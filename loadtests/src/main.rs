@@ -5,11 +5,14 @@
 //! - `track-rate`: single `Track` latency at a fixed rate (open loop).
 //! - `report`: results (JSON) → the ingestion section of BENCHMARKS.md.
 //! - `reco-latency`, `reco-max`, `reco-generate`, `reco-report`: recommendations (`reco.rs`).
+//! - `delivery`: the delivery service's whole pipeline, in-process, with its baselines
+//!   (`delivery.rs`); `report --section delivery` writes its section.
 //!
 //! `bench/run.sh` runs them all; see loadtests/README.md.
 #![forbid(unsafe_code)]
 
 mod client;
+mod delivery;
 mod generate;
 mod ingest;
 mod rate;
@@ -98,6 +101,10 @@ enum Command {
     RecoGenerate(reco::GenerateArgs),
     /// Write the recommendations results into BENCHMARKS.md.
     RecoReport(reco::ReportArgs),
+    /// Messages/s through the delivery pipeline (queue → render with products → fake
+    /// provider → ledger) for push and e-mail, against the bus and the fake alone; runs the
+    /// services in-process.
+    Delivery(delivery::DeliveryArgs),
 }
 
 fn main() -> ExitCode {
@@ -159,6 +166,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return reco::emit(&result, &result.line(), out, cli.json);
         }
         Command::RecoReport(args) => return reco::report(&args),
+        Command::Delivery(args) => {
+            let result = delivery::run(&args).await?;
+            return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
+        }
     };
     if let Some(path) = &cli.save {
         std::fs::write(path, serde_json::to_string_pretty(&outcome)? + "\n")

@@ -22,7 +22,8 @@ pub struct ReportArgs {
     /// `Key=Value` rows of the run's header table (command, date, machine, …), in order.
     #[arg(long = "meta", value_parser = parse_meta)]
     pub meta: Vec<(String, String)>,
-    /// Name of the markers (`<!-- NAME:begin -->`).
+    /// Name of the markers (`<!-- NAME:begin -->`); `delivery` renders the `delivery*.json`
+    /// results of `relance-loadtest delivery` instead of the ingestion ones.
     #[arg(long, default_value = "ingest")]
     pub section: String,
 }
@@ -35,6 +36,10 @@ pub fn parse_meta(text: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
+    if args.section == "delivery" {
+        let body = crate::delivery::render(&args.results, &args.meta)?;
+        return write_section(&args.out, "delivery", &body);
+    }
     let outcomes = read_results(&args.results)?;
     let body = render(&outcomes, &args.meta);
     let begin = format!("<!-- {}:begin -->", args.section);
