@@ -537,8 +537,10 @@ async fn consume_once(
             if outcome.is_ok() {
                 metrics::counter!("relance_messages_consumed_total", "queue" => spec.queue.clone(), "outcome" => "ok")
                     .increment(deliveries.len() as u64);
-                for delivery in &deliveries {
-                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                // One ack for the whole batch: deliveries arrive in tag order on this
+                // channel and everything before the batch is already acked.
+                if let Some(last) = deliveries.last() {
+                    last.acker.ack(BasicAckOptions { multiple: true }).await?;
                 }
                 continue;
             }

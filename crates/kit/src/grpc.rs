@@ -111,7 +111,9 @@ impl GrpcServer {
             .layer(AuthLayer::new(platform.keys.clone()))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Without TCP_NODELAY, an answer written after an await waits for the
+                // client's delayed ACK (~40 ms): every call between services paid it.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 signal,
             )
             .await?;

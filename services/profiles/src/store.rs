@@ -1,6 +1,7 @@
 //! Postgres for the profiles service: profiles, identities, push tokens, consent, RFM
 //! thresholds, and the outbox of `profile.*` messages.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -64,14 +65,57 @@ impl ProfileStore {
         workspace_id: &str,
         keys: &[CustomerKey],
     ) -> Result<Vec<Option<ProfileRecord>>> {
+        // A handful of set-based queries whatever the number of keys: delivery asks for
+        // hundreds of profiles per batch of messages.
         let mut conn = self.pool.acquire().await?;
-        let mut out = Vec::with_capacity(keys.len());
+        let mut customers = Vec::new();
+        let mut anonymous = Vec::new();
         for key in keys {
-            match find(&mut conn, workspace_id, key).await? {
-                Some(id) => out.push(Some(load(&mut conn, id).await?)),
-                None => out.push(None),
+            match key {
+                CustomerKey::Customer(id) => customers.push(id.clone()),
+                CustomerKey::Anonymous(id) => anonymous.push(id.clone()),
             }
         }
+        let by_customer: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+            "SELECT customer_id, id FROM profiles WHERE workspace_id = $1 AND customer_id = ANY($2)",
+        )
+        .bind(workspace_id)
+        .bind(&customers)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        let by_anonymous: HashMap<String, i64> = if anonymous.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT anonymous_id, profile_id FROM identities WHERE workspace_id = $1 AND anonymous_id = ANY($2)",
+            )
+            .bind(workspace_id)
+            .bind(&anonymous)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+        };
+        let mut ids: Vec<i64> = by_customer
+            .values()
+            .chain(by_anonymous.values())
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut loaded = load_many(&mut conn, &ids).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let id = match key {
+                CustomerKey::Customer(id) => by_customer.get(id),
+                CustomerKey::Anonymous(id) => by_anonymous.get(id),
+            };
+            // The same profile may be asked for twice (by id and by an anonymous id).
+            out.push(id.and_then(|id| loaded.get(id).cloned()));
+        }
+        loaded.clear();
         Ok(out)
     }
 
@@ -846,58 +890,95 @@ fn traits_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<Traits> {
 }
 
 async fn load(conn: &mut PgConnection, id: i64) -> Result<ProfileRecord> {
-    let row = sqlx::query(
-        "SELECT customer_id, attributes, email, phone, timezone, locale, orders_count, revenue, refunded, \
+    let mut loaded = load_many(conn, &[id]).await?;
+    loaded
+        .remove(&id)
+        .ok_or_else(|| sqlx::Error::RowNotFound.into())
+}
+
+/// Profiles by id, each with its identities, push tokens and consents: four queries.
+async fn load_many(conn: &mut PgConnection, ids: &[i64]) -> Result<HashMap<i64, ProfileRecord>> {
+    let mut out: HashMap<i64, ProfileRecord> = HashMap::with_capacity(ids.len());
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = sqlx::query(
+        "SELECT id, customer_id, attributes, email, phone, timezone, locale, orders_count, revenue, refunded, \
                 first_purchase_at, last_purchase_at, rfm_recency, rfm_frequency, rfm_monetary, rfm_scored_at, created_at, updated_at \
-         FROM profiles WHERE id = $1",
+         FROM profiles WHERE id = ANY($1)",
     )
-    .bind(id)
-    .fetch_one(&mut *conn)
+    .bind(ids)
+    .fetch_all(&mut *conn)
     .await?;
-    let anonymous_ids: Vec<String> = sqlx::query_scalar("SELECT anonymous_id FROM identities WHERE profile_id = $1 ORDER BY created_at, anonymous_id")
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let tokens = sqlx::query("SELECT token, platform, app_id, updated_at FROM push_tokens WHERE profile_id = $1 ORDER BY updated_at")
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut push_tokens = Vec::with_capacity(tokens.len());
+    for row in rows {
+        let id: i64 = row.try_get("id")?;
+        out.insert(
+            id,
+            ProfileRecord {
+                id,
+                customer_id: row.try_get("customer_id")?,
+                anonymous_ids: Vec::new(),
+                attributes: row.try_get("attributes")?,
+                email: row.try_get("email")?,
+                phone: row.try_get("phone")?,
+                timezone: row.try_get("timezone")?,
+                locale: row.try_get("locale")?,
+                push_tokens: Vec::new(),
+                consents: Vec::new(),
+                traits: traits_from_row(&row)?,
+                created_at: row.try_get("created_at")?,
+                updated_at: row.try_get("updated_at")?,
+            },
+        );
+    }
+    let identities: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT profile_id, anonymous_id FROM identities WHERE profile_id = ANY($1) \
+         ORDER BY profile_id, created_at, anonymous_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, anonymous_id) in identities {
+        if let Some(record) = out.get_mut(&id) {
+            record.anonymous_ids.push(anonymous_id);
+        }
+    }
+    let tokens = sqlx::query(
+        "SELECT profile_id, token, platform, app_id, updated_at FROM push_tokens WHERE profile_id = ANY($1) \
+         ORDER BY profile_id, updated_at",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
     for token in tokens {
-        push_tokens.push(PushToken {
-            token: token.try_get("token")?,
-            platform: token.try_get("platform")?,
-            app_id: token.try_get("app_id")?,
-            updated_at: token.try_get("updated_at")?,
-        });
+        let id: i64 = token.try_get("profile_id")?;
+        if let Some(record) = out.get_mut(&id) {
+            record.push_tokens.push(PushToken {
+                token: token.try_get("token")?,
+                platform: token.try_get("platform")?,
+                app_id: token.try_get("app_id")?,
+                updated_at: token.try_get("updated_at")?,
+            });
+        }
     }
-    let consent_rows = sqlx::query("SELECT channel, topic, status, decided_at, source FROM consents WHERE profile_id = $1 ORDER BY channel, topic")
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut consents = Vec::with_capacity(consent_rows.len());
-    for consent in consent_rows {
-        consents.push(Consent {
-            channel: consent.try_get("channel")?,
-            topic: consent.try_get("topic")?,
-            status: consent.try_get("status")?,
-            decided_at: consent.try_get("decided_at")?,
-            source: consent.try_get("source")?,
-        });
+    let consents = sqlx::query(
+        "SELECT profile_id, channel, topic, status, decided_at, source FROM consents WHERE profile_id = ANY($1) \
+         ORDER BY profile_id, channel, topic",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for consent in consents {
+        let id: i64 = consent.try_get("profile_id")?;
+        if let Some(record) = out.get_mut(&id) {
+            record.consents.push(Consent {
+                channel: consent.try_get("channel")?,
+                topic: consent.try_get("topic")?,
+                status: consent.try_get("status")?,
+                decided_at: consent.try_get("decided_at")?,
+                source: consent.try_get("source")?,
+            });
+        }
     }
-    Ok(ProfileRecord {
-        id,
-        customer_id: row.try_get("customer_id")?,
-        anonymous_ids,
-        attributes: row.try_get("attributes")?,
-        email: row.try_get("email")?,
-        phone: row.try_get("phone")?,
-        timezone: row.try_get("timezone")?,
-        locale: row.try_get("locale")?,
-        push_tokens,
-        consents,
-        traits: traits_from_row(&row)?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+    Ok(out)
 }
