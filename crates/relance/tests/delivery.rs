@@ -108,6 +108,7 @@ async fn sigkill_mid_batch_then_restart_sends_every_message_once_resending_only_
 http_addr = "127.0.0.1:{http}"
 public_url = "http://127.0.0.1:{http}"
 link_secret = "crash-test"
+consumers = 2
 batch = 100
 concurrency = 32
 lease_secs = 3
@@ -302,8 +303,8 @@ access_token = "token"
         fake.count()
     );
     // Resent means in flight at a kill, or finished but not yet written: at most the
-    // concurrency plus one group of outcomes per kill.
-    assert!(twice <= 2 * (32 + 32), "{twice} resent");
+    // concurrency plus one group of outcomes, per consumer and kill.
+    assert!(twice <= 2 * 2 * (32 + 32), "{twice} resent");
     let _ = process.kill();
     let _ = process.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -61,6 +61,8 @@ pub struct DeliveryConfig {
     pub link_secret: Option<SecretString>,
     /// The providers, in failover order within each channel (see `channels::config`).
     pub providers: Vec<ProviderConfig>,
+    /// Consumers of the request queue in this process, each handling its own batches.
+    pub consumers: usize,
     /// Requests handled together (one ledger write per batch).
     pub batch: usize,
     /// Unacked requests the broker may push ahead.
@@ -95,6 +97,7 @@ impl Default for DeliveryConfig {
             public_url: "http://127.0.0.1:8080".into(),
             link_secret: None,
             providers: Vec::new(),
+            consumers: 4,
             batch: 256,
             prefetch: 512,
             concurrency: 128,
@@ -207,9 +210,17 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         config: config.clone(),
         retries: retries.clone(),
     });
-    platform
-        .consume("delivery-requests", consumer::spec(&config), handler)
-        .await?;
+    // Several consumers on the queue: while one batch waits on profiles, recommendations or
+    // providers, the next is being handled.
+    for _ in 0..config.consumers.max(1) {
+        platform
+            .consume(
+                "delivery-requests",
+                consumer::spec(&config),
+                handler.clone(),
+            )
+            .await?;
+    }
     platform
         .consume(
             "delivery-opens",

@@ -244,11 +244,30 @@ impl Sender {
                 .map_err(|e| ProcessError::BeforeSending(e.into()))?;
         }
 
+        // Templates are looked up once per batch, before anything goes out: the send path
+        // itself touches no database.
+        let mut templates: HashMap<(String, String), Option<Arc<CompiledTemplate>>> =
+            HashMap::new();
+        for job in &jobs {
+            if let Some(send_request::Content::Template(name)) = &job.request.content {
+                let key = (job.claimed.workspace_id.clone(), name.clone());
+                if templates.contains_key(&key) {
+                    continue;
+                }
+                let compiled = self
+                    .template(&key.0, name)
+                    .await
+                    .map_err(|e| ProcessError::BeforeSending(anyhow::anyhow!("{e}")))?;
+                templates.insert(key, compiled);
+            }
+        }
+
         // Outcomes are written as sends finish, a few at a time, not once per batch: a
         // crash then leaves in doubt only the calls in flight and the last few finished,
         // not the whole batch.
         let concurrency = self.config.concurrency.max(1);
         let profiles = &profiles;
+        let templates = &templates;
         let mut finished = futures::stream::iter(jobs)
             .map(|job| async move {
                 let key = job
@@ -258,7 +277,14 @@ impl Sender {
                     .map(recipient_key)
                     .unwrap_or_default();
                 let profile = profiles.get(&(job.claimed.workspace_id.clone(), key));
-                self.deliver(job, profile).await
+                let template = match &job.request.content {
+                    Some(send_request::Content::Template(name)) => templates
+                        .get(&(job.claimed.workspace_id.clone(), name.clone()))
+                        .cloned()
+                        .flatten(),
+                    _ => None,
+                };
+                self.deliver(job, profile, template).await
             })
             .buffer_unordered(concurrency)
             .ready_chunks(self.config.record_every.max(1));
@@ -317,7 +343,22 @@ impl Sender {
                 events,
             });
         }
-        self.store.record(&outcomes, &inbox, &batches).await?;
+        // These messages went out: losing their outcomes to a passing database error would
+        // send them again, so the write is retried for a while before giving up.
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            match self.store.record(&outcomes, &inbox, &batches).await {
+                Ok(()) => break,
+                Err(error) if tries < 8 => {
+                    tries += 1;
+                    tracing::warn!(%error, tries, "outcomes not written, retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(anyhow::anyhow!("{error}")),
+            }
+        }
         record_metrics(&outcomes);
         if !feedback.is_empty() {
             let clients = self.clients.clone();
@@ -328,7 +369,12 @@ impl Sender {
 
     /// Sends one message; never fails for reasons of the message itself (those are
     /// outcomes), only for a dependency that is down.
-    async fn deliver(&self, job: Job, profile: Option<&Profile>) -> anyhow::Result<Done> {
+    async fn deliver(
+        &self,
+        job: Job,
+        profile: Option<&Profile>,
+        stored: Option<Arc<CompiledTemplate>>,
+    ) -> anyhow::Result<Done> {
         let Job { claimed, request } = job;
         let now = self.clock.now();
         let workspace = claimed.workspace_id.clone();
@@ -374,22 +420,20 @@ impl Sender {
         };
 
         let compiled = match &request.content {
-            Some(send_request::Content::Template(name)) => {
-                match self.template(&workspace, name).await? {
-                    Some(compiled) => compiled,
-                    None => {
-                        return Ok(finish(
-                            done,
-                            &customer,
-                            base_properties,
-                            Ended::Fail(
-                                MessageReason::TemplateError,
-                                format!("template {name:?} does not exist"),
-                            ),
-                        ));
-                    }
+            Some(send_request::Content::Template(name)) => match stored {
+                Some(compiled) => compiled,
+                None => {
+                    return Ok(finish(
+                        done,
+                        &customer,
+                        base_properties,
+                        Ended::Fail(
+                            MessageReason::TemplateError,
+                            format!("template {name:?} does not exist"),
+                        ),
+                    ));
                 }
-            }
+            },
             Some(send_request::Content::Inline(content)) => match template::compile_inline(content)
             {
                 Ok(compiled) => Arc::new(compiled),
