@@ -11,13 +11,21 @@ use relance_kit::auth::InternalKey;
 use relance_proto::v1::profiles_client::ProfilesClient;
 use relance_proto::v1::recommendations_client::RecommendationsClient;
 use relance_proto::v1::{
-    BatchGetProfilesRequest, Channel, Consent, ConsentStatus, CustomerRef, Placement, Profile,
-    RecommendRequest, RecommendedItem, SetConsentRequest, UpsertProfileRequest, customer_ref,
+    BatchGetProfilesRequest, CatalogItem, Channel, Consent, ConsentStatus, CustomerRef,
+    GetItemsRequest, Placement, Profile, RecommendRequest, RecommendedItem, SetConsentRequest,
+    UpsertProfileRequest, customer_ref,
 };
 use tonic::transport::{Channel as GrpcChannel, Endpoint};
 
 /// How long the trending fallback is trusted.
 const TRENDING_TTL: Duration = Duration::from_secs(300);
+/// How long an item's details (title, price, URL) are trusted: a price change shows in
+/// messages within this time.
+const CATALOG_TTL: Duration = Duration::from_secs(60);
+/// Items whose details are kept (all workspaces); the cache starts over beyond that.
+const CATALOG_CACHE_ITEMS: usize = 200_000;
+/// Recommendation calls in flight at once; beyond that, products blocks fall back.
+const MAX_CALLS_IN_FLIGHT: usize = 256;
 
 /// The key a recipient is known by in maps: `c:<customer_id>` or `a:<anonymous_id>`.
 pub fn recipient_key(customer: &CustomerRef) -> String {
@@ -30,6 +38,8 @@ pub fn recipient_key(customer: &CustomerRef) -> String {
 
 /// Items and when they were fetched.
 type CachedItems = (Instant, Vec<RecommendedItem>);
+/// One item's details and when they were fetched.
+type CachedItem = (Instant, CatalogItem);
 
 /// The other services, reached with the deployment's internal key.
 #[derive(Clone)]
@@ -38,6 +48,8 @@ pub struct Clients {
     recommendations: RecommendationsClient<GrpcChannel>,
     key: InternalKey,
     trending: Arc<Mutex<HashMap<String, CachedItems>>>,
+    catalog: Arc<Mutex<HashMap<(String, String), CachedItem>>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Clients {
@@ -64,6 +76,8 @@ impl Clients {
             )?),
             key,
             trending: Arc::new(Mutex::new(HashMap::new())),
+            catalog: Arc::new(Mutex::new(HashMap::new())),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT)),
         })
     }
 
@@ -145,32 +159,118 @@ impl Clients {
     /// Products for a template's block, within `timeout`. Whatever happens the message goes
     /// out: on timeout or error the answer is the workspace's trending items (as last
     /// cached) when `trending_fallback`, else nothing; the flag says a fallback was used.
+    ///
+    /// A call that misses the deadline is not cancelled: it finishes in the background
+    /// (a cancelled HTTP/2 stream is a reset, and a server that sees many resets closes the
+    /// connection, failing every call on it). At most `MAX_CALLS_IN_FLIGHT` run at once;
+    /// beyond that the block falls back at once, so a slow recommendations service sheds
+    /// the load instead of queueing it. Item details (title, price, URL…) come from a
+    /// local cache of the catalog, filled by GetItems for the ids it lacks.
     pub async fn products(
         &self,
         workspace_id: &str,
-        request: RecommendRequest,
+        mut request: RecommendRequest,
         timeout: Duration,
         trending_fallback: bool,
     ) -> (Vec<RecommendedItem>, bool) {
         let n = request.n;
-        let mut client = self.recommendations.clone();
-        let call = client.recommend(self.key.request(workspace_id, request));
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            metrics::counter!("relance_delivery_products_fallbacks_total", "cause" => "busy")
+                .increment(1);
+            return self.fallback(workspace_id, n, trending_fallback);
+        };
+        request.include_details = false;
+        let clients = self.clone();
+        let workspace = workspace_id.to_owned();
+        let call = tokio::spawn(async move {
+            let _permit = permit;
+            clients.recommend_with_details(&workspace, request).await
+        });
         match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(response)) => return (response.into_inner().items, false),
-            Ok(Err(status)) => {
-                tracing::warn!(workspace = %workspace_id, code = ?status.code(), message = %status.message(), "recommendations failed, products fall back");
+            Ok(Ok(Ok(items))) => return (items, false),
+            Ok(Ok(Err(status))) => {
+                tracing::debug!(workspace = %workspace_id, code = ?status.code(), message = %status.message(), "recommendations failed, products fall back");
+                metrics::counter!("relance_delivery_products_fallbacks_total", "cause" => "error")
+                    .increment(1);
+            }
+            Ok(Err(_)) => {
+                metrics::counter!("relance_delivery_products_fallbacks_total", "cause" => "error")
+                    .increment(1);
             }
             Err(_) => {
-                tracing::debug!(workspace = %workspace_id, ?timeout, "recommendations timed out, products fall back");
+                metrics::counter!("relance_delivery_products_fallbacks_total", "cause" => "timeout").increment(1);
             }
         }
-        metrics::counter!("relance_delivery_products_fallbacks_total").increment(1);
-        if !trending_fallback {
+        self.fallback(workspace_id, n, trending_fallback)
+    }
+
+    fn fallback(&self, workspace_id: &str, n: u32, trending: bool) -> (Vec<RecommendedItem>, bool) {
+        if !trending {
             return (Vec::new(), true);
         }
         let mut items = self.cached_trending(workspace_id);
         items.truncate(n.max(1) as usize);
         (items, true)
+    }
+
+    /// Recommend (without details), then the items' details from the cache or GetItems.
+    async fn recommend_with_details(
+        &self,
+        workspace_id: &str,
+        request: RecommendRequest,
+    ) -> Result<Vec<RecommendedItem>, tonic::Status> {
+        let mut items = self
+            .recommendations
+            .clone()
+            .recommend(self.key.request(workspace_id, request))
+            .await?
+            .into_inner()
+            .items;
+        let mut missing = Vec::new();
+        {
+            let cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+            for item in &mut items {
+                match cache.get(&(workspace_id.to_owned(), item.item_id.clone())) {
+                    Some((at, details)) if at.elapsed() < CATALOG_TTL => {
+                        item.item = Some(details.clone())
+                    }
+                    _ => missing.push(item.item_id.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(items);
+        }
+        let found = self
+            .recommendations
+            .clone()
+            .get_items(
+                self.key
+                    .request(workspace_id, GetItemsRequest { ids: missing }),
+            )
+            .await?
+            .into_inner()
+            .items;
+        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > CATALOG_CACHE_ITEMS {
+            cache.clear();
+        }
+        let now = Instant::now();
+        for details in found {
+            cache.insert(
+                (workspace_id.to_owned(), details.id.clone()),
+                (now, details),
+            );
+        }
+        for item in &mut items {
+            if item.item.is_none()
+                && let Some((_, details)) =
+                    cache.get(&(workspace_id.to_owned(), item.item_id.clone()))
+            {
+                item.item = Some(details.clone());
+            }
+        }
+        Ok(items)
     }
 
     fn cached_trending(&self, workspace_id: &str) -> Vec<RecommendedItem> {
