@@ -50,6 +50,8 @@ const BASELINE_EXCHANGE: &str = "bench.baseline";
 const BASELINE_QUEUE: &str = "bench.bus-baseline";
 /// The fake FCM project the service sends to.
 const FCM_PROJECT: &str = "bench";
+/// SMTP connections, for delivery's provider and the sink's baseline alike.
+const SMTP_CONNECTIONS: usize = 16;
 const FIRST_NAMES: &[&str] = &[
     "Amina", "Yacine", "Lina", "Karim", "Sara", "Nassim", "Inès", "Walid", "Meriem", "Samir",
 ];
@@ -178,6 +180,9 @@ pub struct DeliveryResult {
     pub setup: SetupSummary,
     pub bus_baseline: Baseline,
     pub fake_baseline: Baseline,
+    /// The SMTP sink alone (absent in results saved before it was measured).
+    #[serde(default)]
+    pub smtp_baseline: Option<Baseline>,
     pub runs: Vec<ChannelRun>,
     /// Busy CPU share of the machine while each measurement ran (`/proc/stat`), by name.
     pub cpu_busy: BTreeMap<String, f64>,
@@ -191,6 +196,9 @@ impl DeliveryResult {
         let mut lines = Vec::new();
         lines.push(self.bus_baseline.line());
         lines.push(self.fake_baseline.line());
+        if let Some(smtp) = &self.smtp_baseline {
+            lines.push(smtp.line());
+        }
         for run in &self.runs {
             let mut line = run.line();
             if run.channel == "push" {
@@ -205,6 +213,15 @@ impl DeliveryResult {
                     " ({} of the bus alone, {} of the fake alone)",
                     share(self.bus_baseline.per_sec),
                     share(self.fake_baseline.per_sec)
+                ));
+            }
+            if run.channel == "email"
+                && let Some(smtp) = &self.smtp_baseline
+                && smtp.per_sec > 0.0
+            {
+                line.push_str(&format!(
+                    " ({:.0}% of the SMTP sink alone)",
+                    100.0 * run.per_sec / smtp.per_sec
                 ));
             }
             lines.push(line);
@@ -415,6 +432,7 @@ port = {smtp_port}
 tls = "none"
 from_address = "news@shop.example"
 from_name = "Shop"
+max_in_flight = {SMTP_CONNECTIONS}
 
 [recommendations]
 train_every_hours = 0
@@ -983,6 +1001,56 @@ impl Bench {
         })
     }
 
+    /// The SMTP sink alone: the same number of e-mails sent straight to it with lettre,
+    /// over as many pooled connections as delivery's SMTP provider uses.
+    async fn smtp_baseline(&self, args: &DeliveryArgs) -> anyhow::Result<Baseline> {
+        use lettre::AsyncTransport as _;
+        let connections = SMTP_CONNECTIONS;
+        let transport =
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+                .port(self.smtp.port())
+                .pool_config(
+                    lettre::transport::smtp::PoolConfig::new().max_size(connections as u32),
+                )
+                .build();
+        let started = Instant::now();
+        let sends = futures::stream::iter(0..args.email)
+            .map(|index| {
+                let transport = transport.clone();
+                async move {
+                    let message = lettre::Message::builder()
+                        .from("Shop <news@shop.example>".parse()?)
+                        .to(
+                            format!("{}@example.com", customer_id(index % args.customers.max(1)))
+                                .parse()?,
+                        )
+                        .subject("baseline")
+                        .multipart(lettre::message::MultiPart::alternative_plain_html(
+                            "Picked for you".to_owned(),
+                            "<p>Picked for you</p>".to_owned(),
+                        ))?;
+                    transport.send(message).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(connections);
+        let mut sends = std::pin::pin!(sends);
+        let mut done = 0u64;
+        while let Some(result) = sends.next().await {
+            result?;
+            done += 1;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(Baseline {
+            what: "SMTP sink alone".into(),
+            messages: done,
+            secs,
+            per_sec: done as f64 / secs,
+            publish_per_sec: None,
+            concurrency: Some(connections),
+        })
+    }
+
     /// The fake provider alone: FCM-shaped POSTs straight to it, `fake_concurrency` in flight.
     async fn fake_baseline(&self, args: &DeliveryArgs) -> anyhow::Result<Baseline> {
         self.fake.clear();
@@ -1326,6 +1394,20 @@ pub async fn run(args: &DeliveryArgs) -> anyhow::Result<DeliveryResult> {
     println!("{}", fake_baseline.line());
     bench.quiesce().await;
 
+    let smtp_baseline = if args.email > 0 {
+        let before = cpu_times();
+        let baseline = bench.smtp_baseline(args).await?;
+        cpu_busy.insert(
+            "SMTP sink alone".to_owned(),
+            busy_share(before, cpu_times()),
+        );
+        println!("{}", baseline.line());
+        bench.quiesce().await;
+        Some(baseline)
+    } else {
+        None
+    };
+
     let mut runs = Vec::new();
     for (channel, count) in [
         (pb::Channel::Push, args.push),
@@ -1360,6 +1442,7 @@ pub async fn run(args: &DeliveryArgs) -> anyhow::Result<DeliveryResult> {
         setup,
         bus_baseline,
         fake_baseline,
+        smtp_baseline,
         runs,
         cpu_busy,
         probes,
@@ -1509,7 +1592,14 @@ pub fn render(dir: &Path, meta: &[(String, String)]) -> anyhow::Result<String> {
             &result.fake_baseline,
             "FCM-shaped POSTs straight to the fake FCM with a reqwest client",
         ),
-    ] {
+    ]
+    .into_iter()
+    .chain(result.smtp_baseline.as_ref().map(|smtp| {
+        (
+            smtp,
+            "e-mails sent straight to the aiosmtpd sink with lettre, as many connections as delivery's SMTP provider uses — compare the e-mail rate with this one",
+        )
+    })) {
         let share = push
             .filter(|_| baseline.per_sec > 0.0)
             .map(|p| format!("{:.0}%", 100.0 * p.per_sec / baseline.per_sec))

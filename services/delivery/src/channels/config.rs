@@ -148,6 +148,11 @@ pub struct ProviderConfig {
     #[serde(default)]
     pub from: Option<String>,
 
+    /// Calls in flight at once; unset means 16 for SMTP (a pool of connections), 256 for
+    /// the HTTP APIs.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+
     // --- meta ---
     /// Meta: the WhatsApp business phone number id.
     #[serde(default)]
@@ -216,6 +221,7 @@ impl ProviderConfig {
             from: None,
             phone_number_id: None,
             api_version: None,
+            max_in_flight: None,
             app_secret: None,
             verify_token: None,
             url: None,
@@ -233,7 +239,16 @@ impl ProviderConfig {
         base.map(|url| url.trim_end_matches('/').to_owned())
     }
 
-    /// The timeout of one call.
+    /// Calls in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        match self.max_in_flight {
+            Some(n) => n.max(1),
+            None if self.kind == ProviderKind::Smtp => 16,
+            None => 256,
+        }
+    }
+
+    /// The longest one call may take.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }

@@ -71,7 +71,7 @@ impl Smtp {
             .timeout(Some(config.timeout()))
             .pool_config(
                 PoolConfig::new()
-                    .max_size(16)
+                    .max_size(config.max_in_flight() as u32)
                     .idle_timeout(Duration::from_secs(60)),
             );
         match (&config.username, &config.password) {

@@ -191,6 +191,11 @@ pub struct Limits {
     pub breaker_failures: u32,
     /// How long the circuit stays open.
     pub breaker_open: Duration,
+    /// The longest a call may take, whatever the adapter's own timeouts: a call that never
+    /// returns would hold its batch, and every message the broker gave its consumer.
+    pub call_timeout: Duration,
+    /// Calls in flight at once (an SMTP server takes a few connections, an HTTP API many).
+    pub max_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -200,6 +205,8 @@ impl Default for Limits {
             burst: 0,
             breaker_failures: 5,
             breaker_open: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(30),
+            max_in_flight: 256,
         }
     }
 }
@@ -212,12 +219,16 @@ impl Limits {
             burst: config.burst,
             breaker_failures: config.breaker_failures,
             breaker_open: Duration::from_millis(config.breaker_open_ms),
+            call_timeout: config.timeout() + Duration::from_secs(5),
+            max_in_flight: config.max_in_flight(),
         }
     }
 }
 
 struct Slot {
     provider: Arc<dyn Provider>,
+    call_timeout: Duration,
+    in_flight: Arc<tokio::sync::Semaphore>,
     bucket: Mutex<TokenBucket>,
     breaker: Mutex<Breaker>,
 }
@@ -264,6 +275,8 @@ impl Providers {
         let mut channels: Vec<(Channel, Vec<Slot>)> = Vec::new();
         for (provider, limits) in parts {
             let slot = Slot {
+                call_timeout: limits.call_timeout,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight.max(1))),
                 bucket: Mutex::new(TokenBucket::new(limits.rate_per_sec, limits.burst, now)),
                 breaker: Mutex::new(Breaker::new(limits.breaker_failures, limits.breaker_open)),
                 provider,
@@ -364,7 +377,20 @@ impl Providers {
                 continue;
             }
             let started = Instant::now();
-            let result = slot.provider.send(message).await;
+            let call = async {
+                // Waiting for a free connection counts against the same deadline.
+                let Ok(_permit) = slot.in_flight.acquire().await else {
+                    return Err(SendError::temporary("provider closed"));
+                };
+                slot.provider.send(message).await
+            };
+            let result = match tokio::time::timeout(slot.call_timeout, call).await {
+                Ok(result) => result,
+                Err(_) => Err(SendError::temporary(format!(
+                    "no answer within {:?}",
+                    slot.call_timeout
+                ))),
+            };
             metrics::histogram!("relance_delivery_provider_duration_seconds", "provider" => provider.to_owned())
                 .record(started.elapsed().as_secs_f64());
             let outcome = match &result {
