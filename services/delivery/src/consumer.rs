@@ -131,32 +131,35 @@ impl RequestHandler {
                 None => by_workspace.push((workspace, vec![row])),
             }
         }
-        let mut ids = Vec::with_capacity(messages.len());
-        let mut seen = HashSet::with_capacity(messages.len());
+        // New requests are claimed as they are inserted; known keys (a redelivery, a retry
+        // coming back) are claimed the usual way.
+        let lease_until = now + chrono::Duration::seconds(self.config.lease_secs as i64);
+        let mut claimed = Vec::with_capacity(messages.len());
+        let mut known = Vec::new();
         for (workspace, rows) in &by_workspace {
-            let admitted = self
+            let (fresh, existing) = self
                 .store
-                .accept(workspace, rows, None)
+                .accept_claimed(workspace, rows, lease_until)
                 .await
                 .map_err(retry)?;
-            for admitted in admitted {
-                if seen.insert(admitted.id) {
-                    ids.push(admitted.id);
+            claimed.extend(fresh);
+            known.extend(existing);
+        }
+        let mut others = Vec::new();
+        if !known.is_empty() {
+            let reclaimed = self
+                .store
+                .claim(&known, now, lease_until)
+                .await
+                .map_err(retry)?;
+            let reclaimed_ids: HashSet<Uuid> = reclaimed.iter().map(|c| c.id).collect();
+            for id in known {
+                if !reclaimed_ids.contains(&id) {
+                    others.push(id);
                 }
             }
+            claimed.extend(reclaimed);
         }
-        let lease_until = now + chrono::Duration::seconds(self.config.lease_secs as i64);
-        let claimed = self
-            .store
-            .claim(&ids, now, lease_until)
-            .await
-            .map_err(retry)?;
-        let claimed_ids: HashSet<Uuid> = claimed.iter().map(|c| c.id).collect();
-        let others: Vec<Uuid> = ids
-            .iter()
-            .filter(|id| !claimed_ids.contains(id))
-            .copied()
-            .collect();
 
         if !claimed.is_empty() {
             let held: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();

@@ -357,7 +357,7 @@ impl DeliveryStore {
         publish: Option<&Announce<'_>>,
     ) -> ApiResult<Vec<Admitted>> {
         let mut tx = self.pool.begin().await?;
-        let admitted = insert_messages(&mut tx, workspace_id, messages).await?;
+        let admitted = insert_messages(&mut tx, workspace_id, messages, None).await?;
         let mut wrote_outbox = false;
         if let Some(publish) = publish {
             for (message, admitted) in messages.iter().zip(&admitted) {
@@ -381,6 +381,37 @@ impl DeliveryStore {
             self.outbox_wake.notify_one();
         }
         Ok(admitted)
+    }
+
+    /// Puts requests from the bus in the ledger already claimed by this worker (one write
+    /// instead of an insert then a claim); returns the claims of the new ones and the ids of
+    /// those whose key was already there, to claim the usual way.
+    pub async fn accept_claimed(
+        &self,
+        workspace_id: &str,
+        messages: &[NewMessage],
+        lease_until: DateTime<Utc>,
+    ) -> ApiResult<(Vec<Claimed>, Vec<Uuid>)> {
+        let mut conn = self.pool.acquire().await?;
+        let admitted =
+            insert_messages(&mut conn, workspace_id, messages, Some(lease_until)).await?;
+        let mut claimed = Vec::new();
+        let mut existing = Vec::new();
+        for (message, admitted) in messages.iter().zip(admitted) {
+            if admitted.fresh {
+                claimed.push(Claimed {
+                    id: admitted.id,
+                    workspace_id: workspace_id.to_owned(),
+                    attempts: 1,
+                    request: message.request.clone(),
+                    created_at: message.created_at,
+                    expires_at: message.expires_at,
+                });
+            } else if !existing.contains(&admitted.id) {
+                existing.push(admitted.id);
+            }
+        }
+        Ok((claimed, existing))
     }
 
     /// Takes the messages among `ids` that are waiting (queued, due for a retry, or held by
@@ -864,6 +895,7 @@ async fn insert_messages(
     conn: &mut PgConnection,
     workspace_id: &str,
     messages: &[NewMessage],
+    lease_until: Option<DateTime<Utc>>,
 ) -> ApiResult<Vec<Admitted>> {
     let n = messages.len();
     let mut ids = Vec::with_capacity(n);
@@ -904,9 +936,12 @@ async fn insert_messages(
     }
     let inserted: Vec<(Uuid, String)> = sqlx::query_as(
         "INSERT INTO messages (id, workspace_id, idempotency_key, customer_id, anonymous_id, status, kind, topic, \
-         template, locale, flow, flow_version, step, variant, broadcast, journey_id, request, created_at, expires_at) \
-         SELECT u.id, $1, u.key, u.customer, u.anonymous, 1, u.kind, u.topic, u.template, u.locale, u.flow, \
-         u.flow_version, u.step, u.variant, u.broadcast, u.journey, u.request, u.created, u.expires \
+         template, locale, flow, flow_version, step, variant, broadcast, journey_id, request, created_at, expires_at, \
+         lease_until, attempts) \
+         SELECT u.id, $1, u.key, u.customer, u.anonymous, CASE WHEN $19::timestamptz IS NULL THEN 1 ELSE 100 END, \
+         u.kind, u.topic, u.template, u.locale, u.flow, \
+         u.flow_version, u.step, u.variant, u.broadcast, u.journey, u.request, u.created, u.expires, \
+         $19, CASE WHEN $19::timestamptz IS NULL THEN 0 ELSE 1 END \
          FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[], $9::text[], \
          $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bytea[], \
          $17::timestamptz[], $18::timestamptz[]) \
@@ -932,6 +967,7 @@ async fn insert_messages(
     .bind(&requests)
     .bind(&created)
     .bind(&expires)
+    .bind(lease_until)
     .fetch_all(&mut *conn)
     .await?;
     let fresh: std::collections::HashMap<String, Uuid> =
