@@ -22,6 +22,8 @@ ITEMS=${BENCH_DELIVERY_ITEMS:-2000}
 ORDERS=${BENCH_DELIVERY_ORDERS:-30000}
 PUSH=${BENCH_DELIVERY_PUSH:-50000}
 EMAIL=${BENCH_DELIVERY_EMAIL:-10000}
+PUSH_RATE=${BENCH_DELIVERY_PUSH_RATE:-1000}
+PACED_SECS=${BENCH_DELIVERY_PACED_SECS:-20}
 BATCH=${BENCH_DELIVERY_BATCH:-256}
 PREFETCH=${BENCH_DELIVERY_PREFETCH:-1024}
 CONCURRENCY=${BENCH_DELIVERY_CONCURRENCY:-256}
@@ -46,7 +48,7 @@ say "delivery: $CUSTOMERS customers, $PUSH push and $EMAIL e-mails (load average
 started=$(date +%s)
 "$LOADTEST" --save "$RESULTS/delivery.json" delivery \
   --customers "$CUSTOMERS" --items "$ITEMS" --orders "$ORDERS" \
-  --push "$PUSH" --email "$EMAIL" \
+  --push "$PUSH" --email "$EMAIL" --push-rate "$PUSH_RATE" --paced-secs "$PACED_SECS" \
   --batch "$BATCH" --prefetch "$PREFETCH" --concurrency "$CONCURRENCY" \
   2>&1 | tee "$RESULTS/run.txt"
 elapsed=$(( $(date +%s) - started ))
@@ -58,7 +60,7 @@ cpu=$(lscpu 2>/dev/null | awk -F': +' '/^Model name/ { print $2; exit }')
 [ -n "$cpu" ] || cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 ram=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 "$LOADTEST" report --section delivery --results "$RESULTS" --out "$OUT" \
-  --meta "Command=\`bash bench/delivery.sh\`: BENCH_DELIVERY_CUSTOMERS=$CUSTOMERS BENCH_DELIVERY_ITEMS=$ITEMS BENCH_DELIVERY_ORDERS=$ORDERS BENCH_DELIVERY_PUSH=$PUSH BENCH_DELIVERY_EMAIL=$EMAIL BENCH_DELIVERY_BATCH=$BATCH BENCH_DELIVERY_PREFETCH=$PREFETCH BENCH_DELIVERY_CONCURRENCY=$CONCURRENCY" \
+  --meta "Command=\`bash bench/delivery.sh\`: BENCH_DELIVERY_CUSTOMERS=$CUSTOMERS BENCH_DELIVERY_ITEMS=$ITEMS BENCH_DELIVERY_ORDERS=$ORDERS BENCH_DELIVERY_PUSH=$PUSH BENCH_DELIVERY_EMAIL=$EMAIL BENCH_DELIVERY_PUSH_RATE=$PUSH_RATE BENCH_DELIVERY_PACED_SECS=$PACED_SECS BENCH_DELIVERY_BATCH=$BATCH BENCH_DELIVERY_PREFETCH=$PREFETCH BENCH_DELIVERY_CONCURRENCY=$CONCURRENCY" \
   --meta "Date=$(date -u '+%Y-%m-%d %H:%M UTC'), whole run $elapsed s" \
   --meta "Machine=$(nproc) vCPU ($cpu), $ram RAM, $(uname -sr); load generator, services, fakes, Postgres, Redis and RabbitMQ share it" \
   --meta "Load average (1, 5, 15 min)=before $LOAD_BEFORE · after $LOAD_AFTER" \

@@ -74,6 +74,13 @@ pub struct DeliveryArgs {
     /// E-mails published.
     #[arg(long, default_value_t = 10_000)]
     pub email: u32,
+    /// Then pushes at this steady rate (messages/s), below capacity, for `--paced-secs`: the
+    /// queue → provider latency of one message rather than a burst's drain time (0: skip).
+    #[arg(long, default_value_t = 1_000)]
+    pub push_rate: u32,
+    /// How long the paced run publishes.
+    #[arg(long, default_value_t = 20)]
+    pub paced_secs: u32,
     /// The delivery service's batch (`delivery.batch`).
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
@@ -758,7 +765,8 @@ impl Bench {
             ..Default::default()
         };
         let templates = [
-            ("bench-push", push, pb::Placement::Push),
+            ("bench-push", push.clone(), pb::Placement::Push),
+            ("bench-push-paced", push, pb::Placement::Push),
             ("bench-email", email, pb::Placement::Email),
         ];
         for (name, content, placement) in templates {
@@ -890,7 +898,7 @@ impl Bench {
 
     /// A send request as campaigns would publish it.
     fn envelope(&self, channel: pb::Channel, key: &str, index: u32, customers: u32) -> Outgoing {
-        let (template, _) = template_of(channel);
+        let (template, _) = template_of(channel, key.starts_with("push-paced"));
         let request = pb::SendRequest {
             idempotency_key: key.to_owned(),
             customer: customer(&customer_id(index % customers.max(1))),
@@ -920,13 +928,31 @@ impl Bench {
         channel: pb::Channel,
         prefix: &str,
         count: u32,
-        chunk: usize,
+        pace: Pace,
         customers: u32,
         exchange: &str,
     ) -> anyhow::Result<(Instant, Duration)> {
+        // Paced: a chunk every 20 ms, each at its due time (not after the previous one), so
+        // the rate holds even when a publish is slow.
+        let (chunk, tick) = match pace {
+            Pace::Rate(rate) => (
+                ((rate / 50).max(1)) as usize,
+                Some(Duration::from_millis(20)),
+            ),
+            Pace::Burst(chunk) => (chunk, None),
+        };
         let mut first = None;
         let mut next = 0u32;
+        let mut round = 0u32;
         while next < count {
+            if let (Some(tick), Some(start)) = (tick, first) {
+                let due: Instant = start + tick * round;
+                let now = Instant::now();
+                if due > now {
+                    tokio::time::sleep(due - now).await;
+                }
+            }
+            round += 1;
             let size = (count - next).min(chunk.max(1) as u32);
             let mut messages = Vec::with_capacity(size as usize);
             for index in next..next + size {
@@ -973,7 +999,7 @@ impl Bench {
                 pb::Channel::Push,
                 "bus",
                 args.push,
-                args.publish_chunk,
+                Pace::Burst(args.publish_chunk),
                 args.customers,
                 BASELINE_EXCHANGE,
             )
@@ -1192,8 +1218,9 @@ impl Bench {
         channel: pb::Channel,
         count: u32,
         args: &DeliveryArgs,
+        rate: Option<u32>,
     ) -> anyhow::Result<ChannelRun> {
-        let (template, name) = template_of(channel);
+        let (template, name) = template_of(channel, rate.is_some());
         self.fake.clear();
         self.fake.record_bodies(true);
         let fallbacks_before = self
@@ -1204,7 +1231,10 @@ impl Bench {
                 channel,
                 name,
                 count,
-                args.publish_chunk,
+                match rate {
+                    Some(rate) => Pace::Rate(rate),
+                    None => Pace::Burst(args.publish_chunk),
+                },
                 args.customers,
                 DELIVERY_EXCHANGE,
             )
@@ -1304,10 +1334,21 @@ impl Bench {
     }
 }
 
-/// The template and the short name of a channel's run.
-fn template_of(channel: pb::Channel) -> (&'static str, &'static str) {
+/// How requests are published.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// As fast as the broker confirms, in chunks of this many.
+    Burst(usize),
+    /// At this many per second.
+    Rate(u32),
+}
+
+/// The template and the short name of a channel's run (the paced push run has its own
+/// template, so that its ledger rows are counted apart).
+fn template_of(channel: pb::Channel, paced: bool) -> (&'static str, &'static str) {
     match channel {
         pb::Channel::Email => ("bench-email", "email"),
+        _ if paced => ("bench-push-paced", "push-paced"),
         _ => ("bench-push", "push"),
     }
 }
@@ -1417,7 +1458,20 @@ pub async fn run(args: &DeliveryArgs) -> anyhow::Result<DeliveryResult> {
             continue;
         }
         let before = cpu_times();
-        let run = bench.run_channel(channel, count, args).await?;
+        let run = bench.run_channel(channel, count, args, None).await?;
+        cpu_busy.insert(run.channel.clone(), busy_share(before, cpu_times()));
+        println!("{}", run.line());
+        runs.push(run);
+        bench.quiesce().await;
+    }
+
+    if args.push_rate > 0 && args.paced_secs > 0 {
+        let count = args.push_rate.saturating_mul(args.paced_secs);
+        let before = cpu_times();
+        let mut run = bench
+            .run_channel(pb::Channel::Push, count, args, Some(args.push_rate))
+            .await?;
+        run.channel = format!("push at {}/s", args.push_rate);
         cpu_busy.insert(run.channel.clone(), busy_share(before, cpu_times()));
         println!("{}", run.line());
         runs.push(run);
