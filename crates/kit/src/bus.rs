@@ -275,9 +275,35 @@ impl Publisher {
     /// Publishes `messages` and waits for the broker's confirmation of each. On error some
     /// may have been published: the caller retries them all, and consumers deduplicate.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), BusError> {
+        self.publish_with(messages, None).await
+    }
+
+    /// Publishes `message` to be dropped — or, from a delayed queue, dead-lettered back to
+    /// its consumer — after `expiration` (RabbitMQ's per-message TTL): a retry with a delay
+    /// of its own inside one of a consumer's `<queue>.retry.<n>` queues.
+    pub async fn publish_expiring(
+        &self,
+        message: &Outgoing,
+        expiration: Duration,
+    ) -> Result<(), BusError> {
+        self.publish_with(std::slice::from_ref(message), Some(expiration))
+            .await
+    }
+
+    /// The deployment's name of queue `base`, for messages sent to one queue through the
+    /// default exchange (an [`Outgoing`] with an empty exchange).
+    pub fn queue_name(&self, base: &str) -> String {
+        self.bus.name(base)
+    }
+
+    async fn publish_with(
+        &self,
+        messages: &[Outgoing],
+        expiration: Option<Duration>,
+    ) -> Result<(), BusError> {
         let mut slot = self.channel.lock().await;
         let channel = self.ready_channel(&mut slot).await?;
-        let result = publish_on(&self.bus, &channel, messages).await;
+        let result = publish_on(&self.bus, &channel, messages, expiration).await;
         if result.is_err() {
             *slot = None;
         }
@@ -285,7 +311,12 @@ impl Publisher {
     }
 }
 
-async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Result<(), BusError> {
+async fn publish_on(
+    bus: &Bus,
+    channel: &Channel,
+    messages: &[Outgoing],
+    expiration: Option<Duration>,
+) -> Result<(), BusError> {
     let trace_headers = current_trace_headers();
     let mut sends = Vec::with_capacity(messages.len());
     for message in messages {
@@ -296,11 +327,15 @@ async fn publish_on(bus: &Bus, channel: &Channel, messages: &[Outgoing]) -> Resu
                 AMQPValue::LongString(value.as_str().into()),
             );
         }
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message.message_id.as_str().into())
             .with_headers(headers);
+        if let Some(expiration) = expiration {
+            properties =
+                properties.with_expiration(expiration.as_millis().max(1).to_string().into());
+        }
         let exchange = if message.exchange.is_empty() {
             String::new()
         } else {

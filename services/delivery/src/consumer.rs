@@ -12,15 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel as AmqpChannel};
 use prost::Message as _;
-use relance_kit::bus::{Bus, ConsumerSpec, DELIVERY_EXCHANGE, HandleError, Handler, Received};
+use relance_kit::bus::{
+    ConsumerSpec, DELIVERY_EXCHANGE, HandleError, Handler, Outgoing, Publisher, Received,
+};
 use relance_kit::{ApiError, SharedClock};
 use relance_proto::v1::SendRequest;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -237,37 +234,25 @@ pub fn decode(payload: &[u8]) -> anyhow::Result<(String, SendRequest)> {
 /// Publishes delayed copies of requests to the retry queues, each with its own expiration
 /// (the jittered delay), with publisher confirms.
 pub struct RetryPublisher {
-    bus: Arc<Bus>,
+    publisher: Arc<Publisher>,
     levels: Vec<Duration>,
-    channel: Mutex<Option<AmqpChannel>>,
 }
 
 impl RetryPublisher {
     /// A publisher for the queue's retry levels.
-    pub fn new(bus: Arc<Bus>, levels: Vec<Duration>) -> RetryPublisher {
-        RetryPublisher {
-            bus,
-            levels,
-            channel: Mutex::new(None),
-        }
+    pub fn new(publisher: Arc<Publisher>, levels: Vec<Duration>) -> RetryPublisher {
+        RetryPublisher { publisher, levels }
     }
 
-    /// The publishing channel, in confirm mode, opened again after a failure.
-    async fn confirmed_channel(
-        &self,
-        slot: &mut Option<AmqpChannel>,
-    ) -> anyhow::Result<AmqpChannel> {
-        if let Some(channel) = slot.as_ref()
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        let channel = self.bus.channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
+    fn to_queue(&self, base: &str, workspace_id: &str, request: &[u8]) -> anyhow::Result<Outgoing> {
+        let envelope = Envelope::from_encoded(workspace_id, request);
+        Ok(Outgoing {
+            exchange: String::new(),
+            routing_key: self.publisher.queue_name(base),
+            message_id: String::new(),
+            payload: serde_json::to_vec(&envelope)?,
+            headers: Default::default(),
+        })
     }
 
     /// Queues `retry` in the shortest level that holds its delay.
@@ -280,68 +265,24 @@ impl RetryPublisher {
             }
         }
         let level = level.max(1);
-        let expiration = retry.delay.min(self.levels[level - 1]).as_millis().max(1);
-        let queue = self.bus.name(&format!("{REQUESTS_QUEUE}.retry.{level}"));
-        let payload =
-            serde_json::to_vec(&Envelope::from_encoded(&retry.workspace_id, &retry.request))?;
-        let mut headers = FieldTable::default();
-        headers.insert("x-relance-attempt".into(), AMQPValue::LongUInt(1));
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_expiration(expiration.to_string().into())
-            .with_headers(headers);
-        let mut slot = self.channel.lock().await;
-        let channel = self.confirmed_channel(&mut slot).await?;
-        let confirm = channel
-            .basic_publish(
-                "",
-                &queue,
-                BasicPublishOptions::default(),
-                &payload,
-                properties,
-            )
-            .await;
-        let outcome = match confirm {
-            Ok(confirm) => confirm.await,
-            Err(error) => Err(error),
-        };
-        match outcome {
-            Ok(Confirmation::Nack(_)) => {
-                *slot = None;
-                anyhow::bail!("rabbitmq refused the retry copy")
-            }
-            Ok(_) => Ok(()),
-            Err(error) => {
-                *slot = None;
-                Err(error.into())
-            }
-        }
+        let expiration = retry.delay.min(self.levels[level - 1]);
+        let message = self.to_queue(
+            &format!("{REQUESTS_QUEUE}.retry.{level}"),
+            &retry.workspace_id,
+            &retry.request,
+        )?;
+        self.publisher
+            .publish_expiring(&message, expiration)
+            .await?;
+        Ok(())
     }
 
     /// Publishes requests back to the main queue (the sweeper's way).
     pub async fn requeue(&self, workspace_id: &str, request: &[u8]) -> anyhow::Result<()> {
-        let payload = serde_json::to_vec(&Envelope::from_encoded(workspace_id, request))?;
-        let queue = self.bus.name(REQUESTS_QUEUE);
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let mut slot = self.channel.lock().await;
-        let channel = self.confirmed_channel(&mut slot).await?;
-        let confirm = channel
-            .basic_publish(
-                "",
-                &queue,
-                BasicPublishOptions::default(),
-                &payload,
-                properties,
-            )
-            .await?
+        let message = self.to_queue(REQUESTS_QUEUE, workspace_id, request)?;
+        self.publisher
+            .publish_all(std::slice::from_ref(&message))
             .await?;
-        if let Confirmation::Nack(_) = confirm {
-            *slot = None;
-            anyhow::bail!("rabbitmq refused the requeued request");
-        }
         Ok(())
     }
 }

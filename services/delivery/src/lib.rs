@@ -200,7 +200,7 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         ),
     );
     let retries = Arc::new(consumer::RetryPublisher::new(
-        platform.bus.clone(),
+        Arc::new(Publisher::new(platform.bus.clone())),
         config.retry_levels(),
     ));
     let handler = Arc::new(consumer::RequestHandler {
