@@ -391,10 +391,13 @@ impl Sender {
             retry: None,
         };
         let customer = request.customer.clone().unwrap_or_default();
-        let mut base_properties = origin_json(&request);
-        set(&mut base_properties, "message_id", &claimed.id.to_string());
-        set(&mut base_properties, "topic", &request.topic);
-        set(&mut base_properties, "template", &template_name(&request));
+        let base_properties = crate::store::event_properties(
+            claimed.id,
+            None,
+            &request.origin.clone().unwrap_or_default(),
+            &template_name(&request),
+            &request.topic,
+        );
 
         if now >= claimed.expires_at {
             return Ok(finish(
@@ -506,15 +509,21 @@ impl Sender {
         done.outcome.channel = channel as i16;
         done.outcome.address = choose::mask(&address);
 
-        let products = self
-            .products(&workspace, &compiled, &request, &customer, channel)
-            .await;
-        let customer_json = customer_json(profile);
         let data_json = request
             .data
             .as_ref()
             .map(struct_to_json)
             .unwrap_or_else(|| serde_json::json!({}));
+        let products = match &compiled.template().products {
+            Some(block) => {
+                let (items, _) = self
+                    .products_for(&workspace, block, &customer, &data_json, channel)
+                    .await;
+                products_json(&items)
+            }
+            None => serde_json::Value::Array(Vec::new()),
+        };
+        let customer_json = customer_json(profile);
         let input = RenderInput {
             customer: &customer_json,
             data: &data_json,
@@ -708,29 +717,6 @@ impl Sender {
             Address::Push { .. } => self.providers.accepts(Channel::Push, address),
             _ => true,
         }
-    }
-
-    /// The products block's items as the template sees them.
-    async fn products(
-        &self,
-        workspace: &str,
-        compiled: &CompiledTemplate,
-        request: &SendRequest,
-        customer: &CustomerRef,
-        channel: Channel,
-    ) -> serde_json::Value {
-        let Some(block) = &compiled.template().products else {
-            return serde_json::Value::Array(Vec::new());
-        };
-        let data = request
-            .data
-            .as_ref()
-            .map(struct_to_json)
-            .unwrap_or_default();
-        let (items, _) = self
-            .products_for(workspace, block, customer, &data, channel)
-            .await;
-        products_json(&items)
     }
 
     /// Asks recommendations for a products block: the block's placement (else the

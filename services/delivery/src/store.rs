@@ -872,23 +872,57 @@ fn inbox_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<InboxRow> {
     })
 }
 
-/// The properties every `message_*` event carries: which message, channel, campaign.
+/// The properties every `message_*` event carries: which message, channel (once one is
+/// chosen), campaign, template and topic — from the ledger row.
 pub fn message_properties(message: &MessageRow) -> serde_json::Value {
     let channel = relance_proto::v1::Channel::try_from(i32::from(message.channel))
-        .map(crate::domain::choose::channel_name)
-        .unwrap_or("unspecified");
-    serde_json::json!({
-        "message_id": message.id.to_string(),
-        "channel": channel,
-        "flow": message.flow,
-        "flow_version": message.flow_version,
-        "step": message.step,
-        "variant": message.variant,
-        "broadcast": message.broadcast,
-        "journey_id": message.journey_id,
-        "template": message.template,
-        "topic": message.topic,
-    })
+        .unwrap_or(relance_proto::v1::Channel::Unspecified);
+    let origin = relance_proto::v1::MessageOrigin {
+        flow: message.flow.clone(),
+        flow_version: message.flow_version as u32,
+        step: message.step.clone(),
+        variant: message.variant.clone(),
+        broadcast: message.broadcast.clone(),
+        journey_id: message.journey_id.clone(),
+    };
+    event_properties(
+        message.id,
+        Some(channel),
+        &origin,
+        &message.template,
+        &message.topic,
+    )
+}
+
+/// The properties of a `message_*` event, whether the send path (from the request) or a
+/// later interaction (from the ledger row) announces it: one place for the event's shape.
+pub fn event_properties(
+    message_id: Uuid,
+    channel: Option<relance_proto::v1::Channel>,
+    origin: &relance_proto::v1::MessageOrigin,
+    template: &str,
+    topic: &str,
+) -> serde_json::Value {
+    let mut properties = serde_json::json!({
+        "message_id": message_id.to_string(),
+        "flow": origin.flow,
+        "flow_version": origin.flow_version,
+        "step": origin.step,
+        "variant": origin.variant,
+        "broadcast": origin.broadcast,
+        "journey_id": origin.journey_id,
+        "template": template,
+        "topic": topic,
+    });
+    if let Some(channel) = channel
+        && let Some(object) = properties.as_object_mut()
+    {
+        object.insert(
+            "channel".into(),
+            crate::domain::choose::channel_name(channel).into(),
+        );
+    }
+    properties
 }
 
 async fn insert_messages(
