@@ -92,19 +92,20 @@ pub async fn replay(bus: &Bus, limit: usize) -> anyhow::Result<usize> {
         .await?;
     let queue = dlq_name(bus);
     let target = bus.name(REQUESTS_QUEUE);
-    // Only what is there now: a replayed request refused again lands back in this queue,
-    // and must not be picked up twice in one replay.
-    let waiting = bus.queue_depth(&format!("{REQUESTS_QUEUE}.dlq")).await? as usize;
-    let limit = limit.min(waiting);
-    let mut replayed = 0;
-    while replayed < limit {
+    // Only what is there now: every request is taken (and held, unacked) before any is
+    // published, so one refused again and dead-lettered back is not replayed twice.
+    let mut taken = Vec::new();
+    while taken.len() < limit {
         let Some(message) = channel
             .basic_get(&queue, BasicGetOptions { no_ack: false })
             .await?
         else {
             break;
         };
-        let delivery = message.delivery;
+        taken.push(message.delivery);
+    }
+    let mut replayed = 0;
+    for delivery in taken {
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());

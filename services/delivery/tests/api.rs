@@ -1108,7 +1108,16 @@ async fn requests_that_can_never_be_handled_wait_in_the_dead_letter_queue() {
     );
     assert_eq!(h.fake.count(), 0);
 
-    // Replayed, they go through the queue again (and, still broken, come back).
+    // Replayed, they go through the queue again (and, still broken, come back). The broker
+    // puts back what `list` held asynchronously: replay once both are ready again.
+    eventually(20, "the listed requests back in the queue", || {
+        let bus = bus.clone();
+        async move {
+            let depth = bus.queue_depth("delivery.requests.dlq").await.ok()?;
+            (depth == 2).then_some(())
+        }
+    })
+    .await;
     assert_eq!(relance_delivery::dlq::replay(&bus, 10).await.unwrap(), 2);
     eventually(20, "the replayed requests refused again", || {
         let bus = bus.clone();
