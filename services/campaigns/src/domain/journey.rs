@@ -1,0 +1,1 @@
+//! The journey state machine (written next).
