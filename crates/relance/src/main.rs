@@ -8,6 +8,7 @@ mod demo;
 mod import;
 mod profile;
 mod reco;
+mod report;
 mod segment;
 mod serve;
 
