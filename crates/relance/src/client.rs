@@ -1,6 +1,7 @@
 //! gRPC clients of the CLI, carrying the API key.
 
 use relance_kit::auth::BearerKey;
+use relance_proto::v1::campaigns_client::CampaignsClient;
 use relance_proto::v1::delivery_client::DeliveryClient;
 use relance_proto::v1::events_client::EventsClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
@@ -30,6 +31,7 @@ pub struct Clients {
     pub segments: SegmentsClient<Authed>,
     pub recommendations: RecommendationsClient<Authed>,
     pub delivery: DeliveryClient<Authed>,
+    pub campaigns: CampaignsClient<Authed>,
 }
 
 impl Target {
@@ -51,6 +53,7 @@ impl Target {
             segments: SegmentsClient::with_interceptor(channel.clone(), key.clone()),
             recommendations: RecommendationsClient::with_interceptor(channel.clone(), key.clone()),
             delivery: DeliveryClient::with_interceptor(channel.clone(), key.clone()),
+            campaigns: CampaignsClient::with_interceptor(channel.clone(), key.clone()),
             events: EventsClient::with_interceptor(channel, key)
                 .max_encoding_message_size(16 * 1024 * 1024),
         })

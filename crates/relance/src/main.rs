@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod campaign;
 mod delivery;
 mod demo;
 mod import;
@@ -49,7 +50,7 @@ enum Command {
     /// Read, export or erase a customer's profile.
     #[command(subcommand)]
     Profile(profile::ProfileCommand),
-    /// Apply segment (and, later, flow) definitions: `relance apply -f examples/segments/`.
+    /// Apply segments, flows and broadcasts: `relance apply -f examples/segments/ -f examples/flows/`.
     Apply(segment::ApplyArgs),
     /// Read segments: list, get, count, members, preview.
     #[command(subcommand)]
@@ -60,6 +61,15 @@ enum Command {
     /// Delivery: the dead-letter queue of send requests.
     #[command(subcommand)]
     Delivery(delivery::DeliveryCommand),
+    /// Flows: list, get, pause, resume, archive, a customer's journeys.
+    #[command(subcommand)]
+    Flow(campaign::FlowCommand),
+    /// Broadcasts: list, get, cancel.
+    #[command(subcommand)]
+    Broadcast(campaign::BroadcastCommand),
+    /// What a flow or broadcast earned: `relance report flow abandoned-cart --from 2025-05-01`.
+    #[command(subcommand)]
+    Report(campaign::ReportCommand),
     /// Start the platform, import the Online Retail sample and show what it made of it.
     Demo(demo::DemoArgs),
 }
@@ -152,6 +162,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Segment(command) => segment::run(command).await,
         Command::Reco(command) => reco::run(settings, command).await,
         Command::Delivery(command) => delivery::run(settings, command).await,
+        Command::Flow(command) => campaign::run_flow(command).await,
+        Command::Broadcast(command) => campaign::run_broadcast(command).await,
+        Command::Report(command) => campaign::run_report(command).await,
         Command::Demo(args) => demo::run(settings, args).await,
     }
 }

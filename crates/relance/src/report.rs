@@ -3,7 +3,6 @@
 //! uplift over the control group; each channel's share), CSV for spreadsheets, JSON for
 //! scripts.
 // The subcommand is wired once the campaigns client exists; until then only tests call in.
-#![allow(dead_code)]
 
 use chrono::SecondsFormat;
 use prost_types::{Duration, Timestamp};

@@ -125,20 +125,16 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     let mut clients = args.target.connect().await?;
     let mut pending: Vec<&Document> = Vec::new();
+    // Flows and broadcasts name segments: they are applied once the segments are.
+    let mut later: Vec<&Document> = Vec::new();
     let mut failed = 0;
     for document in &documents {
         match document.kind.as_str() {
             "Segment" => pending.push(document),
-            "Flow" => {
-                eprintln!(
-                    "{}: kind Flow is applied by the campaigns service, which this Relance does not run yet",
-                    document.origin
-                );
-                failed += 1;
-            }
+            "Flow" | "Broadcast" => later.push(document),
             other => {
                 eprintln!(
-                    "{}: kind: {other:?} is not a kind Relance knows (Segment, Flow)",
+                    "{}: kind: {other:?} is not a kind Relance knows (Segment, Flow, Broadcast)",
                     document.origin
                 );
                 failed += 1;
@@ -213,6 +209,16 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     if args.wait && !args.dry_run {
         wait_until_built(&mut clients, &applied_names).await?;
+    }
+    for document in later {
+        let applied = if document.kind == "Flow" {
+            crate::campaign::apply_flow(&mut clients, &document.origin, &document.yaml, args.dry_run).await
+        } else {
+            crate::campaign::apply_broadcast(&mut clients, &document.origin, &document.yaml, args.dry_run).await
+        };
+        if !applied {
+            failed += 1;
+        }
     }
     Ok(if failed > 0 {
         ExitCode::from(crate::exit::PARTIAL)

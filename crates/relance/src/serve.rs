@@ -15,11 +15,12 @@ pub const SERVICES: &[&str] = &[
     "segmentation",
     "recommendations",
     "delivery",
+    "campaigns",
 ];
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Services to run (profiles, events, segmentation, recommendations, delivery).
+    /// Services to run (profiles, events, segmentation, recommendations, delivery, campaigns).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(SERVICES))]
     services: Vec<String>,
     /// Run every service.
@@ -76,6 +77,9 @@ pub async fn start(
             "delivery" => relance_delivery::serve(&platform, &mut server)
                 .await
                 .context("starting delivery")?,
+            "campaigns" => relance_campaigns::serve(&platform, &mut server)
+                .await
+                .context("starting campaigns")?,
             other => anyhow::bail!("unknown service {other:?} (known: {})", SERVICES.join(", ")),
         }
     }
@@ -105,7 +109,7 @@ pub async fn start(
 
 /// Applies every schema's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let schemas: [(&str, &sqlx::migrate::Migrator); 6] = [
+    let schemas: [(&str, &sqlx::migrate::Migrator); 7] = [
         ("auth", &relance_kit::platform::AUTH_MIGRATOR),
         (relance_profiles::SCHEMA, &relance_profiles::MIGRATOR),
         (relance_events::SCHEMA, &relance_events::MIGRATOR),
@@ -118,6 +122,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
             &relance_recommendations::MIGRATOR,
         ),
         (relance_delivery::SCHEMA, &relance_delivery::MIGRATOR),
+        (relance_campaigns::SCHEMA, &relance_campaigns::MIGRATOR),
     ];
     for (schema, migrator) in schemas {
         let pool = db::connect(settings, schema).await?;

@@ -37,6 +37,9 @@ pub enum MessageStatus {
     Skipped,
     /// Failed for good.
     Failed,
+    /// Held by a frequency cap (it counts in `capped` only; once sent it is a `Sent` record
+    /// of its own).
+    Deferred,
 }
 
 /// One message of the campaign, with what the customer did with it.
@@ -395,6 +398,7 @@ fn message_stats<'a>(messages: impl Iterator<Item = &'a MessageRecord>) -> Stats
             }
             MessageStatus::Skipped => stats.skipped += 1,
             MessageStatus::Failed => stats.failed += 1,
+            MessageStatus::Deferred => {}
         }
     }
     stats
