@@ -51,6 +51,9 @@ poll_ms = 20
 schedule_poll_ms = 50
 workers = 1
 
+[delivery]
+http_addr = "127.0.0.1:0"
+
 [segmentation]
 sweep_every_ms = 100
 build_poll_ms = 100
