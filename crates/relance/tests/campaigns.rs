@@ -116,7 +116,7 @@ async fn sigkill_while_journeys_start_and_send_then_every_customer_got_each_mess
                 locale: "en".into(),
                 content: Some(pb::MessageContent {
                     in_app: Some(pb::InAppContent {
-                        title: format!("{name}"),
+                        title: name.to_string(),
                         body: "Hello".into(),
                         ..Default::default()
                     }),

@@ -25,6 +25,7 @@ use crate::domain::schedule::Cron;
 use crate::engine::{domain_channel, proto_channel};
 use crate::store::CampaignStore;
 use crate::store::flows::{FlowRecord, FlowStatus};
+use crate::store::broadcasts::Scheduled;
 use crate::store::report::ReportScope;
 
 /// The Campaigns service.
@@ -391,7 +392,17 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             .map_err(unavailable("segmentation"))?;
         let (record, changed) = self
             .store
-            .schedule_broadcast(&caller.workspace_id, &def, &yaml_text, first_run, audience, request.dry_run, now)
+            .schedule_broadcast(
+                &caller.workspace_id,
+                &Scheduled {
+                    def: &def,
+                    yaml: &yaml_text,
+                    next_run_at: first_run,
+                    audience_size: audience,
+                    dry_run: request.dry_run,
+                },
+                now,
+            )
             .await?;
         Ok(Response::new(pb::ScheduleBroadcastResponse {
             broadcast: Some(broadcast_to_proto(&record, true)),
@@ -579,7 +590,10 @@ fn decode_token(token: &str, field: &str) -> ApiResult<String> {
         .ok_or_else(|| ApiError::invalid(field, "not a token this service issued"))
 }
 
-fn range(range: Option<&pb::TimeRange>) -> ApiResult<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+/// A requested range's ends, each optional.
+type Ends = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+fn range(range: Option<&pb::TimeRange>) -> ApiResult<Ends> {
     let Some(range) = range else {
         return Ok((None, None));
     };

@@ -46,7 +46,7 @@ pub struct Engine {
     pub clients: Clients,
     pub clock: SharedClock,
     pub config: EngineConfig,
-    histograms: Arc<std::sync::Mutex<HashMap<String, (Instant, Arc<Histogram>)>>>,
+    histograms: crate::store::ttl::TtlMap<Arc<Histogram>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -69,7 +69,7 @@ impl Engine {
             clients,
             clock,
             config,
-            histograms: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            histograms: crate::store::ttl::TtlMap::new(WORKSPACE_HISTOGRAM_TTL),
         }
     }
 
@@ -152,9 +152,8 @@ impl Engine {
         let mut defs: HashMap<(String, u32), Arc<FlowDef>> = HashMap::new();
         for journey in &due {
             let key = (journey.flow.clone(), journey.flow_version);
-            if !defs.contains_key(&key) {
-                let def = self.store.definition(workspace_id, &journey.flow, journey.flow_version).await?;
-                defs.insert(key, def);
+            if let std::collections::hash_map::Entry::Vacant(slot) = defs.entry(key) {
+                slot.insert(self.store.definition(workspace_id, &journey.flow, journey.flow_version).await?);
             }
         }
         let mut customers: Vec<String> = due.iter().map(|j| j.customer_id.clone()).collect();
@@ -346,23 +345,17 @@ impl Engine {
     }
 
     async fn workspace_histogram(&self, workspace_id: &str, tz: Tz, now: DateTime<Utc>) -> ApiResult<Arc<Histogram>> {
-        {
-            let cache = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, histogram)) = cache.get(workspace_id)
-                && at.elapsed() < WORKSPACE_HISTOGRAM_TTL
-            {
-                return Ok(histogram.clone());
-            }
+        if let Some(histogram) = self.histograms.get(workspace_id) {
+            return Ok(histogram);
         }
         let histogram = Arc::new(self.store.workspace_histogram(workspace_id, tz, now).await?);
-        let mut cache = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        cache.insert(workspace_id.to_owned(), (Instant::now(), histogram.clone()));
+        self.histograms.put(workspace_id, histogram.clone());
         Ok(histogram)
     }
 
     /// Forgets cached histograms (tests that load activity and expect it learned at once).
     pub fn forget_histograms(&self) {
-        self.histograms.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.histograms.clear();
     }
 }
 

@@ -900,7 +900,7 @@ steps:
         .into_inner();
     let n_treated = treated.len() as u64;
     let n_control = control.len() as u64;
-    let total = report.total.clone().unwrap();
+    let total = report.total.unwrap();
     // Hand-computed: every treated customer got two sends; three clicks; conversions by
     // treated[0] (40 at +2 h → pn1, 10 at +50 h → pn2), treated[1] (60 → pn1), treated[3]
     // (25 at +30 h → pn2): three customers, revenue 135.
@@ -911,7 +911,7 @@ steps:
     assert!((total.revenue - 135.0).abs() < 1e-9);
     assert!((total.conversion_rate - 3.0 / n_treated as f64).abs() < 1e-12);
     assert!((total.ctr - 3.0 / (2 * n_treated) as f64).abs() < 1e-12);
-    let control_stats = report.control.clone().unwrap();
+    let control_stats = report.control.unwrap();
     assert_eq!((control_stats.entered, control_stats.conversions), (n_control, 1));
     assert!((control_stats.revenue - 15.0).abs() < 1e-9);
     let uplift = report.uplift.unwrap();
@@ -924,8 +924,8 @@ steps:
     let pn1 = &report.steps[0];
     let pn2 = &report.steps[2];
     assert_eq!(pn1.step_id, "pn1");
-    let pn1_stats = pn1.stats.clone().unwrap();
-    let pn2_stats = pn2.stats.clone().unwrap();
+    let pn1_stats = pn1.stats.unwrap();
+    let pn2_stats = pn2.stats.unwrap();
     assert_eq!((pn1_stats.entered, pn1_stats.sends, pn1_stats.clicks), (n_treated, n_treated, 3));
     assert_eq!((pn1_stats.conversions, pn2_stats.conversions), (2, 2));
     assert!((pn1_stats.revenue - 100.0).abs() < 1e-9);
@@ -933,10 +933,196 @@ steps:
     // Per variant: the assignment the messages carry.
     let variants = &pn1.variants;
     assert_eq!(variants.len(), 2);
-    let entered: u64 = variants.iter().map(|v| v.stats.clone().unwrap().entered).sum();
+    let entered: u64 = variants.iter().map(|v| v.stats.unwrap().entered).sum();
     assert_eq!(entered, n_treated);
     // Push carried every conversion here: in-app's share is 100 %.
     assert_eq!(report.channel_shares.len(), 1);
     assert_eq!(report.channel_shares[0].channel, pb::Channel::InApp as i32);
     assert!((report.channel_shares[0].share - 1.0).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn a_paused_flow_holds_journeys_before_their_send_and_resume_lets_them_go() {
+    let mut h = spawn_app().await;
+    h.template("hello").await;
+    for id in ["p1", "p2"] {
+        h.profile(id, "UTC", serde_json::json!({})).await;
+    }
+    h.apply(
+        r#"
+kind: Flow
+name: paused
+trigger: { event: signed_up }
+steps:
+  - wait: 1h
+  - send: { channel: in_app, template: hello }
+"#,
+    )
+    .await;
+    h.track("p1", "signed_up", serde_json::json!({})).await;
+    h.wait_for_journeys("paused", 1).await;
+    h.settle().await;
+    let flow = h
+        .campaigns
+        .pause_flow(h.admin(pb::PauseFlowRequest { name: "paused".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(flow.status, pb::FlowStatus::Paused as i32);
+    // No new journey while paused; the running one holds at its send.
+    h.track("p2", "signed_up", serde_json::json!({})).await;
+    eventually(10, "the sign-up seen", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE name = 'signed_up'")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+        (n == 2).then_some(())
+    })
+    .await;
+    h.advance(Duration::hours(2)).await;
+    assert_eq!(h.journeys("paused").await, 1);
+    assert_eq!(h.journey_rows("paused").await[0].2, 2, "held");
+    assert!(h.sent_templates("p1").await.is_empty());
+    h.campaigns
+        .resume_flow(h.admin(pb::ResumeFlowRequest { name: "paused".into(), end_held_journeys: false }))
+        .await
+        .unwrap();
+    h.settle().await;
+    assert_eq!(h.wait_for_messages("p1", 1).await, vec!["hello"]);
+    // Archived: running journeys end, the flow is listed only when asked.
+    h.track("p2", "signed_up", serde_json::json!({})).await;
+    h.wait_for_journeys("paused", 2).await;
+    let archived = h
+        .campaigns
+        .archive_flow(h.admin(pb::ArchiveFlowRequest { name: "paused".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(archived.status, pb::FlowStatus::Archived as i32);
+    let rows = h.journey_rows("paused").await;
+    assert_eq!(rows[1], ("p2".into(), 1, 3, Some(5)));
+    let listed = h.campaigns.list_flows(h.admin(pb::ListFlowsRequest::default())).await.unwrap().into_inner();
+    assert!(listed.flows.is_empty());
+    // Pausing an archived flow is refused; applying it again brings it back as a new version.
+    let error = h
+        .campaigns
+        .pause_flow(h.admin(pb::PauseFlowRequest { name: "paused".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_against_control() {
+    let mut h = spawn_app().await;
+    for name in ["promo-a", "promo-b"] {
+        h.template(name).await;
+    }
+    let ids: Vec<String> = (0..40).map(|i| format!("b{i:02}")).collect();
+    for id in &ids {
+        h.profile(id, "UTC", serde_json::json!({ "audience": "yes" })).await;
+    }
+    h.segments
+        .apply(h.admin(pb::ApplySegmentRequest {
+            yaml: "kind: Segment\nname: everyone\nwhere: { attribute: audience, eq: \"yes\" }\n".into(),
+            dry_run: false,
+        }))
+        .await
+        .unwrap();
+    eventually(20, "segment built", || async {
+        let count = h
+            .segments
+            .clone()
+            .count(h.admin(pb::CountSegmentRequest { name: "everyone".into() }))
+            .await
+            .ok()?
+            .into_inner()
+            .count;
+        (count == 40).then_some(())
+    })
+    .await;
+    let spec = pb::BroadcastSpec {
+        name: "spring-sale".into(),
+        segment: "everyone".into(),
+        channels: vec![pb::Channel::InApp as i32],
+        variants: vec![
+            pb::CampaignVariant { name: "A".into(), weight: 50, template: "promo-a".into(), channels: vec![] },
+            pb::CampaignVariant { name: "B".into(), weight: 50, template: "promo-b".into(), channels: vec![] },
+        ],
+        control_group_percent: 25.0,
+        ..Default::default()
+    };
+    // A structured spec with a bad weight names the field.
+    let mut bad = spec.clone();
+    bad.variants[1].weight = 0;
+    let error = h
+        .campaigns
+        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
+            definition: Some(pb::schedule_broadcast_request::Definition::Spec(bad)),
+            dry_run: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("spec.variants[1].weight"), "{}", error.message());
+    h.campaigns
+        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
+            definition: Some(pb::schedule_broadcast_request::Definition::Spec(spec)),
+            dry_run: false,
+        }))
+        .await
+        .unwrap();
+    h.settle().await;
+    let control: Vec<&String> = ids
+        .iter()
+        .filter(|id| relance_campaigns::domain::experiment::in_control(id, "spring-sale", 25.0))
+        .collect();
+    let treated: Vec<&String> = ids.iter().filter(|id| !control.contains(id)).collect();
+    for id in &treated {
+        h.wait_for_messages(id, 1).await;
+    }
+    for id in &control {
+        assert!(h.sent_templates(id).await.is_empty(), "{id} is in the control group");
+    }
+    // Two treated customers and one control customer order within the window.
+    h.advance(Duration::hours(3)).await;
+    h.track(treated[0], "order_completed", serde_json::json!({ "revenue": 30.0 })).await;
+    h.track(treated[1], "order_completed", serde_json::json!({ "revenue": 20.0 })).await;
+    h.track(control[0], "order_completed", serde_json::json!({ "revenue": 10.0 })).await;
+    eventually(10, "orders kept and sends recorded", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM campaigns.activity WHERE name = 'order_completed') * 1000 \
+             + (SELECT count(*) FROM campaigns.messages WHERE status = 1)",
+        )
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+        (n == 3000 + treated.len() as i64).then_some(())
+    })
+    .await;
+    let report = h
+        .campaigns
+        .get_broadcast_report(h.admin(pb::GetBroadcastReportRequest { name: "spring-sale".into(), range: None }))
+        .await
+        .unwrap()
+        .into_inner();
+    let total = report.total.unwrap();
+    assert_eq!((total.entered, total.sends, total.conversions), (treated.len() as u64, treated.len() as u64, 2));
+    assert!((total.revenue - 50.0).abs() < 1e-9);
+    let control_stats = report.control.unwrap();
+    assert_eq!((control_stats.entered, control_stats.conversions), (control.len() as u64, 1));
+    assert_eq!(report.variants.len(), 2);
+    let assigned: u64 = report.variants.iter().map(|v| v.stats.unwrap().entered).sum();
+    assert_eq!(assigned, treated.len() as u64);
+    for variant in &report.variants {
+        assert!(variant.uplift.is_some(), "each variant is compared with control");
+    }
+    let broadcast = h
+        .campaigns
+        .get_broadcast(h.admin(pb::GetBroadcastRequest { name: "spring-sale".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(broadcast.status, pb::BroadcastStatus::Completed as i32);
+    assert_eq!((broadcast.queued, broadcast.control), (treated.len() as u64, control.len() as u64));
 }

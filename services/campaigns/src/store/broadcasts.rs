@@ -44,6 +44,20 @@ pub struct BroadcastRecord {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
+/// A broadcast to schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheduled<'a> {
+    pub def: &'a BroadcastDef,
+    /// The document, or empty for a structured spec.
+    pub yaml: &'a str,
+    /// The first run (its first wave).
+    pub next_run_at: DateTime<Utc>,
+    /// The segment's size now.
+    pub audience_size: u64,
+    /// Validate only.
+    pub dry_run: bool,
+}
+
 /// A recipient of a run.
 #[derive(Debug, Clone)]
 pub struct NewRecipient {
@@ -105,13 +119,16 @@ impl CampaignStore {
     pub async fn schedule_broadcast(
         &self,
         workspace_id: &str,
-        def: &BroadcastDef,
-        yaml: &str,
-        next_run_at: DateTime<Utc>,
-        audience_size: u64,
-        dry_run: bool,
+        scheduled: &Scheduled<'_>,
         now: DateTime<Utc>,
     ) -> ApiResult<(BroadcastRecord, bool)> {
+        let Scheduled {
+            def,
+            yaml,
+            next_run_at,
+            audience_size,
+            dry_run,
+        } = *scheduled;
         let definition = serde_json::to_value(def).map_err(anyhow::Error::from)?;
         let mut tx = self.pool.begin().await?;
         let existing = sqlx::query(&format!(

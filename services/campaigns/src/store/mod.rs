@@ -9,10 +9,11 @@ pub mod journeys;
 pub mod report;
 pub mod sends;
 pub mod settings;
+pub mod ttl;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relance_kit::error::ApiResult;
 use sqlx::PgPool;
@@ -43,9 +44,9 @@ pub struct CampaignStore {
     /// Notified after a commit that wrote to the outbox.
     pub outbox_wake: Arc<Notify>,
     definitions: Arc<Mutex<HashMap<DefinitionKey, Arc<FlowDef>>>>,
-    live_flows: Arc<Mutex<HashMap<String, (Instant, Arc<Vec<LiveFlow>>)>>>,
+    live_flows: ttl::TtlMap<Arc<Vec<LiveFlow>>>,
     guardrail_cache: settings::GuardrailCache,
-    broadcast_events: Arc<Mutex<HashMap<String, (Instant, Arc<HashSet<String>>)>>>,
+    broadcast_events: ttl::TtlMap<Arc<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for CampaignStore {
@@ -65,9 +66,9 @@ impl CampaignStore {
             pool,
             outbox_wake,
             definitions: Arc::new(Mutex::new(HashMap::new())),
-            live_flows: Arc::new(Mutex::new(HashMap::new())),
-            guardrail_cache: settings::GuardrailCache::default(),
-            broadcast_events: Arc::new(Mutex::new(HashMap::new())),
+            live_flows: ttl::TtlMap::new(ACTIVE_FLOWS_TTL),
+            guardrail_cache: settings::guardrail_cache(),
+            broadcast_events: ttl::TtlMap::new(ACTIVE_FLOWS_TTL),
         }
     }
 
@@ -77,15 +78,13 @@ impl CampaignStore {
 
     /// Drops the cached list of live flows (after an apply or a status change).
     pub fn forget_active_flows(&self, workspace_id: &str) {
-        lock(&self.live_flows).remove(workspace_id);
+        self.live_flows.forget(workspace_id);
     }
 
     /// The workspace's active and paused flows at their latest versions.
     pub async fn live_flows(&self, workspace_id: &str) -> ApiResult<Arc<Vec<LiveFlow>>> {
-        if let Some((at, flows)) = lock(&self.live_flows).get(workspace_id)
-            && at.elapsed() < ACTIVE_FLOWS_TTL
-        {
-            return Ok(flows.clone());
+        if let Some(flows) = self.live_flows.get(workspace_id) {
+            return Ok(flows);
         }
         let rows: Vec<(String, i32, i16)> = sqlx::query_as(
             "SELECT name, latest_version, status FROM flows WHERE workspace_id = $1 AND status IN (1, 2) ORDER BY name",
@@ -104,22 +103,19 @@ impl CampaignStore {
             });
         }
         let flows = Arc::new(flows);
-        lock(&self.live_flows).insert(workspace_id.to_owned(), (Instant::now(), flows.clone()));
+        self.live_flows.put(workspace_id, flows.clone());
         Ok(flows)
     }
 
     fn broadcast_events_cached(&self, workspace_id: &str) -> Option<Arc<HashSet<String>>> {
-        match lock(&self.broadcast_events).get(workspace_id) {
-            Some((at, names)) if at.elapsed() < ACTIVE_FLOWS_TTL => Some(names.clone()),
-            _ => None,
-        }
+        self.broadcast_events.get(workspace_id)
     }
 
     fn cache_broadcast_events(&self, workspace_id: &str, names: Arc<HashSet<String>>) {
-        lock(&self.broadcast_events).insert(workspace_id.to_owned(), (Instant::now(), names));
+        self.broadcast_events.put(workspace_id, names);
     }
 
     fn forget_broadcast_events(&self, workspace_id: &str) {
-        lock(&self.broadcast_events).remove(workspace_id);
+        self.broadcast_events.forget(workspace_id);
     }
 }

@@ -9,6 +9,9 @@ use crate::domain::matcher;
 use crate::domain::model::{ChannelName, Conversion};
 use crate::domain::report::{ConversionEvent, Entry, MessageRecord, MessageStatus, ReportInput, StepVisit};
 
+/// customer, journey, step, variant, channel, status, at, delivered, opened, clicked.
+type MessageRow = (String, String, String, String, String, Option<i16>, Option<DateTime<Utc>>, bool, bool, bool);
+
 /// Which campaign, over which time.
 #[derive(Debug, Clone)]
 pub struct ReportScope {
@@ -99,7 +102,7 @@ impl CampaignStore {
             (None, Some(broadcast)) => ("broadcast", broadcast.clone()),
             (None, None) => return Ok(input),
         };
-        let messages: Vec<(String, String, String, String, String, Option<i16>, Option<DateTime<Utc>>, bool, bool, bool)> =
+        let messages: Vec<MessageRow> =
             sqlx::query_as(&format!(
                 "SELECT customer_id, journey_id, step, variant, channel, status, at, delivered, opened, clicked \
                  FROM messages WHERE workspace_id = $1 AND {column} = $2 AND ($3 = 0 OR flow_version = $3) \

@@ -1,8 +1,7 @@
 //! Per-workspace guardrail settings: frequency caps and quiet hours.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use relance_kit::error::ApiResult;
@@ -24,30 +23,20 @@ pub struct Guardrails {
 }
 
 /// Cached guardrails by workspace.
-#[derive(Debug, Clone, Default)]
-pub struct GuardrailCache {
-    entries: Arc<Mutex<HashMap<String, (Instant, Arc<Guardrails>)>>>,
+pub type GuardrailCache = super::ttl::TtlMap<Arc<Guardrails>>;
+
+/// The cache the store starts with.
+pub fn guardrail_cache() -> GuardrailCache {
+    super::ttl::TtlMap::new(SETTINGS_TTL)
 }
 
-impl GuardrailCache {
-    fn get(&self, workspace_id: &str) -> Option<Arc<Guardrails>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.get(workspace_id) {
-            Some((at, value)) if at.elapsed() < SETTINGS_TTL => Some(value.clone()),
-            _ => None,
-        }
-    }
-
-    fn put(&self, workspace_id: &str, value: Arc<Guardrails>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.insert(workspace_id.to_owned(), (Instant::now(), value));
-    }
-
-    fn forget(&self, workspace_id: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.remove(workspace_id);
-    }
-}
+/// A workspace's stored settings row: caps, when set, quiet hours, when set.
+type SettingsRow = (
+    Option<serde_json::Value>,
+    Option<DateTime<Utc>>,
+    Option<serde_json::Value>,
+    Option<DateTime<Utc>>,
+);
 
 impl CampaignStore {
     /// The workspace's guardrails (defaults where never set: no caps; quiet hours on,
@@ -56,7 +45,7 @@ impl CampaignStore {
         if let Some(cached) = self.guardrail_cache.get(workspace_id) {
             return Ok(cached);
         }
-        let row: Option<(Option<serde_json::Value>, Option<DateTime<Utc>>, Option<serde_json::Value>, Option<DateTime<Utc>>)> =
+        let row: Option<SettingsRow> =
             sqlx::query_as(
                 "SELECT caps, caps_updated_at, quiet_hours, quiet_hours_updated_at FROM workspace_settings WHERE workspace_id = $1",
             )
