@@ -3,8 +3,12 @@
 //! sending); afterwards every customer got each message exactly once according to delivery's
 //! ledger, and none was missed.
 //!
-//! Profiles, events and delivery run in this test's process; `relance serve campaigns` runs
-//! as a child process, the one that is killed. `RELANCE_CHAOS_CUSTOMERS` changes the count.
+//! A second test does the same to a broadcast: killed while it queues its send requests,
+//! restarted, every member of the segment got it once.
+//!
+//! Profiles, events and delivery (and segmentation, for the broadcast's audience) run in
+//! this test's process; `relance serve campaigns` runs as a child process, the one that is
+//! killed. `RELANCE_CHAOS_CUSTOMERS` changes the count.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -274,6 +278,180 @@ steps:
         "{n} customers, {expected} messages, kills at {kills:?}, done in {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    kill(&mut process);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
+    let n = (customers() / 5).max(1000);
+    let env = Arc::new(TestEnv::new().await);
+    let settings = env
+        .settings
+        .with(&[("internal_key", INTERNAL_KEY), ("delivery.http_addr", "127.0.0.1:0")])
+        .expect("settings");
+    let clock: SharedClock = Arc::new(SystemClock);
+    let app = TestApp::start(
+        env.clone(),
+        settings,
+        clock,
+        Box::new(|platform, server| {
+            Box::pin(async move {
+                relance_profiles::serve(platform, server).await?;
+                relance_events::serve(platform, server).await?;
+                relance_segmentation::serve(platform, server).await?;
+                relance_delivery::serve(platform, server).await
+            })
+        }),
+    )
+    .await;
+    let db = PgPool::connect(&env.database_url()).await.expect("pool");
+    sqlx::query(
+        "INSERT INTO profiles.profiles (workspace_id, customer_id, created_at, updated_at) \
+         SELECT $1, 'm' || i, now(), now() FROM generate_series(0, $2 - 1) AS i",
+    )
+    .bind(&app.workspace)
+    .bind(n as i64)
+    .execute(&db)
+    .await
+    .expect("profiles");
+    let local = app.channel().await;
+    let template = pb::Template {
+        name: "flash-sale".into(),
+        default_locale: "en".into(),
+        variants: vec![pb::TemplateVariant {
+            locale: "en".into(),
+            content: Some(pb::MessageContent {
+                in_app: Some(pb::InAppContent {
+                    title: "Flash sale".into(),
+                    body: "Two hours only".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    DeliveryClient::new(local.clone())
+        .upsert_template(authed(&app.admin_key, pb::UpsertTemplateRequest { template: Some(template), dry_run: false }))
+        .await
+        .expect("template");
+    // The audience: everyone who visited (segmentation builds it from the events).
+    let mut segments = relance_proto::v1::segments_client::SegmentsClient::new(local.clone());
+    segments
+        .apply(authed(
+            &app.admin_key,
+            pb::ApplySegmentRequest {
+                yaml: "kind: Segment\nname: visitors\nwhere: { event: app_opened }\n".into(),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("segment");
+    let mut events = EventsClient::new(local);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let batch = chunk
+            .iter()
+            .map(|i| pb::Event {
+                message_id: format!("open-{i}"),
+                name: "app_opened".into(),
+                customer_id: format!("m{i}"),
+                ..Default::default()
+            })
+            .collect();
+        events
+            .track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch }))
+            .await
+            .expect("track batch");
+    }
+    eventually(300, "the audience to be built", || {
+        let mut segments = segments.clone();
+        let key = app.admin_key.clone();
+        async move {
+            let count = segments
+                .count(authed(&key, pb::CountSegmentRequest { name: "visitors".into() }))
+                .await
+                .ok()?
+                .into_inner()
+                .count;
+            (count == n as u64).then_some(())
+        }
+    })
+    .await;
+
+    let (grpc, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("relance-broadcast-chaos-{}", env.id));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("relance.toml");
+    let here = format!("http://{}", app.addr);
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[services]
+profiles = "{here}"
+events = "{here}"
+segmentation = "{here}"
+delivery = "{here}"
+
+[campaigns]
+broadcast_batch = 500
+"#
+        ),
+    )
+    .expect("config");
+    let mut process = start(&env, grpc, admin, &config);
+    let mut campaigns = CampaignsClient::new(channel(grpc).await);
+    // Throttled, so the kills land while it is queuing.
+    let response = campaigns
+        .schedule_broadcast(authed(
+            &app.admin_key,
+            pb::ScheduleBroadcastRequest {
+                definition: Some(pb::schedule_broadcast_request::Definition::Yaml(format!(
+                    "kind: Broadcast\nname: flash\nsegment: visitors\nchannel: in_app\ntemplate: flash-sale\n\
+                     ignore_quiet_hours: true\nmax_sends_per_second: {}\n",
+                    (n / 10).max(100)
+                ))),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("scheduled")
+        .into_inner();
+    assert!(response.errors.is_empty(), "{:?}", response.errors);
+    let queued = "SELECT count(*) FROM campaigns.broadcast_recipients WHERE state = 1";
+    let mut kills = Vec::new();
+    for share in [2, 5] {
+        eventually(300, "the broadcast to progress", || {
+            let db = db.clone();
+            async move { (count(&db, queued).await >= (n as i64) * share / 10).then_some(()) }
+        })
+        .await;
+        kill(&mut process);
+        kills.push(count(&db, queued).await);
+        process = start(&env, grpc, admin, &config);
+    }
+    let ledger = "SELECT count(*) FROM delivery.messages WHERE broadcast = 'flash'";
+    eventually(600, "every member's message in the ledger", || {
+        let db = db.clone();
+        async move { (count(&db, ledger).await >= n as i64).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&db, ledger).await, n as i64, "one message per member");
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT customer_id) FROM delivery.messages WHERE broadcast = 'flash' AND status = 2").await,
+        n as i64
+    );
+    let broadcast = campaigns
+        .get_broadcast(authed(&app.admin_key, pb::GetBroadcastRequest { name: "flash".into() }))
+        .await
+        .expect("broadcast")
+        .into_inner();
+    assert_eq!(broadcast.status, pb::BroadcastStatus::Completed as i32);
+    assert_eq!(broadcast.queued, n as u64);
+    eprintln!("broadcast to {n}: kills after {kills:?} queued");
     kill(&mut process);
     let _ = std::fs::remove_dir_all(&dir);
 }
