@@ -233,6 +233,34 @@ impl Clients {
         Ok(total)
     }
 
+    /// Up to `limit` known customers of a segment.
+    pub async fn segment_sample(&self, workspace_id: &str, name: &str, limit: u64) -> Result<Vec<String>, tonic::Status> {
+        let request = ListSegmentMembersRequest {
+            name: name.to_owned(),
+            page_size: 5000,
+            limit,
+            ..Default::default()
+        };
+        let mut stream = self
+            .segments
+            .clone()
+            .list_members(self.key.request(workspace_id, request))
+            .await?
+            .into_inner();
+        let mut ids = Vec::new();
+        while let Some(response) = stream.message().await? {
+            for member in response.members {
+                if let Some(CustomerRef {
+                    id: Some(customer_ref::Id::CustomerId(id)),
+                }) = member.customer
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Whether a delivery template exists.
     pub async fn template_exists(&self, workspace_id: &str, name: &str) -> Result<bool, tonic::Status> {
         let request = GetTemplateRequest {

@@ -27,6 +27,8 @@ use crate::store::journeys::{self, DueJourney, JourneyWrite, Visit};
 use crate::store::sends::{self, CapIncrement, GuardEvent, GuardKind, SendRow};
 use crate::store::activity;
 
+/// Members of a flow's segment whose activity makes the segment's best-time histogram.
+const SEGMENT_HISTOGRAM_SAMPLE: u64 = 5000;
 /// How long the workspace's best-time histogram is trusted.
 const WORKSPACE_HISTOGRAM_TTL: StdDuration = StdDuration::from_secs(600);
 
@@ -222,6 +224,20 @@ impl Engine {
             }
             workspace_histogram = self.workspace_histogram(workspace_id, default_tz, now).await?;
         }
+        // Each flow's segment (audience, or the segment that triggers it): the fallback
+        // between the customer's own hours and the whole shop's.
+        let mut segment_histograms: HashMap<String, Arc<Histogram>> = HashMap::new();
+        if needs_best_time {
+            for def in defs.values() {
+                let Some(segment) = flow_segment(def) else {
+                    continue;
+                };
+                if !segment_histograms.contains_key(segment) {
+                    let histogram = self.segment_histogram(workspace_id, segment, default_tz, now).await?;
+                    segment_histograms.insert(segment.to_owned(), histogram);
+                }
+            }
+        }
 
         // Counters are read under a per-customer lock, so two workers never both let the
         // third push of the day through.
@@ -249,7 +265,12 @@ impl Engine {
             let tz = customer_tz(profile, default_tz);
             let member = memberships.get(&journey.customer_id).unwrap_or(&no_segments);
             let own = own_histograms.remove(&journey.customer_id).unwrap_or_default();
-            let histograms = [&own, workspace_histogram.as_ref()];
+            let empty_histogram = Histogram::default();
+            let segment_histogram = flow_segment(&def)
+                .and_then(|segment| segment_histograms.get(segment))
+                .map(|h| h.as_ref())
+                .unwrap_or(&empty_histogram);
+            let histograms = [(&own, tz), (segment_histogram, default_tz), (workspace_histogram.as_ref(), default_tz)];
             let mut customer_counts = counts.remove(&journey.customer_id).unwrap_or_default();
             let before_counts = customer_counts.clone();
             let (effects, outcome) = if status == FlowStatus::Archived {
@@ -353,9 +374,44 @@ impl Engine {
         Ok(histogram)
     }
 
+    /// The acting hours of a sample of the segment's members (cached like the workspace's).
+    async fn segment_histogram(&self, workspace_id: &str, segment: &str, tz: Tz, now: DateTime<Utc>) -> ApiResult<Arc<Histogram>> {
+        let key = format!("{workspace_id}\u{1f}{segment}");
+        if let Some(histogram) = self.histograms.get(&key) {
+            return Ok(histogram);
+        }
+        let members = self
+            .clients
+            .segment_sample(workspace_id, segment, SEGMENT_HISTOGRAM_SAMPLE)
+            .await
+            .map_err(|status| ApiError::Unavailable(format!("segmentation: {}", status.message())))?;
+        let mut conn = self.store.pool.acquire().await?;
+        let times = activity::acting_times(&mut conn, workspace_id, &members, now).await?;
+        let mut histogram = Histogram::default();
+        for at in times.values().flatten() {
+            histogram.add(*at, tz, 1);
+        }
+        let histogram = Arc::new(histogram);
+        self.histograms.put(&key, histogram.clone());
+        Ok(histogram)
+    }
+
     /// Forgets cached histograms (tests that load activity and expect it learned at once).
     pub fn forget_histograms(&self) {
         self.histograms.clear();
+    }
+}
+
+/// The segment a flow's customers belong to: its audience, or the segment that starts it.
+fn flow_segment(def: &FlowDef) -> Option<&str> {
+    if let Some(segment) = &def.audience.segment {
+        return Some(segment);
+    }
+    match &def.trigger {
+        crate::domain::model::Trigger::SegmentEntered { segment } | crate::domain::model::Trigger::Schedule { segment, .. } => {
+            Some(segment)
+        }
+        crate::domain::model::Trigger::Event(_) => None,
     }
 }
 

@@ -542,6 +542,21 @@ async fn a_best_time_send_lands_in_the_hour_the_customer_orders() {
     let mut h = spawn_app().await;
     h.template("recap").await;
     h.profile("leila", "Africa/Algiers", serde_json::json!({})).await;
+    // A newcomer with no history of their own: the shop's hours decide (here, Leila's), read
+    // in the shop's timezone.
+    h.profile("newcomer", "Africa/Algiers", serde_json::json!({})).await;
+    h.campaigns
+        .set_quiet_hours(h.admin(pb::SetQuietHoursRequest {
+            quiet_hours: Some(pb::QuietHours {
+                enabled: true,
+                start: "22:00".into(),
+                end: "08:00".into(),
+                default_timezone: "Africa/Algiers".into(),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .unwrap();
     h.apply(
         r#"
 kind: Flow
@@ -567,18 +582,22 @@ steps:
     })
     .await;
     h.track("leila", "signed_up", serde_json::json!({})).await;
-    h.wait_for_journeys("recap", 1).await;
+    h.track("newcomer", "signed_up", serde_json::json!({})).await;
+    h.wait_for_journeys("recap", 2).await;
     h.settle().await;
     h.advance(Duration::hours(9) + Duration::minutes(59)).await;
     assert!(h.sent_templates("leila").await.is_empty());
+    assert!(h.sent_templates("newcomer").await.is_empty());
     h.advance(Duration::minutes(1)).await;
     h.wait_for_messages("leila", 1).await;
-    let at: DateTime<Utc> = sqlx::query_scalar("SELECT at FROM campaigns.sends WHERE customer_id = 'leila'")
-        .fetch_one(&h.db)
+    h.wait_for_messages("newcomer", 1).await;
+    let times: Vec<DateTime<Utc>> = sqlx::query_scalar("SELECT at FROM campaigns.sends ORDER BY customer_id")
+        .fetch_all(&h.db)
         .await
         .unwrap();
     // 19:00 UTC is 20:00 in Algiers.
-    assert_eq!(at, Utc.with_ymd_and_hms(2026, 3, 2, 19, 0, 0).single().unwrap());
+    let evening = Utc.with_ymd_and_hms(2026, 3, 2, 19, 0, 0).single().unwrap();
+    assert_eq!(times, vec![evening, evening]);
 }
 
 #[tokio::test]

@@ -118,8 +118,10 @@ pub struct Facts<'a> {
     pub segments: &'a HashMap<String, bool>,
     /// The customer's recent activity (events the flow reacts to), any order.
     pub activity: &'a [Activity],
-    /// Best-time histograms: the customer's own first, then the fallbacks.
-    pub histograms: &'a [&'a Histogram],
+    /// Best-time histograms, each with the timezone its hours are read in: the customer's
+    /// own (in their timezone) first, then the fallbacks (the segment's, the shop's, in the
+    /// shop's timezone). The first with enough actions decides.
+    pub histograms: &'a [(&'a Histogram, Tz)],
     pub caps: &'a CapSettings,
     pub quiet_hours: &'a QuietHoursRule,
     /// The customer's counts so far; a send the caps allow increments them, so two
@@ -332,13 +334,13 @@ fn start_wait(wait: &Wait, facts: &Facts<'_>) -> WaitStart {
             }
         }
         Wait::BestTime { within_secs } => {
-            let at = besttime::best_send_time(
-                now,
-                *within_secs,
-                facts.tz,
-                facts.histograms,
-                BEST_TIME_MIN_SAMPLES,
-            );
+            let mut at = now;
+            for (histogram, tz) in facts.histograms {
+                if histogram.total() >= BEST_TIME_MIN_SAMPLES {
+                    at = besttime::best_send_time(now, *within_secs, *tz, &[histogram], BEST_TIME_MIN_SAMPLES);
+                    break;
+                }
+            }
             if at <= now {
                 WaitStart::Over
             } else {
@@ -531,7 +533,7 @@ mod tests {
         }
 
         fn run(&mut self, flow: &FlowDef, state: JourneyState, now: DateTime<Utc>, tz: Tz) -> (Vec<Effect>, Outcome) {
-            let histograms = [&self.histogram];
+            let histograms = [(&self.histogram, chrono_tz::UTC)];
             let mut facts = Facts {
                 now,
                 journey_id: "j1",
@@ -752,7 +754,7 @@ mod tests {
     fn a_paused_flow_holds_before_a_send_and_control_journeys_send_nothing() {
         let flow = flow(vec![step("s", send("t"), None)]);
         let mut world = World::new();
-        let histograms = [&world.histogram];
+        let histograms = [(&world.histogram, chrono_tz::UTC)];
         let mut facts = Facts {
             now: at(9, 0),
             journey_id: "j1",
