@@ -110,6 +110,10 @@ impl Engine {
         if due.is_empty() {
             return Ok(BatchOutcome::default());
         }
+        for journey in &due {
+            let late = (now - journey.due_at).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("relance_campaigns_step_lateness_seconds").record(late);
+        }
         let mut by_workspace: HashMap<String, Vec<DueJourney>> = HashMap::new();
         for journey in due {
             by_workspace.entry(journey.workspace_id.clone()).or_default().push(journey);

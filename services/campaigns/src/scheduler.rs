@@ -96,7 +96,8 @@ pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClo
                     other => other,
                 },
                 customer_id: customer.clone(),
-                trigger_id: format!("schedule:{}", occurrence.to_rfc3339()),
+                // Unique per customer and occurrence: a retried run starts nobody twice.
+                trigger_id: format!("schedule:{}:{customer}", occurrence.to_rfc3339()),
                 control: experiment::in_control(customer, &name, def.control_group_percent),
                 trigger_data: serde_json::json!({ "segment": segment, "occurrence": occurrence.to_rfc3339() }),
                 wake_at,

@@ -1145,3 +1145,132 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
     assert_eq!(broadcast.status, pb::BroadcastStatus::Completed as i32);
     assert_eq!((broadcast.queued, broadcast.control), (treated.len() as u64, control.len() as u64));
 }
+
+/// Applies a segment of the customers whose `audience` attribute is `value`, and waits until
+/// it holds `size` members.
+async fn audience_segment(h: &Harness, name: &str, value: &str, size: u64) {
+    h.segments
+        .clone()
+        .apply(h.admin(pb::ApplySegmentRequest {
+            yaml: format!("kind: Segment\nname: {name}\nwhere: {{ attribute: audience, eq: \"{value}\" }}\n"),
+            dry_run: false,
+        }))
+        .await
+        .unwrap();
+    eventually(20, "segment built", || async {
+        let count = h
+            .segments
+            .clone()
+            .count(h.admin(pb::CountSegmentRequest { name: name.into() }))
+            .await
+            .ok()?
+            .into_inner()
+            .count;
+        (count == size).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_scheduled_flow_starts_a_journey_per_member_at_the_local_time_of_each() {
+    let mut h = spawn_app().await;
+    h.template("vip-recap").await;
+    h.profile("vip-algiers", "Africa/Algiers", serde_json::json!({ "audience": "vip" })).await;
+    h.profile("vip-tokyo", "Asia/Tokyo", serde_json::json!({ "audience": "vip" })).await;
+    audience_segment(&h, "vip", "vip", 2).await;
+    // Every day at 18:00 in each customer's own timezone.
+    h.apply(
+        r#"
+kind: Flow
+name: vip-daily
+trigger: { schedule: "0 18 * * *", segment: vip, local_time: true }
+steps:
+  - send: { channel: in_app, template: vip-recap }
+"#,
+    )
+    .await;
+    // Monday 09:00 UTC: 18:00 in Tokyo (UTC+9) is now; in Algiers (UTC+1) it is 17:00 UTC.
+    // The run starts when 18:00 first happens anywhere (UTC+14: 04:00 UTC, already past for
+    // today's run, so the next is Tuesday's, at Monday 04:00 UTC + 1 day).
+    h.settle().await;
+    let next: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT next_run_at FROM campaigns.flows WHERE name = 'vip-daily'")
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+    assert_eq!(next, Some(Utc.with_ymd_and_hms(2026, 3, 3, 4, 0, 0).single().unwrap()));
+    h.advance(Duration::hours(19)).await; // Tuesday 04:00 UTC: Tuesday's run starts
+    h.wait_for_journeys("vip-daily", 2).await;
+    let wakes: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT customer_id, next_wake_at FROM campaigns.journeys ORDER BY customer_id")
+            .fetch_all(&h.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        wakes,
+        vec![
+            ("vip-algiers".to_owned(), Utc.with_ymd_and_hms(2026, 3, 3, 17, 0, 0).single().unwrap()),
+            ("vip-tokyo".to_owned(), Utc.with_ymd_and_hms(2026, 3, 3, 9, 0, 0).single().unwrap()),
+        ]
+    );
+    h.advance(Duration::hours(5)).await; // 09:00 UTC
+    h.wait_for_messages("vip-tokyo", 1).await;
+    assert!(h.sent_templates("vip-algiers").await.is_empty());
+    h.advance(Duration::hours(8)).await; // 17:00 UTC
+    h.wait_for_messages("vip-algiers", 1).await;
+    // The next day's run starts new journeys (the previous ones ended).
+    h.advance(Duration::hours(11)).await; // Wednesday 04:00 UTC
+    h.wait_for_journeys("vip-daily", 4).await;
+}
+
+#[tokio::test]
+async fn a_recurring_broadcast_runs_on_its_cron_until_it_ends() {
+    let mut h = spawn_app().await;
+    h.template("daily-deal").await;
+    for id in ["r1", "r2"] {
+        h.profile(id, "UTC", serde_json::json!({ "audience": "deals" })).await;
+    }
+    audience_segment(&h, "deal-lovers", "deals", 2).await;
+    let response = h
+        .campaigns
+        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
+            definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
+                r#"
+kind: Broadcast
+name: daily-deal
+segment: deal-lovers
+channel: in_app
+template: daily-deal
+schedule: { cron: "0 10 * * *", ends_at: "2026-03-04T12:00:00Z" }
+"#
+                .into(),
+            )),
+            dry_run: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.errors.is_empty(), "{:?}", response.errors);
+    assert_eq!(
+        response.broadcast.unwrap().next_run_at.unwrap(),
+        chrono_to_timestamp(Utc.with_ymd_and_hms(2026, 3, 2, 10, 0, 0).single().unwrap())
+    );
+    h.settle().await;
+    assert!(h.sent_templates("r1").await.is_empty());
+    // Monday 10:00, Tuesday 10:00, Wednesday 10:00; Thursday's run is past `ends_at`.
+    for day in 1..=3 {
+        h.advance(if day == 1 { Duration::hours(1) } else { Duration::days(1) }).await;
+        h.wait_for_messages("r1", day).await;
+        h.wait_for_messages("r2", day).await;
+        h.settle().await;
+    }
+    h.advance(Duration::days(1)).await;
+    let broadcast = h
+        .campaigns
+        .get_broadcast(h.admin(pb::GetBroadcastRequest { name: "daily-deal".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(broadcast.status, pb::BroadcastStatus::Completed as i32);
+    assert_eq!(broadcast.queued, 6);
+    assert_eq!(h.sent_templates("r1").await.len(), 3);
+}

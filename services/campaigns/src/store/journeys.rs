@@ -41,6 +41,8 @@ pub struct DueJourney {
     pub state: JourneyState,
     pub trigger_data: serde_json::Value,
     pub entered_at: DateTime<Utc>,
+    /// When it was due (its lateness is the claim time minus this).
+    pub due_at: DateTime<Utc>,
 }
 
 /// What a run decided for one journey.
@@ -313,7 +315,7 @@ impl CampaignStore {
 /// Claims up to `limit` due journeys, locking them until the transaction ends.
 pub async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) -> ApiResult<Vec<DueJourney>> {
     let rows = sqlx::query(
-        "SELECT id, workspace_id, flow, flow_version, customer_id, control, state, trigger_data, entered_at \
+        "SELECT id, workspace_id, flow, flow_version, customer_id, control, state, trigger_data, entered_at, next_wake_at \
          FROM journeys WHERE status = 1 AND next_wake_at <= $1 ORDER BY next_wake_at LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(now)
@@ -334,6 +336,7 @@ pub async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) 
             state: serde_json::from_value(state).map_err(anyhow::Error::from)?,
             trigger_data: row.try_get("trigger_data")?,
             entered_at: row.try_get("entered_at")?,
+            due_at: row.try_get("next_wake_at")?,
         });
     }
     Ok(due)
