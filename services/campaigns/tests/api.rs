@@ -46,6 +46,9 @@ async fn spawn_app_at(start: DateTime<Utc>) -> Harness {
         .settings
         .with_toml(
             r#"
+# Five services share this test's connections; two tests run at once under nextest.
+database_max_connections = 4
+
 [campaigns]
 poll_ms = 20
 schedule_poll_ms = 50

@@ -92,46 +92,76 @@ impl CampaignStore {
         if updates.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        // One statement per batch; the caller sends each message at most once per batch
+        // (a batch holds one event name), so no row is updated twice by it.
+        let n = updates.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut journeys = Vec::with_capacity(n);
+        let mut flows = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut broadcasts = Vec::with_capacity(n);
+        let mut steps = Vec::with_capacity(n);
+        let mut variants = Vec::with_capacity(n);
+        let mut channels = Vec::with_capacity(n);
+        let mut customers = Vec::with_capacity(n);
+        let mut statuses: Vec<Option<i16>> = Vec::with_capacity(n);
+        let mut ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut delivered = Vec::with_capacity(n);
+        let mut opened = Vec::with_capacity(n);
+        let mut clicked = Vec::with_capacity(n);
         for update in updates {
-            sqlx::query(
-                "INSERT INTO messages (workspace_id, message_id, journey_id, flow, flow_version, broadcast, step, variant, \
-                 channel, customer_id, status, at, delivered, opened, clicked) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $11::smallint IS NULL THEN NULL ELSE $12 END, $13, $14, $15) \
-                 ON CONFLICT (workspace_id, message_id) DO UPDATE SET \
-                 journey_id = CASE WHEN messages.journey_id = '' THEN EXCLUDED.journey_id ELSE messages.journey_id END, \
-                 flow = CASE WHEN messages.flow = '' THEN EXCLUDED.flow ELSE messages.flow END, \
-                 flow_version = GREATEST(messages.flow_version, EXCLUDED.flow_version), \
-                 broadcast = CASE WHEN messages.broadcast = '' THEN EXCLUDED.broadcast ELSE messages.broadcast END, \
-                 step = CASE WHEN messages.step = '' THEN EXCLUDED.step ELSE messages.step END, \
-                 variant = CASE WHEN messages.variant = '' THEN EXCLUDED.variant ELSE messages.variant END, \
-                 channel = CASE WHEN messages.channel = '' THEN EXCLUDED.channel ELSE messages.channel END, \
-                 customer_id = CASE WHEN messages.customer_id = '' THEN EXCLUDED.customer_id ELSE messages.customer_id END, \
-                 status = COALESCE(messages.status, EXCLUDED.status), \
-                 at = COALESCE(messages.at, EXCLUDED.at), \
-                 delivered = messages.delivered OR EXCLUDED.delivered, \
-                 opened = messages.opened OR EXCLUDED.opened, \
-                 clicked = messages.clicked OR EXCLUDED.clicked",
-            )
-            .bind(workspace_id)
-            .bind(&update.message_id)
-            .bind(&update.journey_id)
-            .bind(&update.flow)
-            .bind(update.flow_version)
-            .bind(&update.broadcast)
-            .bind(&update.step)
-            .bind(&update.variant)
-            .bind(&update.channel)
-            .bind(&update.customer_id)
-            .bind(update.status)
-            .bind(update.at)
-            .bind(update.delivered)
-            .bind(update.opened)
-            .bind(update.clicked)
-            .execute(&mut *tx)
-            .await?;
+            ids.push(update.message_id.clone());
+            journeys.push(update.journey_id.clone());
+            flows.push(update.flow.clone());
+            versions.push(update.flow_version);
+            broadcasts.push(update.broadcast.clone());
+            steps.push(update.step.clone());
+            variants.push(update.variant.clone());
+            channels.push(update.channel.clone());
+            customers.push(update.customer_id.clone());
+            statuses.push(update.status);
+            ats.push(update.status.map(|_| update.at));
+            delivered.push(update.delivered);
+            opened.push(update.opened);
+            clicked.push(update.clicked);
         }
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO messages (workspace_id, message_id, journey_id, flow, flow_version, broadcast, step, variant, \
+             channel, customer_id, status, at, delivered, opened, clicked) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], \
+             $9::text[], $10::text[], $11::smallint[], $12::timestamptz[], $13::bool[], $14::bool[], $15::bool[]) \
+             ON CONFLICT (workspace_id, message_id) DO UPDATE SET \
+             journey_id = CASE WHEN messages.journey_id = '' THEN EXCLUDED.journey_id ELSE messages.journey_id END, \
+             flow = CASE WHEN messages.flow = '' THEN EXCLUDED.flow ELSE messages.flow END, \
+             flow_version = GREATEST(messages.flow_version, EXCLUDED.flow_version), \
+             broadcast = CASE WHEN messages.broadcast = '' THEN EXCLUDED.broadcast ELSE messages.broadcast END, \
+             step = CASE WHEN messages.step = '' THEN EXCLUDED.step ELSE messages.step END, \
+             variant = CASE WHEN messages.variant = '' THEN EXCLUDED.variant ELSE messages.variant END, \
+             channel = CASE WHEN messages.channel = '' THEN EXCLUDED.channel ELSE messages.channel END, \
+             customer_id = CASE WHEN messages.customer_id = '' THEN EXCLUDED.customer_id ELSE messages.customer_id END, \
+             status = COALESCE(messages.status, EXCLUDED.status), \
+             at = COALESCE(messages.at, EXCLUDED.at), \
+             delivered = messages.delivered OR EXCLUDED.delivered, \
+             opened = messages.opened OR EXCLUDED.opened, \
+             clicked = messages.clicked OR EXCLUDED.clicked",
+        )
+        .bind(workspace_id)
+        .bind(&ids)
+        .bind(&journeys)
+        .bind(&flows)
+        .bind(&versions)
+        .bind(&broadcasts)
+        .bind(&steps)
+        .bind(&variants)
+        .bind(&channels)
+        .bind(&customers)
+        .bind(&statuses)
+        .bind(&ats)
+        .bind(&delivered)
+        .bind(&opened)
+        .bind(&clicked)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
