@@ -1277,3 +1277,40 @@ schedule: { cron: "0 10 * * *", ends_at: "2026-03-04T12:00:00Z" }
     assert_eq!(broadcast.queued, 6);
     assert_eq!(h.sent_templates("r1").await.len(), 3);
 }
+
+#[tokio::test]
+async fn erasing_a_customer_ends_their_journeys_and_forgets_their_activity() {
+    let mut h = spawn_app().await;
+    h.template("later").await;
+    h.profile("erase-me", "UTC", serde_json::json!({})).await;
+    h.apply(
+        r#"
+kind: Flow
+name: slow
+trigger: { event: signed_up }
+steps:
+  - wait: 3d
+  - send: { channel: in_app, template: later }
+"#,
+    )
+    .await;
+    h.track("erase-me", "signed_up", serde_json::json!({})).await;
+    h.track("erase-me", "order_completed", serde_json::json!({ "revenue": 12.0 })).await;
+    h.wait_for_journeys("slow", 1).await;
+    h.profiles
+        .delete(h.admin(pb::DeleteProfileRequest { customer: Some(customer("erase-me")) }))
+        .await
+        .unwrap();
+    eventually(10, "journey ended for erasure", || async {
+        let rows = h.journey_rows("slow").await;
+        (rows[0].3 == Some(7)).then_some(())
+    })
+    .await;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE customer_id = 'erase-me'")
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+    h.advance(Duration::days(3)).await;
+    assert!(h.sent_templates("erase-me").await.is_empty());
+}
