@@ -131,7 +131,9 @@ fn parse_time(text: &str, flag: &str) -> anyhow::Result<DateTime<Utc>> {
     }
     match NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         Ok(date) => Ok(date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()),
-        Err(_) => anyhow::bail!("{flag}: {text:?} is neither a date (2025-05-01) nor an RFC 3339 time"),
+        Err(_) => {
+            anyhow::bail!("{flag}: {text:?} is neither a date (2025-05-01) nor an RFC 3339 time")
+        }
     }
 }
 
@@ -140,8 +142,16 @@ impl RangeArgs {
         if self.from.is_none() && self.to.is_none() {
             return Ok(None);
         }
-        let from = self.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?;
-        let to = self.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?;
+        let from = self
+            .from
+            .as_deref()
+            .map(|t| parse_time(t, "--from"))
+            .transpose()?;
+        let to = self
+            .to
+            .as_deref()
+            .map(|t| parse_time(t, "--to"))
+            .transpose()?;
         Ok(Some(pb::TimeRange {
             from: from.map(chrono_to_timestamp),
             to: to.map(chrono_to_timestamp),
@@ -172,18 +182,31 @@ pub async fn run_flow(command: FlowCommand) -> anyhow::Result<ExitCode> {
         FlowCommand::List { all, target } => {
             let mut clients = target.connect().await?;
             let statuses = if all {
-                vec![pb::FlowStatus::Active as i32, pb::FlowStatus::Paused as i32, pb::FlowStatus::Archived as i32]
+                vec![
+                    pb::FlowStatus::Active as i32,
+                    pb::FlowStatus::Paused as i32,
+                    pb::FlowStatus::Archived as i32,
+                ]
             } else {
                 Vec::new()
             };
             let flows = clients
                 .campaigns
-                .list_flows(pb::ListFlowsRequest { statuses, page_size: 1000, ..Default::default() })
+                .list_flows(pb::ListFlowsRequest {
+                    statuses,
+                    page_size: 1000,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
-            println!("{:<32} {:>7} {:<9} {:>9}  trigger", "flow", "version", "status", "journeys");
+            println!(
+                "{:<32} {:>7} {:<9} {:>9}  trigger",
+                "flow", "version", "status", "journeys"
+            );
             for flow in flows.flows {
-                let status = pb::FlowStatus::try_from(flow.status).map(|s| s.as_str_name()).unwrap_or("?");
+                let status = pb::FlowStatus::try_from(flow.status)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("?");
                 println!(
                     "{:<32} {:>7} {:<9} {:>9}  {}",
                     flow.name,
@@ -194,35 +217,62 @@ pub async fn run_flow(command: FlowCommand) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        FlowCommand::Get { name, version, target } => {
+        FlowCommand::Get {
+            name,
+            version,
+            target,
+        } => {
             let mut clients = target.connect().await?;
-            let flow = clients.campaigns.get_flow(pb::GetFlowRequest { name, version }).await?.into_inner();
+            let flow = clients
+                .campaigns
+                .get_flow(pb::GetFlowRequest { name, version })
+                .await?
+                .into_inner();
             print!("{}", flow.yaml);
         }
         FlowCommand::Pause { name, target } => {
             let mut clients = target.connect().await?;
-            clients.campaigns.pause_flow(pb::PauseFlowRequest { name: name.clone() }).await?;
+            clients
+                .campaigns
+                .pause_flow(pb::PauseFlowRequest { name: name.clone() })
+                .await?;
             println!("flow/{name} paused");
         }
-        FlowCommand::Resume { name, end_held, target } => {
+        FlowCommand::Resume {
+            name,
+            end_held,
+            target,
+        } => {
             let mut clients = target.connect().await?;
             clients
                 .campaigns
-                .resume_flow(pb::ResumeFlowRequest { name: name.clone(), end_held_journeys: end_held })
+                .resume_flow(pb::ResumeFlowRequest {
+                    name: name.clone(),
+                    end_held_journeys: end_held,
+                })
                 .await?;
             println!("flow/{name} resumed");
         }
         FlowCommand::Archive { name, target } => {
             let mut clients = target.connect().await?;
-            clients.campaigns.archive_flow(pb::ArchiveFlowRequest { name: name.clone() }).await?;
+            clients
+                .campaigns
+                .archive_flow(pb::ArchiveFlowRequest { name: name.clone() })
+                .await?;
             println!("flow/{name} archived");
         }
-        FlowCommand::Journeys { customer_id, flow, target } => {
+        FlowCommand::Journeys {
+            customer_id,
+            flow,
+            target,
+        } => {
             let mut clients = target.connect().await?;
             let journeys = clients
                 .campaigns
                 .list_journeys(pb::ListJourneysRequest {
-                    customer: Some(pb::CustomerRef { id: Some(pb::customer_ref::Id::CustomerId(customer_id)) }),
+                    customer: Some(pb::CustomerRef {
+                        id: Some(pb::customer_ref::Id::CustomerId(customer_id)),
+                    }),
                     flow,
                     page_size: 500,
                     ..Default::default()
@@ -230,18 +280,32 @@ pub async fn run_flow(command: FlowCommand) -> anyhow::Result<ExitCode> {
                 .await?
                 .into_inner();
             for journey in journeys.journeys {
-                let status = pb::JourneyStatus::try_from(journey.status).map(|s| s.as_str_name()).unwrap_or("?");
-                let reason = pb::JourneyEndReason::try_from(journey.end_reason).map(|s| s.as_str_name()).unwrap_or("?");
+                let status = pb::JourneyStatus::try_from(journey.status)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("?");
+                let reason = pb::JourneyEndReason::try_from(journey.end_reason)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("?");
                 println!(
                     "{} {} v{} {} step={} next={} entered={} {}{}",
                     journey.journey_id,
                     journey.flow,
                     journey.flow_version,
                     status.trim_start_matches("JOURNEY_STATUS_").to_lowercase(),
-                    if journey.current_step.is_empty() { "-" } else { &journey.current_step },
+                    if journey.current_step.is_empty() {
+                        "-"
+                    } else {
+                        &journey.current_step
+                    },
                     time(journey.next_wake_at.as_ref()),
                     time(journey.entered_at.as_ref()),
-                    if journey.end_reason == 0 { String::new() } else { reason.trim_start_matches("JOURNEY_END_REASON_").to_lowercase() },
+                    if journey.end_reason == 0 {
+                        String::new()
+                    } else {
+                        reason
+                            .trim_start_matches("JOURNEY_END_REASON_")
+                            .to_lowercase()
+                    },
                     if journey.control { " (control)" } else { "" },
                 );
             }
@@ -256,23 +320,39 @@ pub async fn run_broadcast(command: BroadcastCommand) -> anyhow::Result<ExitCode
             let mut clients = target.connect().await?;
             let list = clients
                 .campaigns
-                .list_broadcasts(pb::ListBroadcastsRequest { page_size: 1000, ..Default::default() })
+                .list_broadcasts(pb::ListBroadcastsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
-            println!("{:<32} {:<10} {:>9} {:>9} {:>8} {:>7}  next run", "broadcast", "status", "audience", "queued", "control", "capped");
+            println!(
+                "{:<32} {:<10} {:>9} {:>9} {:>8} {:>7}  next run",
+                "broadcast", "status", "audience", "queued", "control", "capped"
+            );
             for b in list.broadcasts {
                 print_broadcast_row(&b);
             }
         }
         BroadcastCommand::Get { name, target } => {
             let mut clients = target.connect().await?;
-            let b = clients.campaigns.get_broadcast(pb::GetBroadcastRequest { name }).await?.into_inner();
-            println!("{:<32} {:<10} {:>9} {:>9} {:>8} {:>7}  next run", "broadcast", "status", "audience", "queued", "control", "capped");
+            let b = clients
+                .campaigns
+                .get_broadcast(pb::GetBroadcastRequest { name })
+                .await?
+                .into_inner();
+            println!(
+                "{:<32} {:<10} {:>9} {:>9} {:>8} {:>7}  next run",
+                "broadcast", "status", "audience", "queued", "control", "capped"
+            );
             print_broadcast_row(&b);
         }
         BroadcastCommand::Cancel { name, target } => {
             let mut clients = target.connect().await?;
-            clients.campaigns.cancel_broadcast(pb::CancelBroadcastRequest { name: name.clone() }).await?;
+            clients
+                .campaigns
+                .cancel_broadcast(pb::CancelBroadcastRequest { name: name.clone() })
+                .await?;
             println!("broadcast/{name} cancelled");
         }
     }
@@ -280,11 +360,15 @@ pub async fn run_broadcast(command: BroadcastCommand) -> anyhow::Result<ExitCode
 }
 
 fn print_broadcast_row(b: &pb::Broadcast) {
-    let status = pb::BroadcastStatus::try_from(b.status).map(|s| s.as_str_name()).unwrap_or("?");
+    let status = pb::BroadcastStatus::try_from(b.status)
+        .map(|s| s.as_str_name())
+        .unwrap_or("?");
     println!(
         "{:<32} {:<10} {:>9} {:>9} {:>8} {:>7}  {}",
         b.spec.as_ref().map(|s| s.name.as_str()).unwrap_or(""),
-        status.trim_start_matches("BROADCAST_STATUS_").to_lowercase(),
+        status
+            .trim_start_matches("BROADCAST_STATUS_")
+            .to_lowercase(),
         b.audience_size,
         b.queued,
         b.control,
@@ -295,20 +379,38 @@ fn print_broadcast_row(b: &pb::Broadcast) {
 
 pub async fn run_report(command: ReportCommand) -> anyhow::Result<ExitCode> {
     match command {
-        ReportCommand::Flow { name, version, range, format, target } => {
+        ReportCommand::Flow {
+            name,
+            version,
+            range,
+            format,
+            target,
+        } => {
             let mut clients = target.connect().await?;
             let report = clients
                 .campaigns
-                .get_flow_report(pb::GetFlowReportRequest { name, version, range: range.to_proto()? })
+                .get_flow_report(pb::GetFlowReportRequest {
+                    name,
+                    version,
+                    range: range.to_proto()?,
+                })
                 .await?
                 .into_inner();
             print_report(&report, format);
         }
-        ReportCommand::Broadcast { name, range, format, target } => {
+        ReportCommand::Broadcast {
+            name,
+            range,
+            format,
+            target,
+        } => {
             let mut clients = target.connect().await?;
             let report = clients
                 .campaigns
-                .get_broadcast_report(pb::GetBroadcastReportRequest { name, range: range.to_proto()? })
+                .get_broadcast_report(pb::GetBroadcastReportRequest {
+                    name,
+                    range: range.to_proto()?,
+                })
                 .await?
                 .into_inner();
             print_report(&report, format);
@@ -321,14 +423,20 @@ pub async fn run_report(command: ReportCommand) -> anyhow::Result<ExitCode> {
 pub async fn apply_flow(clients: &mut Clients, origin: &str, yaml: &str, dry_run: bool) -> bool {
     let outcome = clients
         .campaigns
-        .apply_flow(pb::ApplyFlowRequest { yaml: yaml.to_owned(), dry_run: true })
+        .apply_flow(pb::ApplyFlowRequest {
+            yaml: yaml.to_owned(),
+            dry_run: true,
+        })
         .await;
     match outcome {
         Ok(response) => {
             let response = response.into_inner();
             if !response.errors.is_empty() {
                 for error in &response.errors {
-                    eprintln!("{origin}:{}:{}: {}: {}", error.line, error.column, error.field, error.reason);
+                    eprintln!(
+                        "{origin}:{}:{}: {}: {}",
+                        error.line, error.column, error.field, error.reason
+                    );
                 }
                 return false;
             }
@@ -344,11 +452,25 @@ pub async fn apply_flow(clients: &mut Clients, origin: &str, yaml: &str, dry_run
         println!("flow document {origin} is valid");
         return true;
     }
-    match clients.campaigns.apply_flow(pb::ApplyFlowRequest { yaml: yaml.to_owned(), dry_run: false }).await {
+    match clients
+        .campaigns
+        .apply_flow(pb::ApplyFlowRequest {
+            yaml: yaml.to_owned(),
+            dry_run: false,
+        })
+        .await
+    {
         Ok(response) => {
             let response = response.into_inner();
-            let what = if response.changed { "applied" } else { "unchanged" };
-            println!("flow/{} {what} (version {})", response.name, response.version);
+            let what = if response.changed {
+                "applied"
+            } else {
+                "unchanged"
+            };
+            println!(
+                "flow/{} {what} (version {})",
+                response.name, response.version
+            );
             true
         }
         Err(status) => {
@@ -361,9 +483,16 @@ pub async fn apply_flow(clients: &mut Clients, origin: &str, yaml: &str, dry_run
 }
 
 /// Schedules one `kind: Broadcast` document; returns false when it was refused.
-pub async fn apply_broadcast(clients: &mut Clients, origin: &str, yaml: &str, dry_run: bool) -> bool {
+pub async fn apply_broadcast(
+    clients: &mut Clients,
+    origin: &str,
+    yaml: &str,
+    dry_run: bool,
+) -> bool {
     let request = pb::ScheduleBroadcastRequest {
-        definition: Some(pb::schedule_broadcast_request::Definition::Yaml(yaml.to_owned())),
+        definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
+            yaml.to_owned(),
+        )),
         dry_run,
     };
     match clients.campaigns.schedule_broadcast(request).await {
@@ -371,14 +500,21 @@ pub async fn apply_broadcast(clients: &mut Clients, origin: &str, yaml: &str, dr
             let response = response.into_inner();
             if !response.errors.is_empty() {
                 for error in &response.errors {
-                    eprintln!("{origin}:{}:{}: {}: {}", error.line, error.column, error.field, error.reason);
+                    eprintln!(
+                        "{origin}:{}:{}: {}: {}",
+                        error.line, error.column, error.field, error.reason
+                    );
                 }
                 return false;
             }
             let Some(broadcast) = response.broadcast else {
                 return false;
             };
-            let name = broadcast.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            let name = broadcast
+                .spec
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
             let what = match (dry_run, response.changed) {
                 (true, _) => "is valid",
                 (false, true) => "scheduled",

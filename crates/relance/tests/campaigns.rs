@@ -82,7 +82,10 @@ async fn sigkill_while_journeys_start_and_send_then_every_customer_got_each_mess
     let env = Arc::new(TestEnv::new().await);
     let settings = env
         .settings
-        .with(&[("internal_key", INTERNAL_KEY), ("delivery.http_addr", "127.0.0.1:0")])
+        .with(&[
+            ("internal_key", INTERNAL_KEY),
+            ("delivery.http_addr", "127.0.0.1:0"),
+        ])
         .expect("settings");
     let clock: SharedClock = Arc::new(SystemClock);
     let app = TestApp::start(
@@ -131,7 +134,13 @@ async fn sigkill_while_journeys_start_and_send_then_every_customer_got_each_mess
             ..Default::default()
         };
         delivery
-            .upsert_template(authed(&app.admin_key, pb::UpsertTemplateRequest { template: Some(template), dry_run: false }))
+            .upsert_template(authed(
+                &app.admin_key,
+                pb::UpsertTemplateRequest {
+                    template: Some(template),
+                    dry_run: false,
+                },
+            ))
             .await
             .expect("template");
     }
@@ -210,13 +219,19 @@ steps:
             })
             .collect();
         let response = events
-            .track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch }))
+            .track_batch(authed(
+                &app.ingest_key,
+                pb::TrackBatchRequest { events: batch },
+            ))
             .await
             .expect("track batch")
             .into_inner();
         assert!(response.rejected.is_empty(), "{:?}", response.rejected);
     }
-    eprintln!("{n} sign-ups accepted after {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{n} sign-ups accepted after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 
     let expected = 3 * n as i64;
     let ledger = "SELECT count(*) FROM delivery.messages WHERE flow = 'chaos'";
@@ -224,11 +239,17 @@ steps:
     // 1: while the consumer is starting journeys.
     eventually(300, "journeys to start", || {
         let db = db.clone();
-        async move { (count(&db, "SELECT count(*) FROM campaigns.journeys").await >= (n as i64) / 3).then_some(()) }
+        async move {
+            (count(&db, "SELECT count(*) FROM campaigns.journeys").await >= (n as i64) / 3)
+                .then_some(())
+        }
     })
     .await;
     kill(&mut process);
-    kills.push(format!("journeys {}", count(&db, "SELECT count(*) FROM campaigns.journeys").await));
+    kills.push(format!(
+        "journeys {}",
+        count(&db, "SELECT count(*) FROM campaigns.journeys").await
+    ));
     process = start(&env, grpc, admin, &config);
     // 2 and 3: while sending.
     for share in [3, 6] {
@@ -243,24 +264,40 @@ steps:
         process = start(&env, grpc, admin, &config);
     }
 
-    eventually(900, "every journey to end and every message to be in the ledger", || {
-        let db = db.clone();
-        async move {
-            let ended = count(&db, "SELECT count(*) FROM campaigns.journeys WHERE status = 3").await;
-            let messages = count(&db, ledger).await;
-            (ended == n as i64 && messages >= expected).then_some(())
-        }
-    })
+    eventually(
+        900,
+        "every journey to end and every message to be in the ledger",
+        || {
+            let db = db.clone();
+            async move {
+                let ended = count(
+                    &db,
+                    "SELECT count(*) FROM campaigns.journeys WHERE status = 3",
+                )
+                .await;
+                let messages = count(&db, ledger).await;
+                (ended == n as i64 && messages >= expected).then_some(())
+            }
+        },
+    )
     .await;
     // Give a late duplicate (an outbox row published twice) the time to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    assert_eq!(count(&db, "SELECT count(*) FROM campaigns.journeys").await, n as i64, "one journey per customer");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM campaigns.journeys").await,
+        n as i64,
+        "one journey per customer"
+    );
     assert_eq!(
         count(&db, "SELECT count(*) FROM (SELECT customer_id FROM campaigns.journeys GROUP BY 1 HAVING count(*) > 1) d").await,
         0
     );
-    assert_eq!(count(&db, ledger).await, expected, "three messages per customer in the ledger");
+    assert_eq!(
+        count(&db, ledger).await,
+        expected,
+        "three messages per customer in the ledger"
+    );
     // Each customer: exactly the three steps, once each, all sent.
     assert_eq!(
         count(
@@ -272,8 +309,19 @@ steps:
         .await,
         n as i64
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM delivery.messages WHERE flow = 'chaos' AND status <> 2").await, 0, "all sent");
-    assert_eq!(count(&db, "SELECT count(*) FROM campaigns.sends").await, expected);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM delivery.messages WHERE flow = 'chaos' AND status <> 2"
+        )
+        .await,
+        0,
+        "all sent"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM campaigns.sends").await,
+        expected
+    );
     eprintln!(
         "{n} customers, {expected} messages, kills at {kills:?}, done in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -288,7 +336,10 @@ async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
     let env = Arc::new(TestEnv::new().await);
     let settings = env
         .settings
-        .with(&[("internal_key", INTERNAL_KEY), ("delivery.http_addr", "127.0.0.1:0")])
+        .with(&[
+            ("internal_key", INTERNAL_KEY),
+            ("delivery.http_addr", "127.0.0.1:0"),
+        ])
         .expect("settings");
     let clock: SharedClock = Arc::new(SystemClock);
     let app = TestApp::start(
@@ -334,7 +385,13 @@ async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
         ..Default::default()
     };
     DeliveryClient::new(local.clone())
-        .upsert_template(authed(&app.admin_key, pb::UpsertTemplateRequest { template: Some(template), dry_run: false }))
+        .upsert_template(authed(
+            &app.admin_key,
+            pb::UpsertTemplateRequest {
+                template: Some(template),
+                dry_run: false,
+            },
+        ))
         .await
         .expect("template");
     // The audience: everyone who visited (segmentation builds it from the events).
@@ -361,7 +418,10 @@ async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
             })
             .collect();
         events
-            .track_batch(authed(&app.ingest_key, pb::TrackBatchRequest { events: batch }))
+            .track_batch(authed(
+                &app.ingest_key,
+                pb::TrackBatchRequest { events: batch },
+            ))
             .await
             .expect("track batch");
     }
@@ -370,7 +430,12 @@ async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
         let key = app.admin_key.clone();
         async move {
             let count = segments
-                .count(authed(&key, pb::CountSegmentRequest { name: "visitors".into() }))
+                .count(authed(
+                    &key,
+                    pb::CountSegmentRequest {
+                        name: "visitors".into(),
+                    },
+                ))
                 .await
                 .ok()?
                 .into_inner()
@@ -445,7 +510,12 @@ broadcast_batch = 500
         n as i64
     );
     let broadcast = campaigns
-        .get_broadcast(authed(&app.admin_key, pb::GetBroadcastRequest { name: "flash".into() }))
+        .get_broadcast(authed(
+            &app.admin_key,
+            pb::GetBroadcastRequest {
+                name: "flash".into(),
+            },
+        ))
         .await
         .expect("broadcast")
         .into_inner();

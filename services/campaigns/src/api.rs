@@ -8,7 +8,9 @@ use relance_kit::SharedClock;
 use relance_kit::auth;
 use relance_kit::error::{ApiError, ApiResult};
 use relance_kit::yaml::{self, Problem};
-use relance_proto::convert::{chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono};
+use relance_proto::convert::{
+    chrono_to_timestamp, json_to_struct, struct_to_json, timestamp_to_chrono,
+};
 use relance_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -16,16 +18,16 @@ use crate::broadcaster;
 use crate::clients::Clients;
 use crate::domain::guard::{self, CapPeriod, CapPolicy, CapRule, CapSettings, QuietHoursRule};
 use crate::domain::model::{
-    BranchCondition, BroadcastDef, BroadcastSchedule, ChannelName, Conversion, FlowDef, StepKind, Trigger,
-    Variant, DEFAULT_TOPIC,
+    BranchCondition, BroadcastDef, BroadcastSchedule, ChannelName, Conversion, DEFAULT_TOPIC,
+    FlowDef, StepKind, Trigger, Variant,
 };
 use crate::domain::parse;
 use crate::domain::report::{self, ReportInput, StepInfo};
 use crate::domain::schedule::Cron;
 use crate::engine::{domain_channel, proto_channel};
 use crate::store::CampaignStore;
-use crate::store::flows::{FlowRecord, FlowStatus};
 use crate::store::broadcasts::Scheduled;
+use crate::store::flows::{FlowRecord, FlowStatus};
 use crate::store::report::ReportScope;
 
 /// The Campaigns service.
@@ -64,8 +66,12 @@ impl CampaignsApi {
         let mut problems = Vec::new();
         let mut segment_fields: Vec<(String, &str)> = Vec::new();
         match &def.trigger {
-            Trigger::SegmentEntered { segment } => segment_fields.push(("trigger.segment_entered".into(), segment)),
-            Trigger::Schedule { segment, .. } => segment_fields.push(("trigger.segment".into(), segment)),
+            Trigger::SegmentEntered { segment } => {
+                segment_fields.push(("trigger.segment_entered".into(), segment))
+            }
+            Trigger::Schedule { segment, .. } => {
+                segment_fields.push(("trigger.segment".into(), segment))
+            }
             Trigger::Event(_) => {}
         }
         if let Some(segment) = &def.audience.segment {
@@ -86,7 +92,10 @@ impl CampaignsApi {
                         template_fields.push((format!("{}.send.template", step.id), template));
                     }
                     for (i, variant) in send.variants.iter().enumerate() {
-                        template_fields.push((format!("{}.send.variants[{i}].template", step.id), &variant.template));
+                        template_fields.push((
+                            format!("{}.send.variants[{i}].template", step.id),
+                            &variant.template,
+                        ));
                     }
                 }
                 _ => {}
@@ -97,13 +106,20 @@ impl CampaignsApi {
             let exists = match known.get(segment) {
                 Some(exists) => *exists,
                 None => {
-                    let exists = self.clients.segment_exists(workspace_id, segment).await.map_err(unavailable("segmentation"))?;
+                    let exists = self
+                        .clients
+                        .segment_exists(workspace_id, segment)
+                        .await
+                        .map_err(unavailable("segmentation"))?;
                     known.insert(segment.to_owned(), exists);
                     exists
                 }
             };
             if !exists {
-                problems.push(problem(&field, format!("segment \"{segment}\" does not exist")));
+                problems.push(problem(
+                    &field,
+                    format!("segment \"{segment}\" does not exist"),
+                ));
             }
         }
         let mut known: HashMap<String, bool> = HashMap::new();
@@ -111,27 +127,47 @@ impl CampaignsApi {
             let exists = match known.get(template) {
                 Some(exists) => *exists,
                 None => {
-                    let exists = self.clients.template_exists(workspace_id, template).await.map_err(unavailable("delivery"))?;
+                    let exists = self
+                        .clients
+                        .template_exists(workspace_id, template)
+                        .await
+                        .map_err(unavailable("delivery"))?;
                     known.insert(template.to_owned(), exists);
                     exists
                 }
             };
             if !exists {
-                problems.push(problem(&field, format!("template \"{template}\" does not exist")));
+                problems.push(problem(
+                    &field,
+                    format!("template \"{template}\" does not exist"),
+                ));
             }
         }
         Ok(problems)
     }
 
-    async fn check_broadcast_references(&self, workspace_id: &str, def: &BroadcastDef, prefix: &str) -> ApiResult<Vec<Problem>> {
+    async fn check_broadcast_references(
+        &self,
+        workspace_id: &str,
+        def: &BroadcastDef,
+        prefix: &str,
+    ) -> ApiResult<Vec<Problem>> {
         let mut problems = Vec::new();
         let mut segments = vec![(format!("{prefix}segment"), def.segment.clone())];
         for (i, segment) in def.exclude_segments.iter().enumerate() {
             segments.push((format!("{prefix}exclude_segments[{i}]"), segment.clone()));
         }
         for (field, segment) in segments {
-            if !self.clients.segment_exists(workspace_id, &segment).await.map_err(unavailable("segmentation"))? {
-                problems.push(problem(&field, format!("segment \"{segment}\" does not exist")));
+            if !self
+                .clients
+                .segment_exists(workspace_id, &segment)
+                .await
+                .map_err(unavailable("segmentation"))?
+            {
+                problems.push(problem(
+                    &field,
+                    format!("segment \"{segment}\" does not exist"),
+                ));
             }
         }
         let mut templates = Vec::new();
@@ -139,11 +175,22 @@ impl CampaignsApi {
             templates.push((format!("{prefix}template"), template.clone()));
         }
         for (i, variant) in def.variants.iter().enumerate() {
-            templates.push((format!("{prefix}variants[{i}].template"), variant.template.clone()));
+            templates.push((
+                format!("{prefix}variants[{i}].template"),
+                variant.template.clone(),
+            ));
         }
         for (field, template) in templates {
-            if !self.clients.template_exists(workspace_id, &template).await.map_err(unavailable("delivery"))? {
-                problems.push(problem(&field, format!("template \"{template}\" does not exist")));
+            if !self
+                .clients
+                .template_exists(workspace_id, &template)
+                .await
+                .map_err(unavailable("delivery"))?
+            {
+                problems.push(problem(
+                    &field,
+                    format!("template \"{template}\" does not exist"),
+                ));
             }
         }
         Ok(problems)
@@ -152,17 +199,27 @@ impl CampaignsApi {
 
 /// The first run of a schedule-triggered flow.
 fn schedule_next_run(def: &FlowDef, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let Trigger::Schedule { cron, local_time, .. } = &def.trigger else {
+    let Trigger::Schedule {
+        cron, local_time, ..
+    } = &def.trigger
+    else {
         return None;
     };
     let cron = Cron::parse(cron).ok()?;
-    let tz = if *local_time { chrono_tz::Etc::GMTMinus14 } else { chrono_tz::UTC };
+    let tz = if *local_time {
+        chrono_tz::Etc::GMTMinus14
+    } else {
+        chrono_tz::UTC
+    };
     cron.next_after(now, tz)
 }
 
 #[tonic::async_trait]
 impl pb::campaigns_server::Campaigns for CampaignsApi {
-    async fn apply_flow(&self, request: Request<pb::ApplyFlowRequest>) -> Result<Response<pb::ApplyFlowResponse>, Status> {
+    async fn apply_flow(
+        &self,
+        request: Request<pb::ApplyFlowRequest>,
+    ) -> Result<Response<pb::ApplyFlowResponse>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let now = self.clock.now();
@@ -193,7 +250,13 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         }
         let applied = self
             .store
-            .apply_flow(&caller.workspace_id, &def, &request.yaml, schedule_next_run(&def, now), now)
+            .apply_flow(
+                &caller.workspace_id,
+                &def,
+                &request.yaml,
+                schedule_next_run(&def, now),
+                now,
+            )
             .await?;
         tracing::info!(flow = %def.name, version = applied.version, changed = applied.changed, "flow applied");
         Ok(Response::new(pb::ApplyFlowResponse {
@@ -205,15 +268,24 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         }))
     }
 
-    async fn get_flow(&self, request: Request<pb::GetFlowRequest>) -> Result<Response<pb::Flow>, Status> {
+    async fn get_flow(
+        &self,
+        request: Request<pb::GetFlowRequest>,
+    ) -> Result<Response<pb::Flow>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
-        let flow = self.store.flow(&caller.workspace_id, &request.name, request.version).await?;
+        let flow = self
+            .store
+            .flow(&caller.workspace_id, &request.name, request.version)
+            .await?;
         Ok(Response::new(flow_to_proto(&flow, true)))
     }
 
-    async fn list_flows(&self, request: Request<pb::ListFlowsRequest>) -> Result<Response<pb::ListFlowsResponse>, Status> {
+    async fn list_flows(
+        &self,
+        request: Request<pb::ListFlowsRequest>,
+    ) -> Result<Response<pb::ListFlowsResponse>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size, 100, 1000, "page_size")?;
@@ -223,7 +295,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
                 Ok(pb::FlowStatus::Active) => statuses.push(1),
                 Ok(pb::FlowStatus::Paused) => statuses.push(2),
                 Ok(pb::FlowStatus::Archived) => statuses.push(3),
-                _ => return Err(ApiError::invalid(format!("statuses[{i}]"), "not a flow status").into()),
+                _ => {
+                    return Err(
+                        ApiError::invalid(format!("statuses[{i}]"), "not a flow status").into(),
+                    );
+                }
             }
         }
         if statuses.is_empty() {
@@ -232,53 +308,100 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         let after = decode_token(&request.page_token, "page_token")?;
         let flows = self
             .store
-            .list_flows(&caller.workspace_id, &statuses, &request.name_prefix, &after, limit + 1)
+            .list_flows(
+                &caller.workspace_id,
+                &statuses,
+                &request.name_prefix,
+                &after,
+                limit + 1,
+            )
             .await?;
         let more = flows.len() as i64 > limit;
-        let flows: Vec<pb::Flow> = flows.iter().take(limit as usize).map(|f| flow_to_proto(f, false)).collect();
+        let flows: Vec<pb::Flow> = flows
+            .iter()
+            .take(limit as usize)
+            .map(|f| flow_to_proto(f, false))
+            .collect();
         let next_page_token = match (more, flows.last()) {
             (true, Some(last)) => hex::encode(&last.name),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListFlowsResponse { flows, next_page_token }))
+        Ok(Response::new(pb::ListFlowsResponse {
+            flows,
+            next_page_token,
+        }))
     }
 
-    async fn pause_flow(&self, request: Request<pb::PauseFlowRequest>) -> Result<Response<pb::Flow>, Status> {
-        let caller = auth::caller(&request)?;
-        let request = request.into_inner();
-        check_name(&request.name, "name")?;
-        self.store.pause_flow(&caller.workspace_id, &request.name, self.clock.now()).await?;
-        let flow = self.store.flow(&caller.workspace_id, &request.name, 0).await?;
-        Ok(Response::new(flow_to_proto(&flow, false)))
-    }
-
-    async fn resume_flow(&self, request: Request<pb::ResumeFlowRequest>) -> Result<Response<pb::Flow>, Status> {
+    async fn pause_flow(
+        &self,
+        request: Request<pb::PauseFlowRequest>,
+    ) -> Result<Response<pb::Flow>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
         self.store
-            .resume_flow(&caller.workspace_id, &request.name, request.end_held_journeys, self.clock.now())
+            .pause_flow(&caller.workspace_id, &request.name, self.clock.now())
             .await?;
-        let flow = self.store.flow(&caller.workspace_id, &request.name, 0).await?;
+        let flow = self
+            .store
+            .flow(&caller.workspace_id, &request.name, 0)
+            .await?;
         Ok(Response::new(flow_to_proto(&flow, false)))
     }
 
-    async fn archive_flow(&self, request: Request<pb::ArchiveFlowRequest>) -> Result<Response<pb::Flow>, Status> {
+    async fn resume_flow(
+        &self,
+        request: Request<pb::ResumeFlowRequest>,
+    ) -> Result<Response<pb::Flow>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
-        self.store.archive_flow(&caller.workspace_id, &request.name, self.clock.now()).await?;
-        let flow = self.store.flow(&caller.workspace_id, &request.name, 0).await?;
+        self.store
+            .resume_flow(
+                &caller.workspace_id,
+                &request.name,
+                request.end_held_journeys,
+                self.clock.now(),
+            )
+            .await?;
+        let flow = self
+            .store
+            .flow(&caller.workspace_id, &request.name, 0)
+            .await?;
         Ok(Response::new(flow_to_proto(&flow, false)))
     }
 
-    async fn list_journeys(&self, request: Request<pb::ListJourneysRequest>) -> Result<Response<pb::ListJourneysResponse>, Status> {
+    async fn archive_flow(
+        &self,
+        request: Request<pb::ArchiveFlowRequest>,
+    ) -> Result<Response<pb::Flow>, Status> {
+        let caller = auth::caller(&request)?;
+        let request = request.into_inner();
+        check_name(&request.name, "name")?;
+        self.store
+            .archive_flow(&caller.workspace_id, &request.name, self.clock.now())
+            .await?;
+        let flow = self
+            .store
+            .flow(&caller.workspace_id, &request.name, 0)
+            .await?;
+        Ok(Response::new(flow_to_proto(&flow, false)))
+    }
+
+    async fn list_journeys(
+        &self,
+        request: Request<pb::ListJourneysRequest>,
+    ) -> Result<Response<pb::ListJourneysResponse>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let customer_id = match request.customer.and_then(|c| c.id) {
             Some(pb::customer_ref::Id::CustomerId(id)) if !id.is_empty() => id,
             Some(pb::customer_ref::Id::AnonymousId(_)) => {
-                return Err(ApiError::invalid("customer.anonymous_id", "journeys belong to known customers: give customer_id").into());
+                return Err(ApiError::invalid(
+                    "customer.anonymous_id",
+                    "journeys belong to known customers: give customer_id",
+                )
+                .into());
             }
             _ => return Err(ApiError::invalid("customer", "required").into()),
         };
@@ -292,7 +415,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
                 Ok(pb::JourneyStatus::Active) => statuses.push(1i16),
                 Ok(pb::JourneyStatus::Held) => statuses.push(2),
                 Ok(pb::JourneyStatus::Ended) => statuses.push(3),
-                _ => return Err(ApiError::invalid(format!("statuses[{i}]"), "not a journey status").into()),
+                _ => {
+                    return Err(
+                        ApiError::invalid(format!("statuses[{i}]"), "not a journey status").into(),
+                    );
+                }
             }
         }
         let before = if request.page_token.is_empty() {
@@ -305,19 +432,31 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         };
         let journeys = self
             .store
-            .list_journeys(&caller.workspace_id, &customer_id, &request.flow, &statuses, before, limit + 1)
+            .list_journeys(
+                &caller.workspace_id,
+                &customer_id,
+                &request.flow,
+                &statuses,
+                before,
+                limit + 1,
+            )
             .await?;
         let more = journeys.len() as i64 > limit;
         let mut out = Vec::new();
         for journey in journeys.iter().take(limit as usize) {
-            let def = self.store.definition(&caller.workspace_id, &journey.flow, journey.flow_version).await?;
+            let def = self
+                .store
+                .definition(&caller.workspace_id, &journey.flow, journey.flow_version)
+                .await?;
             let ended = journey.status == 3;
             out.push(pb::Journey {
                 journey_id: journey.id.to_string(),
                 flow: journey.flow.clone(),
                 flow_version: journey.flow_version,
                 customer: Some(pb::CustomerRef {
-                    id: Some(pb::customer_ref::Id::CustomerId(journey.customer_id.clone())),
+                    id: Some(pb::customer_ref::Id::CustomerId(
+                        journey.customer_id.clone(),
+                    )),
                 }),
                 status: journey.status as i32,
                 end_reason: journey.end_reason.unwrap_or(0) as i32,
@@ -325,7 +464,10 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
                 current_step: if ended {
                     String::new()
                 } else {
-                    def.steps.get(journey.state.position).map(|s| s.id.clone()).unwrap_or_default()
+                    def.steps
+                        .get(journey.state.position)
+                        .map(|s| s.id.clone())
+                        .unwrap_or_default()
                 },
                 next_wake_at: journey.next_wake_at.map(chrono_to_timestamp),
                 variants: journey.state.variants.clone().into_iter().collect(),
@@ -337,7 +479,10 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             (true, Some(last)) => hex::encode(last.entered_at.timestamp_micros().to_string()),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListJourneysResponse { journeys: out, next_page_token }))
+        Ok(Response::new(pb::ListJourneysResponse {
+            journeys: out,
+            next_page_token,
+        }))
     }
 
     async fn schedule_broadcast(
@@ -354,7 +499,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             Some(pb::schedule_broadcast_request::Definition::Spec(spec)) => {
                 let parsed = spec_to_def(spec).and_then(|def| {
                     let problems = parse::check_broadcast(&def, "spec.");
-                    if problems.is_empty() { Ok(def) } else { Err(problems) }
+                    if problems.is_empty() {
+                        Ok(def)
+                    } else {
+                        Err(problems)
+                    }
                 });
                 (parsed, String::new(), "spec.")
             }
@@ -369,7 +518,10 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             }
         };
         if let Some(def) = &def {
-            problems.extend(self.check_broadcast_references(&caller.workspace_id, def, prefix).await?);
+            problems.extend(
+                self.check_broadcast_references(&caller.workspace_id, def, prefix)
+                    .await?,
+            );
         }
         let Some(def) = def.filter(|_| problems.is_empty()) else {
             if request.dry_run {
@@ -383,7 +535,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             return Err(ApiError::invalid(field, yaml::describe(&problems)).into());
         };
         let Some(first_run) = broadcaster::first_run_at(&def, now) else {
-            return Err(ApiError::invalid(format!("{prefix}schedule"), "the schedule has no run ahead (ends_at passed?)").into());
+            return Err(ApiError::invalid(
+                format!("{prefix}schedule"),
+                "the schedule has no run ahead (ends_at passed?)",
+            )
+            .into());
         };
         let audience = self
             .clients
@@ -411,11 +567,17 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         }))
     }
 
-    async fn get_broadcast(&self, request: Request<pb::GetBroadcastRequest>) -> Result<Response<pb::Broadcast>, Status> {
+    async fn get_broadcast(
+        &self,
+        request: Request<pb::GetBroadcastRequest>,
+    ) -> Result<Response<pb::Broadcast>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
-        let record = self.store.broadcast(&caller.workspace_id, &request.name).await?;
+        let record = self
+            .store
+            .broadcast(&caller.workspace_id, &request.name)
+            .await?;
         Ok(Response::new(broadcast_to_proto(&record, true)))
     }
 
@@ -430,7 +592,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         for (i, status) in request.statuses.iter().enumerate() {
             match pb::BroadcastStatus::try_from(*status) {
                 Ok(pb::BroadcastStatus::Unspecified) | Err(_) => {
-                    return Err(ApiError::invalid(format!("statuses[{i}]"), "not a broadcast status").into());
+                    return Err(ApiError::invalid(
+                        format!("statuses[{i}]"),
+                        "not a broadcast status",
+                    )
+                    .into());
                 }
                 Ok(status) => statuses.push(status as i16),
             }
@@ -448,25 +614,48 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             .list_broadcasts(&caller.workspace_id, &statuses, from, to, offset, limit + 1)
             .await?;
         let more = records.len() as i64 > limit;
-        let broadcasts = records.iter().take(limit as usize).map(|r| broadcast_to_proto(r, false)).collect();
-        let next_page_token = if more { hex::encode((offset + limit).to_string()) } else { String::new() };
-        Ok(Response::new(pb::ListBroadcastsResponse { broadcasts, next_page_token }))
+        let broadcasts = records
+            .iter()
+            .take(limit as usize)
+            .map(|r| broadcast_to_proto(r, false))
+            .collect();
+        let next_page_token = if more {
+            hex::encode((offset + limit).to_string())
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListBroadcastsResponse {
+            broadcasts,
+            next_page_token,
+        }))
     }
 
-    async fn cancel_broadcast(&self, request: Request<pb::CancelBroadcastRequest>) -> Result<Response<pb::Broadcast>, Status> {
+    async fn cancel_broadcast(
+        &self,
+        request: Request<pb::CancelBroadcastRequest>,
+    ) -> Result<Response<pb::Broadcast>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
-        let record = self.store.cancel_broadcast(&caller.workspace_id, &request.name, self.clock.now()).await?;
+        let record = self
+            .store
+            .cancel_broadcast(&caller.workspace_id, &request.name, self.clock.now())
+            .await?;
         Ok(Response::new(broadcast_to_proto(&record, false)))
     }
 
-    async fn get_flow_report(&self, request: Request<pb::GetFlowReportRequest>) -> Result<Response<pb::CampaignReport>, Status> {
+    async fn get_flow_report(
+        &self,
+        request: Request<pb::GetFlowReportRequest>,
+    ) -> Result<Response<pb::CampaignReport>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         check_name(&request.name, "name")?;
         let now = self.clock.now();
-        let flow = self.store.flow(&caller.workspace_id, &request.name, request.version).await?;
+        let flow = self
+            .store
+            .flow(&caller.workspace_id, &request.name, request.version)
+            .await?;
         let def = flow.definition.clone();
         let (from, to) = range(request.range.as_ref())?;
         let scope = ReportScope {
@@ -500,7 +689,10 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         let request = request.into_inner();
         check_name(&request.name, "name")?;
         let now = self.clock.now();
-        let record = self.store.broadcast(&caller.workspace_id, &request.name).await?;
+        let record = self
+            .store
+            .broadcast(&caller.workspace_id, &request.name)
+            .await?;
         let def = &record.def;
         let (from, to) = range(request.range.as_ref())?;
         let scope = ReportScope {
@@ -512,7 +704,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
             to: to.unwrap_or(now + chrono::Duration::seconds(1)),
         };
         let mut input = self.store.report_input(&scope, &def.conversion).await?;
-        input.variants = def.variants.iter().map(|v| (v.name.clone(), v.template.clone(), v.weight)).collect();
+        input.variants = def
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), v.template.clone(), v.weight))
+            .collect();
         input.has_control = def.control_group_percent > 0.0;
         let figures = report::compute(&input);
         Ok(Response::new(report_to_proto(
@@ -526,38 +722,63 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
         )))
     }
 
-    async fn get_frequency_caps(&self, request: Request<pb::GetFrequencyCapsRequest>) -> Result<Response<pb::FrequencyCaps>, Status> {
+    async fn get_frequency_caps(
+        &self,
+        request: Request<pb::GetFrequencyCapsRequest>,
+    ) -> Result<Response<pb::FrequencyCaps>, Status> {
         let caller = auth::caller(&request)?;
         let guardrails = self.store.guardrails(&caller.workspace_id).await?;
-        Ok(Response::new(caps_to_proto(&guardrails.caps, guardrails.caps_updated_at)))
+        Ok(Response::new(caps_to_proto(
+            &guardrails.caps,
+            guardrails.caps_updated_at,
+        )))
     }
 
-    async fn set_frequency_caps(&self, request: Request<pb::SetFrequencyCapsRequest>) -> Result<Response<pb::FrequencyCaps>, Status> {
+    async fn set_frequency_caps(
+        &self,
+        request: Request<pb::SetFrequencyCapsRequest>,
+    ) -> Result<Response<pb::FrequencyCaps>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let caps = caps_from_proto(request.caps.unwrap_or_default())?;
         let now = self.clock.now();
-        self.store.set_caps(&caller.workspace_id, &caps, now).await?;
+        self.store
+            .set_caps(&caller.workspace_id, &caps, now)
+            .await?;
         Ok(Response::new(caps_to_proto(&caps, Some(now))))
     }
 
-    async fn get_quiet_hours(&self, request: Request<pb::GetQuietHoursRequest>) -> Result<Response<pb::QuietHours>, Status> {
+    async fn get_quiet_hours(
+        &self,
+        request: Request<pb::GetQuietHoursRequest>,
+    ) -> Result<Response<pb::QuietHours>, Status> {
         let caller = auth::caller(&request)?;
         let guardrails = self.store.guardrails(&caller.workspace_id).await?;
-        Ok(Response::new(quiet_to_proto(&guardrails.quiet_hours, guardrails.quiet_hours_updated_at)))
+        Ok(Response::new(quiet_to_proto(
+            &guardrails.quiet_hours,
+            guardrails.quiet_hours_updated_at,
+        )))
     }
 
-    async fn set_quiet_hours(&self, request: Request<pb::SetQuietHoursRequest>) -> Result<Response<pb::QuietHours>, Status> {
+    async fn set_quiet_hours(
+        &self,
+        request: Request<pb::SetQuietHoursRequest>,
+    ) -> Result<Response<pb::QuietHours>, Status> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let rule = quiet_from_proto(request.quiet_hours.unwrap_or_default())?;
         let now = self.clock.now();
-        self.store.set_quiet_hours(&caller.workspace_id, &rule, now).await?;
+        self.store
+            .set_quiet_hours(&caller.workspace_id, &rule, now)
+            .await?;
         Ok(Response::new(quiet_to_proto(&rule, Some(now))))
     }
 }
 
-fn refuse_flow(request: &pb::ApplyFlowRequest, problems: &[Problem]) -> Result<Response<pb::ApplyFlowResponse>, Status> {
+fn refuse_flow(
+    request: &pb::ApplyFlowRequest,
+    problems: &[Problem],
+) -> Result<Response<pb::ApplyFlowResponse>, Status> {
     if request.dry_run {
         return Ok(Response::new(pb::ApplyFlowResponse {
             name: String::new(),
@@ -598,11 +819,17 @@ fn range(range: Option<&pb::TimeRange>) -> ApiResult<Ends> {
         return Ok((None, None));
     };
     let from = match &range.from {
-        Some(ts) => Some(timestamp_to_chrono(ts).ok_or_else(|| ApiError::invalid("range.from", "not a valid timestamp"))?),
+        Some(ts) => Some(
+            timestamp_to_chrono(ts)
+                .ok_or_else(|| ApiError::invalid("range.from", "not a valid timestamp"))?,
+        ),
         None => None,
     };
     let to = match &range.to {
-        Some(ts) => Some(timestamp_to_chrono(ts).ok_or_else(|| ApiError::invalid("range.to", "not a valid timestamp"))?),
+        Some(ts) => Some(
+            timestamp_to_chrono(ts)
+                .ok_or_else(|| ApiError::invalid("range.to", "not a valid timestamp"))?,
+        ),
         None => None,
     };
     if let (Some(from), Some(to)) = (from, to)
@@ -622,7 +849,10 @@ fn flow_status(status: FlowStatus) -> pb::FlowStatus {
 }
 
 fn duration(secs: i64) -> prost_types::Duration {
-    prost_types::Duration { seconds: secs, nanos: 0 }
+    prost_types::Duration {
+        seconds: secs,
+        nanos: 0,
+    }
 }
 
 fn conversion_to_proto(conversion: &Conversion) -> pb::ConversionGoal {
@@ -660,7 +890,11 @@ fn variant_to_proto(variant: &Variant) -> pb::CampaignVariant {
         name: variant.name.clone(),
         weight: variant.weight,
         template: variant.template.clone(),
-        channels: variant.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+        channels: variant
+            .channels
+            .iter()
+            .map(|c| proto_channel(*c) as i32)
+            .collect(),
     }
 }
 
@@ -668,14 +902,19 @@ fn flow_to_proto(flow: &FlowRecord, with_yaml: bool) -> pb::Flow {
     let def = &flow.definition;
     let (trigger_kind, trigger) = match &def.trigger {
         Trigger::Event(event) => (pb::FlowTriggerKind::Event, event.event.clone()),
-        Trigger::SegmentEntered { segment } => (pb::FlowTriggerKind::SegmentEntered, segment.clone()),
+        Trigger::SegmentEntered { segment } => {
+            (pb::FlowTriggerKind::SegmentEntered, segment.clone())
+        }
         Trigger::Schedule { cron, .. } => (pb::FlowTriggerKind::Schedule, cron.clone()),
     };
     let mut steps = Vec::with_capacity(def.steps.len());
     for step in &def.steps {
         let (channels, template, variants) = match &step.kind {
             StepKind::Send(send) => (
-                send.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+                send.channels
+                    .iter()
+                    .map(|c| proto_channel(*c) as i32)
+                    .collect(),
                 send.template.clone().unwrap_or_default(),
                 send.variants.iter().map(variant_to_proto).collect(),
             ),
@@ -696,10 +935,18 @@ fn flow_to_proto(flow: &FlowRecord, with_yaml: bool) -> pb::Flow {
         latest_version: flow.latest_version,
         status: flow_status(flow.status) as i32,
         description: def.description.clone(),
-        yaml: if with_yaml { flow.yaml.clone() } else { String::new() },
+        yaml: if with_yaml {
+            flow.yaml.clone()
+        } else {
+            String::new()
+        },
         trigger_kind: trigger_kind as i32,
         trigger,
-        exit_when: def.exit_when.as_ref().map(|e| e.event.clone()).unwrap_or_default(),
+        exit_when: def
+            .exit_when
+            .as_ref()
+            .map(|e| e.event.clone())
+            .unwrap_or_default(),
         conversion: Some(conversion_to_proto(&def.conversion)),
         control_group_percent: def.control_group_percent,
         re_entry_after: match def.re_entry {
@@ -720,7 +967,10 @@ fn step_info(step: &crate::domain::model::Step) -> StepInfo {
     let (channels, variants) = match &step.kind {
         StepKind::Send(send) => (
             send.channels.clone(),
-            send.variants.iter().map(|v| (v.name.clone(), v.template.clone(), v.weight)).collect(),
+            send.variants
+                .iter()
+                .map(|v| (v.name.clone(), v.template.clone(), v.weight))
+                .collect(),
         ),
         _ => (Vec::new(), Vec::new()),
     };
@@ -740,7 +990,10 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
     for (i, channel) in spec.channels.iter().enumerate() {
         match domain_channel(*channel) {
             Some(channel) => channels.push(channel),
-            None => problems.push(problem(&format!("spec.channels[{i}]"), "not a channel".into())),
+            None => problems.push(problem(
+                &format!("spec.channels[{i}]"),
+                "not a channel".into(),
+            )),
         }
     }
     let mut variants = Vec::new();
@@ -749,7 +1002,10 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
         for (j, channel) in variant.channels.iter().enumerate() {
             match domain_channel(*channel) {
                 Some(channel) => variant_channels.push(channel),
-                None => problems.push(problem(&format!("spec.variants[{i}].channels[{j}]"), "not a channel".into())),
+                None => problems.push(problem(
+                    &format!("spec.variants[{i}].channels[{j}]"),
+                    "not a channel".into(),
+                )),
             }
         }
         variants.push(Variant {
@@ -764,7 +1020,10 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
         Some(pb::broadcast_schedule::When::SendAt(ts)) => match timestamp_to_chrono(ts) {
             Some(at) => BroadcastSchedule::At(at),
             None => {
-                problems.push(problem("spec.schedule.send_at", "not a valid timestamp".into()));
+                problems.push(problem(
+                    "spec.schedule.send_at",
+                    "not a valid timestamp".into(),
+                ));
                 BroadcastSchedule::Now
             }
         },
@@ -780,7 +1039,10 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
                 },
                 (date, time) => {
                     if date.is_err() {
-                        problems.push(problem("spec.schedule.local_time.date", "expected YYYY-MM-DD".into()));
+                        problems.push(problem(
+                            "spec.schedule.local_time.date",
+                            "expected YYYY-MM-DD".into(),
+                        ));
                     }
                     if let Err(reason) = time {
                         problems.push(problem("spec.schedule.local_time.time", reason));
@@ -807,7 +1069,10 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
                 conversion.within_secs = within.seconds;
             }
             if let Some(conditions) = &goal.conditions {
-                match parse::parse_conditions(&struct_to_json(conditions), "spec.conversion.conditions") {
+                match parse::parse_conditions(
+                    &struct_to_json(conditions),
+                    "spec.conversion.conditions",
+                ) {
                     Ok(parsed) => conversion.goal.conditions = parsed,
                     Err(found) => problems.extend(found),
                 }
@@ -826,7 +1091,11 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
         channels,
         template: (!spec.template.is_empty()).then(|| spec.template.clone()),
         variants,
-        topic: if spec.topic.is_empty() { DEFAULT_TOPIC.to_owned() } else { spec.topic.clone() },
+        topic: if spec.topic.is_empty() {
+            DEFAULT_TOPIC.to_owned()
+        } else {
+            spec.topic.clone()
+        },
         schedule,
         control_group_percent: spec.control_group_percent,
         max_sends_per_second: spec.max_sends_per_second,
@@ -843,29 +1112,45 @@ fn spec_to_def(spec: &pb::BroadcastSpec) -> Result<BroadcastDef, Vec<Problem>> {
 fn def_to_spec(def: &BroadcastDef) -> pb::BroadcastSpec {
     let when = match &def.schedule {
         BroadcastSchedule::Now => None,
-        BroadcastSchedule::At(at) => Some(pb::broadcast_schedule::When::SendAt(chrono_to_timestamp(*at))),
-        BroadcastSchedule::LocalTime { date, hour, minute, skip_if_past } => {
-            Some(pb::broadcast_schedule::When::LocalTime(pb::LocalTimeSchedule {
+        BroadcastSchedule::At(at) => Some(pb::broadcast_schedule::When::SendAt(
+            chrono_to_timestamp(*at),
+        )),
+        BroadcastSchedule::LocalTime {
+            date,
+            hour,
+            minute,
+            skip_if_past,
+        } => Some(pb::broadcast_schedule::When::LocalTime(
+            pb::LocalTimeSchedule {
                 date: date.format("%Y-%m-%d").to_string(),
                 time: format!("{hour:02}:{minute:02}"),
                 skip_if_past: *skip_if_past,
-            }))
-        }
-        BroadcastSchedule::Recurring { cron, local_time, starts_at, ends_at } => {
-            Some(pb::broadcast_schedule::When::Recurring(pb::RecurringSchedule {
+            },
+        )),
+        BroadcastSchedule::Recurring {
+            cron,
+            local_time,
+            starts_at,
+            ends_at,
+        } => Some(pb::broadcast_schedule::When::Recurring(
+            pb::RecurringSchedule {
                 cron: cron.clone(),
                 local_time: *local_time,
                 starts_at: starts_at.map(chrono_to_timestamp),
                 ends_at: ends_at.map(chrono_to_timestamp),
-            }))
-        }
+            },
+        )),
     };
     pb::BroadcastSpec {
         name: def.name.clone(),
         description: def.description.clone(),
         segment: def.segment.clone(),
         exclude_segments: def.exclude_segments.clone(),
-        channels: def.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+        channels: def
+            .channels
+            .iter()
+            .map(|c| proto_channel(*c) as i32)
+            .collect(),
         template: def.template.clone().unwrap_or_default(),
         variants: def.variants.iter().map(variant_to_proto).collect(),
         topic: def.topic.clone(),
@@ -875,15 +1160,23 @@ fn def_to_spec(def: &BroadcastDef) -> pb::BroadcastSpec {
         conversion: Some(conversion_to_proto(&def.conversion)),
         ignore_frequency_caps: def.ignore_frequency_caps,
         ignore_quiet_hours: def.ignore_quiet_hours,
-        data: (!def.data.is_empty()).then(|| json_to_struct(&serde_json::Value::Object(def.data.clone()))),
+        data: (!def.data.is_empty())
+            .then(|| json_to_struct(&serde_json::Value::Object(def.data.clone()))),
     }
 }
 
-fn broadcast_to_proto(record: &crate::store::broadcasts::BroadcastRecord, with_yaml: bool) -> pb::Broadcast {
+fn broadcast_to_proto(
+    record: &crate::store::broadcasts::BroadcastRecord,
+    with_yaml: bool,
+) -> pb::Broadcast {
     pb::Broadcast {
         spec: Some(def_to_spec(&record.def)),
         version: record.version,
-        yaml: if with_yaml { record.yaml.clone() } else { String::new() },
+        yaml: if with_yaml {
+            record.yaml.clone()
+        } else {
+            String::new()
+        },
         status: record.status as i32,
         next_run_at: record.next_run_at.map(chrono_to_timestamp),
         audience_size: record.audience_size,
@@ -960,7 +1253,12 @@ fn report_to_proto(
             step_id: step.info.id.clone(),
             kind: step_kind_from_name(&step.info.kind) as i32,
             summary: step.info.summary.clone(),
-            channels: step.info.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+            channels: step
+                .info
+                .channels
+                .iter()
+                .map(|c| proto_channel(*c) as i32)
+                .collect(),
             stats: Some(stats_to_proto(&step.stats)),
             variants: step.variants.iter().map(variant_report).collect(),
         });
@@ -996,7 +1294,10 @@ fn report_to_proto(
 
 fn caps_to_proto(caps: &CapSettings, updated_at: Option<DateTime<Utc>>) -> pb::FrequencyCaps {
     let (policy, max_defer) = match caps.policy {
-        CapPolicy::Defer { max_defer_secs } => (pb::FrequencyCapPolicy::Defer, Some(duration(max_defer_secs))),
+        CapPolicy::Defer { max_defer_secs } => (
+            pb::FrequencyCapPolicy::Defer,
+            Some(duration(max_defer_secs)),
+        ),
         CapPolicy::Skip => (pb::FrequencyCapPolicy::Skip, None),
     };
     pb::FrequencyCaps {
@@ -1024,29 +1325,54 @@ fn caps_from_proto(caps: pb::FrequencyCaps) -> ApiResult<CapSettings> {
         let channel = if cap.channel == 0 {
             None
         } else {
-            Some(domain_channel(cap.channel).ok_or_else(|| ApiError::invalid(format!("caps.caps[{i}].channel"), "not a channel"))?)
+            Some(domain_channel(cap.channel).ok_or_else(|| {
+                ApiError::invalid(format!("caps.caps[{i}].channel"), "not a channel")
+            })?)
         };
         let period = match pb::FrequencyCapPeriod::try_from(cap.period) {
             Ok(pb::FrequencyCapPeriod::Day) => CapPeriod::Day,
             Ok(pb::FrequencyCapPeriod::Week) => CapPeriod::Week,
-            _ => return Err(ApiError::invalid(format!("caps.caps[{i}].period"), "DAY or WEEK")),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("caps.caps[{i}].period"),
+                    "DAY or WEEK",
+                ));
+            }
         };
         if cap.max_messages == 0 || cap.max_messages > 1000 {
-            return Err(ApiError::invalid(format!("caps.caps[{i}].max_messages"), "1 to 1,000"));
+            return Err(ApiError::invalid(
+                format!("caps.caps[{i}].max_messages"),
+                "1 to 1,000",
+            ));
         }
-        if rules.iter().any(|r| r.channel == channel && r.period == period) {
-            return Err(ApiError::invalid(format!("caps.caps[{i}]"), "a second cap for the same channel and period"));
+        if rules
+            .iter()
+            .any(|r| r.channel == channel && r.period == period)
+        {
+            return Err(ApiError::invalid(
+                format!("caps.caps[{i}]"),
+                "a second cap for the same channel and period",
+            ));
         }
-        rules.push(CapRule { channel, period, max: cap.max_messages });
+        rules.push(CapRule {
+            channel,
+            period,
+            max: cap.max_messages,
+        });
     }
     let policy = match pb::FrequencyCapPolicy::try_from(caps.policy) {
         Ok(pb::FrequencyCapPolicy::Skip) => CapPolicy::Skip,
         Ok(pb::FrequencyCapPolicy::Defer) | Ok(pb::FrequencyCapPolicy::Unspecified) => {
             let secs = caps.max_defer.as_ref().map(|d| d.seconds).unwrap_or(86_400);
             if secs <= 0 || secs > 7 * 86_400 {
-                return Err(ApiError::invalid("caps.max_defer", "more than 0 and at most 7 days"));
+                return Err(ApiError::invalid(
+                    "caps.max_defer",
+                    "more than 0 and at most 7 days",
+                ));
             }
-            CapPolicy::Defer { max_defer_secs: secs }
+            CapPolicy::Defer {
+                max_defer_secs: secs,
+            }
         }
         Err(_) => return Err(ApiError::invalid("caps.policy", "not a policy")),
     };
@@ -1058,24 +1384,35 @@ fn quiet_to_proto(rule: &QuietHoursRule, updated_at: Option<DateTime<Utc>>) -> p
         enabled: rule.enabled,
         start: format!("{:02}:{:02}", rule.start.0, rule.start.1),
         end: format!("{:02}:{:02}", rule.end.0, rule.end.1),
-        channels: rule.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+        channels: rule
+            .channels
+            .iter()
+            .map(|c| proto_channel(*c) as i32)
+            .collect(),
         default_timezone: rule.default_timezone.clone(),
         updated_at: updated_at.map(chrono_to_timestamp),
     }
 }
 
 fn quiet_from_proto(quiet: pb::QuietHours) -> ApiResult<QuietHoursRule> {
-    let start = guard::parse_hhmm(&quiet.start).map_err(|reason| ApiError::invalid("quiet_hours.start", reason))?;
-    let end = guard::parse_hhmm(&quiet.end).map_err(|reason| ApiError::invalid("quiet_hours.end", reason))?;
+    let start = guard::parse_hhmm(&quiet.start)
+        .map_err(|reason| ApiError::invalid("quiet_hours.start", reason))?;
+    let end = guard::parse_hhmm(&quiet.end)
+        .map_err(|reason| ApiError::invalid("quiet_hours.end", reason))?;
     let mut channels: Vec<ChannelName> = Vec::new();
     for (i, channel) in quiet.channels.iter().enumerate() {
-        channels.push(domain_channel(*channel).ok_or_else(|| ApiError::invalid(format!("quiet_hours.channels[{i}]"), "not a channel"))?);
+        channels.push(domain_channel(*channel).ok_or_else(|| {
+            ApiError::invalid(format!("quiet_hours.channels[{i}]"), "not a channel")
+        })?);
     }
     let default_timezone = if quiet.default_timezone.is_empty() {
         "UTC".to_owned()
     } else {
         if quiet.default_timezone.parse::<chrono_tz::Tz>().is_err() {
-            return Err(ApiError::invalid("quiet_hours.default_timezone", "not an IANA timezone"));
+            return Err(ApiError::invalid(
+                "quiet_hours.default_timezone",
+                "not an IANA timezone",
+            ));
         }
         quiet.default_timezone
     };

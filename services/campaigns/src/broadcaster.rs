@@ -11,7 +11,9 @@ use chrono_tz::Tz;
 use relance_kit::SharedClock;
 use relance_kit::error::{ApiError, ApiResult};
 use relance_proto::convert::json_to_struct;
-use relance_proto::v1::{CustomerRef, MessageKind, MessageOrigin, SendRequest, customer_ref, send_request};
+use relance_proto::v1::{
+    CustomerRef, MessageKind, MessageOrigin, SendRequest, customer_ref, send_request,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::Clients;
@@ -21,7 +23,9 @@ use crate::domain::model::{BroadcastDef, BroadcastSchedule};
 use crate::domain::schedule::{self, Cron};
 use crate::engine::proto_channel;
 use crate::store::CampaignStore;
-use crate::store::broadcasts::{self, BroadcastRecord, CAPPED, CONTROL, NewRecipient, PAST, PENDING, QUEUED, RecipientWrite};
+use crate::store::broadcasts::{
+    self, BroadcastRecord, CAPPED, CONTROL, NewRecipient, PAST, PENDING, QUEUED, RecipientWrite,
+};
 use crate::store::sends::{self, CapIncrement, GuardEvent, GuardKind, SendRow};
 
 /// How long a replica owns a run's audience snapshot before another may take it over.
@@ -76,7 +80,10 @@ impl Budgets {
     }
 
     fn spend(&mut self, workspace_id: &str, name: &str, used: usize) {
-        if let Some(entry) = self.buckets.get_mut(&(workspace_id.to_owned(), name.to_owned())) {
+        if let Some(entry) = self
+            .buckets
+            .get_mut(&(workspace_id.to_owned(), name.to_owned()))
+        {
             entry.0 -= used as f64;
         }
     }
@@ -94,7 +101,9 @@ impl Broadcaster {
             let mut busy = false;
             match self.start_due_run().await {
                 Ok(started) => busy |= started,
-                Err(error) => tracing::warn!(error = %error, "broadcast run failed to start, retrying"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "broadcast run failed to start, retrying")
+                }
             }
             match self.send_due(&mut budgets).await {
                 Ok(sent) => busy |= sent > 0,
@@ -115,7 +124,8 @@ impl Broadcaster {
     pub async fn start_due_run(&self) -> ApiResult<bool> {
         let now = self.clock.now();
         let mut tx = self.store.pool.begin().await?;
-        let Some((workspace_id, broadcast)) = broadcasts::claim_due_broadcast(&mut tx, now).await? else {
+        let Some((workspace_id, broadcast)) = broadcasts::claim_due_broadcast(&mut tx, now).await?
+        else {
             return Ok(false);
         };
         let run_at = broadcast.next_run_at.unwrap_or(now);
@@ -133,17 +143,29 @@ impl Broadcaster {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        let nominal = broadcast.run_at.filter(|_| broadcast.status != broadcasts::SCHEDULED).unwrap_or(run_at);
-        self.snapshot(&workspace_id, &broadcast, run, nominal).await?;
+        let nominal = broadcast
+            .run_at
+            .filter(|_| broadcast.status != broadcasts::SCHEDULED)
+            .unwrap_or(run_at);
+        self.snapshot(&workspace_id, &broadcast, run, nominal)
+            .await?;
         Ok(true)
     }
 
     /// Writes the run's recipients: the segment's members now, less the excluded ones.
-    async fn snapshot(&self, workspace_id: &str, broadcast: &BroadcastRecord, run: i32, run_at: DateTime<Utc>) -> ApiResult<()> {
+    async fn snapshot(
+        &self,
+        workspace_id: &str,
+        broadcast: &BroadcastRecord,
+        run: i32,
+        run_at: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let def = &broadcast.def;
         let started = Instant::now();
         let now = self.clock.now();
-        let unavailable = |status: tonic::Status| ApiError::Unavailable(format!("segmentation: {}", status.message()));
+        let unavailable = |status: tonic::Status| {
+            ApiError::Unavailable(format!("segmentation: {}", status.message()))
+        };
         let mut excluded: HashSet<String> = HashSet::new();
         for segment in &def.exclude_segments {
             self.clients
@@ -160,8 +182,17 @@ impl Broadcaster {
 
         let local = local_time_of(def, run_at);
         let guardrails = self.store.guardrails(workspace_id).await?;
-        let default_tz = guard::resolve_tz(Some(&guardrails.quiet_hours.default_timezone), chrono_tz::UTC);
-        let skip_if_past = matches!(def.schedule, BroadcastSchedule::LocalTime { skip_if_past: true, .. });
+        let default_tz = guard::resolve_tz(
+            Some(&guardrails.quiet_hours.default_timezone),
+            chrono_tz::UTC,
+        );
+        let skip_if_past = matches!(
+            def.schedule,
+            BroadcastSchedule::LocalTime {
+                skip_if_past: true,
+                ..
+            }
+        );
         for chunk in members.chunks(SNAPSHOT_CHUNK) {
             let zones = match local {
                 Some(_) => self.timezones(workspace_id, chunk, default_tz).await?,
@@ -174,7 +205,9 @@ impl Broadcaster {
                 if let Some((date, hour, minute)) = local {
                     let tz = zones.get(customer).copied().unwrap_or(default_tz);
                     due_at = schedule::local_instant(date, hour, minute, tz);
-                    if due_at < broadcast.created_at.min(now) - Duration::minutes(1) || due_at < run_at - Duration::hours(1) {
+                    if due_at < broadcast.created_at.min(now) - Duration::minutes(1)
+                        || due_at < run_at - Duration::hours(1)
+                    {
                         // Already past in this timezone when it was scheduled.
                         if skip_if_past {
                             state = PAST;
@@ -185,7 +218,9 @@ impl Broadcaster {
                 let mut variant = String::new();
                 if experiment::in_control(customer, &def.name, def.control_group_percent) {
                     state = if state == PAST { PAST } else { CONTROL };
-                } else if let Some(picked) = experiment::pick_variant(&def.variants, customer, &def.name, "") {
+                } else if let Some(picked) =
+                    experiment::pick_variant(&def.variants, customer, &def.name, "")
+                {
                     variant = picked.name.clone();
                 }
                 recipients.push(NewRecipient {
@@ -196,7 +231,8 @@ impl Broadcaster {
                 });
             }
             let mut conn = self.store.pool.acquire().await?;
-            broadcasts::insert_recipients(&mut conn, workspace_id, &def.name, run, &recipients).await?;
+            broadcasts::insert_recipients(&mut conn, workspace_id, &def.name, run, &recipients)
+                .await?;
         }
         let mut conn = self.store.pool.acquire().await?;
         broadcasts::finish_snapshot(&mut conn, workspace_id, &def.name, run).await?;
@@ -210,7 +246,12 @@ impl Broadcaster {
         Ok(())
     }
 
-    async fn timezones(&self, workspace_id: &str, customers: &[String], default: Tz) -> ApiResult<HashMap<String, Tz>> {
+    async fn timezones(
+        &self,
+        workspace_id: &str,
+        customers: &[String],
+        default: Tz,
+    ) -> ApiResult<HashMap<String, Tz>> {
         let profiles = self
             .clients
             .profiles(workspace_id, customers)
@@ -218,7 +259,10 @@ impl Broadcaster {
             .map_err(|status| ApiError::Unavailable(format!("profiles: {}", status.message())))?;
         let mut zones = HashMap::with_capacity(profiles.len());
         for (customer, profile) in profiles {
-            zones.insert(customer, guard::resolve_tz(profile.timezone.as_deref(), default));
+            zones.insert(
+                customer,
+                guard::resolve_tz(profile.timezone.as_deref(), default),
+            );
         }
         Ok(zones)
     }
@@ -231,7 +275,12 @@ impl Broadcaster {
         drop(conn);
         let mut handled = 0;
         for (workspace_id, broadcast) in sending {
-            let limit = budgets.available(&workspace_id, &broadcast.def.name, broadcast.def.max_sends_per_second, self.config.batch);
+            let limit = budgets.available(
+                &workspace_id,
+                &broadcast.def.name,
+                broadcast.def.max_sends_per_second,
+                self.config.batch,
+            );
             if limit <= 0 {
                 continue;
             }
@@ -243,13 +292,27 @@ impl Broadcaster {
     }
 
     /// One transaction of a broadcast's due recipients; returns (handled, queued).
-    async fn send_batch(&self, workspace_id: &str, broadcast: &BroadcastRecord, limit: i64) -> ApiResult<(usize, usize)> {
+    async fn send_batch(
+        &self,
+        workspace_id: &str,
+        broadcast: &BroadcastRecord,
+        limit: i64,
+    ) -> ApiResult<(usize, usize)> {
         let def = &broadcast.def;
         let now = self.clock.now();
         let mut tx = self.store.pool.begin().await?;
-        let due = broadcasts::claim_recipients(&mut tx, workspace_id, &def.name, broadcast.run, now, limit).await?;
+        let due = broadcasts::claim_recipients(
+            &mut tx,
+            workspace_id,
+            &def.name,
+            broadcast.run,
+            now,
+            limit,
+        )
+        .await?;
         if due.is_empty() {
-            let next = broadcasts::next_pending(&mut tx, workspace_id, &def.name, broadcast.run).await?;
+            let next =
+                broadcasts::next_pending(&mut tx, workspace_id, &def.name, broadcast.run).await?;
             if next.is_none() {
                 let next_run = next_run_after(def, broadcast.run_at.unwrap_or(now).max(now));
                 broadcasts::end_run(&mut tx, workspace_id, &def.name, next_run, now).await?;
@@ -259,7 +322,10 @@ impl Broadcaster {
             return Ok((0, 0));
         }
         let guardrails = self.store.guardrails(workspace_id).await?;
-        let default_tz = guard::resolve_tz(Some(&guardrails.quiet_hours.default_timezone), chrono_tz::UTC);
+        let default_tz = guard::resolve_tz(
+            Some(&guardrails.quiet_hours.default_timezone),
+            chrono_tz::UTC,
+        );
         let customers: Vec<String> = due.iter().map(|r| r.customer_id.clone()).collect();
         let check_quiet = !def.ignore_quiet_hours && guardrails.quiet_hours.enabled;
         let check_caps = !def.ignore_frequency_caps && !guardrails.caps.rules.is_empty();
@@ -273,28 +339,55 @@ impl Broadcaster {
             lock_customers(&mut tx, workspace_id, &customers).await?;
             counts = sends::cap_counts(&mut tx, workspace_id, &customers, now).await?;
         }
-        let primary = def.channels.first().copied().unwrap_or(crate::domain::model::ChannelName::Push);
+        let primary = def
+            .channels
+            .first()
+            .copied()
+            .unwrap_or(crate::domain::model::ChannelName::Push);
         let mut writes = Vec::with_capacity(due.len());
         let mut send_rows = Vec::new();
         let mut guard_events = Vec::new();
         let mut increments = Vec::new();
         for recipient in due {
-            let tz = zones.get(&recipient.customer_id).copied().unwrap_or(default_tz);
+            let tz = zones
+                .get(&recipient.customer_id)
+                .copied()
+                .unwrap_or(default_tz);
             let variant = def.variants.iter().find(|v| v.name == recipient.variant);
             let channel = variant
                 .and_then(|v| v.channels.first().copied())
                 .unwrap_or(primary);
             let deferred_before = recipient.due_at > recipient.first_due_at;
-            if check_quiet && let Some(until) = guard::quiet_until(&guardrails.quiet_hours, channel, now, tz) {
+            if check_quiet
+                && let Some(until) = guard::quiet_until(&guardrails.quiet_hours, channel, now, tz)
+            {
                 if !deferred_before {
-                    guard_events.push(self.guard_event(workspace_id, def, &recipient.customer_id, GuardKind::QuietDeferred, channel, now));
+                    guard_events.push(self.guard_event(
+                        workspace_id,
+                        def,
+                        &recipient.customer_id,
+                        GuardKind::QuietDeferred,
+                        channel,
+                        now,
+                    ));
                 }
-                writes.push(RecipientWrite { customer_id: recipient.customer_id, state: PENDING, due_at: until });
+                writes.push(RecipientWrite {
+                    customer_id: recipient.customer_id,
+                    state: PENDING,
+                    due_at: until,
+                });
                 continue;
             }
             if check_caps {
                 let customer_counts = counts.entry(recipient.customer_id.clone()).or_default();
-                match guard::cap_decision(&guardrails.caps, channel, now, recipient.first_due_at, tz, customer_counts) {
+                match guard::cap_decision(
+                    &guardrails.caps,
+                    channel,
+                    now,
+                    recipient.first_due_at,
+                    tz,
+                    customer_counts,
+                ) {
                     CapDecision::Allow => {
                         for key in guard::counter_keys(&guardrails.caps, channel, now, tz) {
                             *customer_counts.entry(key.clone()).or_insert(0) += 1;
@@ -307,14 +400,36 @@ impl Broadcaster {
                     }
                     CapDecision::Defer { until } => {
                         if !deferred_before {
-                            guard_events.push(self.guard_event(workspace_id, def, &recipient.customer_id, GuardKind::CapDeferred, channel, now));
+                            guard_events.push(self.guard_event(
+                                workspace_id,
+                                def,
+                                &recipient.customer_id,
+                                GuardKind::CapDeferred,
+                                channel,
+                                now,
+                            ));
                         }
-                        writes.push(RecipientWrite { customer_id: recipient.customer_id, state: PENDING, due_at: until });
+                        writes.push(RecipientWrite {
+                            customer_id: recipient.customer_id,
+                            state: PENDING,
+                            due_at: until,
+                        });
                         continue;
                     }
                     CapDecision::Skip => {
-                        guard_events.push(self.guard_event(workspace_id, def, &recipient.customer_id, GuardKind::CapSkipped, channel, now));
-                        writes.push(RecipientWrite { customer_id: recipient.customer_id, state: CAPPED, due_at: recipient.due_at });
+                        guard_events.push(self.guard_event(
+                            workspace_id,
+                            def,
+                            &recipient.customer_id,
+                            GuardKind::CapSkipped,
+                            channel,
+                            now,
+                        ));
+                        writes.push(RecipientWrite {
+                            customer_id: recipient.customer_id,
+                            state: CAPPED,
+                            due_at: recipient.due_at,
+                        });
                         continue;
                     }
                 }
@@ -336,18 +451,24 @@ impl Broadcaster {
                 at: now,
                 envelope: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
             });
-            writes.push(RecipientWrite { customer_id: recipient.customer_id, state: QUEUED, due_at: recipient.due_at });
+            writes.push(RecipientWrite {
+                customer_id: recipient.customer_id,
+                state: QUEUED,
+                due_at: recipient.due_at,
+            });
         }
         let handled = writes.len();
         let queued = sends::queue_sends(&mut tx, &send_rows).await?;
         sends::insert_guard_events(&mut tx, &guard_events).await?;
         sends::add_cap_counts(&mut tx, &increments, now).await?;
-        broadcasts::write_recipients(&mut tx, workspace_id, &def.name, broadcast.run, &writes).await?;
+        broadcasts::write_recipients(&mut tx, workspace_id, &def.name, broadcast.run, &writes)
+            .await?;
         tx.commit().await?;
         if queued > 0 {
             self.store.outbox_wake.notify_one();
         }
-        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "broadcast").increment(queued);
+        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "broadcast")
+            .increment(queued);
         Ok((handled, send_rows.len()))
     }
 
@@ -375,10 +496,17 @@ impl Broadcaster {
 }
 
 /// For a local-time run: the local date and time every timezone waits for.
-fn local_time_of(def: &BroadcastDef, run_at: DateTime<Utc>) -> Option<(chrono::NaiveDate, u32, u32)> {
+fn local_time_of(
+    def: &BroadcastDef,
+    run_at: DateTime<Utc>,
+) -> Option<(chrono::NaiveDate, u32, u32)> {
     match &def.schedule {
-        BroadcastSchedule::LocalTime { date, hour, minute, .. } => Some((*date, *hour, *minute)),
-        BroadcastSchedule::Recurring { local_time: true, .. } => {
+        BroadcastSchedule::LocalTime {
+            date, hour, minute, ..
+        } => Some((*date, *hour, *minute)),
+        BroadcastSchedule::Recurring {
+            local_time: true, ..
+        } => {
             // Runs start at the occurrence in the earliest timezone (UTC+14).
             let local = run_at.with_timezone(&chrono_tz::Etc::GMTMinus14);
             Some((local.date_naive(), local.hour(), local.minute()))
@@ -392,9 +520,9 @@ pub fn first_run_at(def: &BroadcastDef, now: DateTime<Utc>) -> Option<DateTime<U
     match &def.schedule {
         BroadcastSchedule::Now => Some(now),
         BroadcastSchedule::At(at) => Some((*at).max(now)),
-        BroadcastSchedule::LocalTime { date, hour, minute, .. } => {
-            Some(schedule::earliest_wave(*date, *hour, *minute).max(now))
-        }
+        BroadcastSchedule::LocalTime {
+            date, hour, minute, ..
+        } => Some(schedule::earliest_wave(*date, *hour, *minute).max(now)),
         BroadcastSchedule::Recurring { starts_at, .. } => {
             let after = starts_at.map(|s| s.max(now)).unwrap_or(now) - Duration::seconds(1);
             next_run_after(def, after)
@@ -404,11 +532,21 @@ pub fn first_run_at(def: &BroadcastDef, now: DateTime<Utc>) -> Option<DateTime<U
 
 /// The run after `after` of a recurring broadcast; `None` for the others or past `ends_at`.
 pub fn next_run_after(def: &BroadcastDef, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let BroadcastSchedule::Recurring { cron, local_time, ends_at, .. } = &def.schedule else {
+    let BroadcastSchedule::Recurring {
+        cron,
+        local_time,
+        ends_at,
+        ..
+    } = &def.schedule
+    else {
         return None;
     };
     let cron = Cron::parse(cron).ok()?;
-    let tz: Tz = if *local_time { chrono_tz::Etc::GMTMinus14 } else { chrono_tz::UTC };
+    let tz: Tz = if *local_time {
+        chrono_tz::Etc::GMTMinus14
+    } else {
+        chrono_tz::UTC
+    };
     let next = cron.next_after(after, tz)?;
     match ends_at {
         Some(end) if next >= *end => None,
@@ -416,7 +554,12 @@ pub fn next_run_after(def: &BroadcastDef, after: DateTime<Utc>) -> Option<DateTi
     }
 }
 
-fn broadcast_request(def: &BroadcastDef, key: &str, customer_id: &str, variant: &str) -> SendRequest {
+fn broadcast_request(
+    def: &BroadcastDef,
+    key: &str,
+    customer_id: &str,
+    variant: &str,
+) -> SendRequest {
     let picked = def.variants.iter().find(|v| v.name == variant);
     let template = match picked {
         Some(v) => v.template.clone(),
@@ -435,7 +578,8 @@ fn broadcast_request(def: &BroadcastDef, key: &str, customer_id: &str, variant: 
         content: Some(send_request::Content::Template(template)),
         topic: def.topic.clone(),
         kind: MessageKind::Marketing as i32,
-        data: (!def.data.is_empty()).then(|| json_to_struct(&serde_json::Value::Object(def.data.clone()))),
+        data: (!def.data.is_empty())
+            .then(|| json_to_struct(&serde_json::Value::Object(def.data.clone()))),
         origin: Some(MessageOrigin {
             broadcast: def.name.clone(),
             variant: variant.to_owned(),
@@ -447,8 +591,15 @@ fn broadcast_request(def: &BroadcastDef, key: &str, customer_id: &str, variant: 
 
 /// Takes a transaction-scoped advisory lock per customer, in a fixed order (the same keys
 /// as the journey workers, so flows and broadcasts see each other's counts).
-pub async fn lock_customers(tx: &mut sqlx::PgConnection, workspace_id: &str, customers: &[String]) -> ApiResult<()> {
-    let mut keys: Vec<String> = customers.iter().map(|c| format!("caps:{workspace_id}:{c}")).collect();
+pub async fn lock_customers(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: &str,
+    customers: &[String],
+) -> ApiResult<()> {
+    let mut keys: Vec<String> = customers
+        .iter()
+        .map(|c| format!("caps:{workspace_id}:{c}"))
+        .collect();
     keys.sort_unstable();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM UNNEST($1::text[]) AS k ORDER BY k")
         .bind(&keys)

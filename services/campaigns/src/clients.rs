@@ -13,8 +13,9 @@ use relance_proto::v1::delivery_client::DeliveryClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
 use relance_proto::v1::segments_client::SegmentsClient;
 use relance_proto::v1::{
-    BatchGetProfilesRequest, CountSegmentRequest, CustomerRef, GetSegmentRequest, GetTemplateRequest,
-    IsSegmentMemberRequest, ListSegmentMembersRequest, UpsertProfileRequest, customer_ref,
+    BatchGetProfilesRequest, CountSegmentRequest, CustomerRef, GetSegmentRequest,
+    GetTemplateRequest, IsSegmentMemberRequest, ListSegmentMembersRequest, UpsertProfileRequest,
+    customer_ref,
 };
 use tonic::Code;
 use tonic::transport::{Channel as GrpcChannel, Endpoint};
@@ -126,7 +127,9 @@ impl Clients {
     ) -> Result<(), tonic::Status> {
         let request = UpsertProfileRequest {
             customer: Some(customer(customer_id)),
-            attributes: Some(json_to_struct(&serde_json::Value::Object(attributes.clone()))),
+            attributes: Some(json_to_struct(&serde_json::Value::Object(
+                attributes.clone(),
+            ))),
             ..Default::default()
         };
         self.profiles
@@ -176,12 +179,21 @@ impl Clients {
     }
 
     /// Whether a segment exists (and is not archived).
-    pub async fn segment_exists(&self, workspace_id: &str, name: &str) -> Result<bool, tonic::Status> {
+    pub async fn segment_exists(
+        &self,
+        workspace_id: &str,
+        name: &str,
+    ) -> Result<bool, tonic::Status> {
         let request = GetSegmentRequest {
             name: name.to_owned(),
             version: 0,
         };
-        match self.segments.clone().get(self.key.request(workspace_id, request)).await {
+        match self
+            .segments
+            .clone()
+            .get(self.key.request(workspace_id, request))
+            .await
+        {
             Ok(response) => Ok(response.into_inner().archived_at.is_none()),
             Err(status) if status.code() == Code::NotFound => Ok(false),
             Err(status) => Err(status),
@@ -189,8 +201,14 @@ impl Clients {
     }
 
     /// A segment's member count now.
-    pub async fn segment_count(&self, workspace_id: &str, name: &str) -> Result<u64, tonic::Status> {
-        let request = CountSegmentRequest { name: name.to_owned() };
+    pub async fn segment_count(
+        &self,
+        workspace_id: &str,
+        name: &str,
+    ) -> Result<u64, tonic::Status> {
+        let request = CountSegmentRequest {
+            name: name.to_owned(),
+        };
         Ok(self
             .segments
             .clone()
@@ -201,7 +219,12 @@ impl Clients {
     }
 
     /// Every known customer in a segment now, page by page through `page`.
-    pub async fn segment_members<F>(&self, workspace_id: &str, name: &str, mut page: F) -> Result<u64, tonic::Status>
+    pub async fn segment_members<F>(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        mut page: F,
+    ) -> Result<u64, tonic::Status>
     where
         F: FnMut(Vec<String>),
     {
@@ -234,7 +257,12 @@ impl Clients {
     }
 
     /// Up to `limit` known customers of a segment.
-    pub async fn segment_sample(&self, workspace_id: &str, name: &str, limit: u64) -> Result<Vec<String>, tonic::Status> {
+    pub async fn segment_sample(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        limit: u64,
+    ) -> Result<Vec<String>, tonic::Status> {
         let request = ListSegmentMembersRequest {
             name: name.to_owned(),
             page_size: 5000,
@@ -262,12 +290,21 @@ impl Clients {
     }
 
     /// Whether a delivery template exists.
-    pub async fn template_exists(&self, workspace_id: &str, name: &str) -> Result<bool, tonic::Status> {
+    pub async fn template_exists(
+        &self,
+        workspace_id: &str,
+        name: &str,
+    ) -> Result<bool, tonic::Status> {
         let request = GetTemplateRequest {
             name: name.to_owned(),
             version: 0,
         };
-        match self.delivery.clone().get_template(self.key.request(workspace_id, request)).await {
+        match self
+            .delivery
+            .clone()
+            .get_template(self.key.request(workspace_id, request))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(status) if status.code() == Code::NotFound => Ok(false),
             Err(status) => Err(status),

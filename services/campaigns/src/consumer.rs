@@ -11,7 +11,8 @@ use relance_kit::SharedClock;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
 use relance_kit::error::ApiError;
 use relance_kit::messages::{
-    EVENT_KEY_PREFIX, EventBatch, EventMessage, PROFILE_DELETED, ProfileDeleted, SEGMENT_ENTERED, SegmentChanged,
+    EVENT_KEY_PREFIX, EventBatch, EventMessage, PROFILE_DELETED, ProfileDeleted, SEGMENT_ENTERED,
+    SegmentChanged,
 };
 
 use crate::clients::Clients;
@@ -56,11 +57,13 @@ impl Handler for EventHandler {
         Box::pin(async move {
             match message.routing_key {
                 SEGMENT_ENTERED => {
-                    let change: SegmentChanged = serde_json::from_slice(message.payload).map_err(malformed)?;
+                    let change: SegmentChanged =
+                        serde_json::from_slice(message.payload).map_err(malformed)?;
                     self.segment_entered(&change).await.map_err(retry)
                 }
                 PROFILE_DELETED => {
-                    let deleted: ProfileDeleted = serde_json::from_slice(message.payload).map_err(malformed)?;
+                    let deleted: ProfileDeleted =
+                        serde_json::from_slice(message.payload).map_err(malformed)?;
                     if let Some(customer_id) = &deleted.customer_id {
                         self.store
                             .erase_customer(&deleted.workspace_id, customer_id, self.clock.now())
@@ -70,10 +73,13 @@ impl Handler for EventHandler {
                     Ok(())
                 }
                 key if key.starts_with(EVENT_KEY_PREFIX) => {
-                    let batch: EventBatch = serde_json::from_slice(message.payload).map_err(malformed)?;
+                    let batch: EventBatch =
+                        serde_json::from_slice(message.payload).map_err(malformed)?;
                     self.events(&batch.events).await.map_err(retry)
                 }
-                other => Err(HandleError::Reject(anyhow::anyhow!("unexpected routing key {other}"))),
+                other => Err(HandleError::Reject(anyhow::anyhow!(
+                    "unexpected routing key {other}"
+                ))),
             }
         })
     }
@@ -106,7 +112,11 @@ impl EventHandler {
             }
         }
         if !interesting {
-            interesting = self.store.broadcast_conversion_events(workspace_id).await?.contains(name);
+            interesting = self
+                .store
+                .broadcast_conversion_events(workspace_id)
+                .await?
+                .contains(name);
         }
         if !interesting {
             return Ok(());
@@ -120,7 +130,11 @@ impl EventHandler {
                 customer_id,
                 name: event.name.clone(),
                 at: event.timestamp,
-                revenue: event.properties.get("revenue").and_then(serde_json::Value::as_f64).unwrap_or(0.0),
+                revenue: event
+                    .properties
+                    .get("revenue")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0),
                 properties: event.properties.clone(),
             });
         }
@@ -143,11 +157,16 @@ impl EventHandler {
                     }
                 }
                 if !customers.is_empty() {
-                    self.store.reach_goal(workspace_id, &flow.name, &customers, &times, now).await?;
+                    self.store
+                        .reach_goal(workspace_id, &flow.name, &customers, &times, now)
+                        .await?;
                 }
             }
             for step in &flow.def.steps {
-                if let crate::domain::model::StepKind::Wait(crate::domain::model::Wait::Event { event, .. }) = &step.kind
+                if let crate::domain::model::StepKind::Wait(crate::domain::model::Wait::Event {
+                    event,
+                    ..
+                }) = &step.kind
                     && event.event == name
                 {
                     waiting = true;
@@ -155,8 +174,11 @@ impl EventHandler {
             }
         }
         if waiting {
-            let customers: Vec<String> = known.iter().filter_map(|e| e.customer_id.clone()).collect();
-            self.store.wake_waiting(workspace_id, name, &customers, now).await?;
+            let customers: Vec<String> =
+                known.iter().filter_map(|e| e.customer_id.clone()).collect();
+            self.store
+                .wake_waiting(workspace_id, name, &customers, now)
+                .await?;
         }
 
         // Triggers.
@@ -179,7 +201,11 @@ impl EventHandler {
                         flow: flow.name.clone(),
                         version: flow.version,
                         re_entry: flow.def.re_entry,
-                        control: experiment::in_control(&customer_id, &flow.name, flow.def.control_group_percent),
+                        control: experiment::in_control(
+                            &customer_id,
+                            &flow.name,
+                            flow.def.control_group_percent,
+                        ),
                         customer_id,
                         trigger_id: format!("event:{}", event.message_id),
                         trigger_data: event.properties.clone(),
@@ -214,17 +240,34 @@ impl EventHandler {
             }
             let memberships = self
                 .clients
-                .memberships(workspace_id, std::slice::from_ref(&start.customer_id), &names)
+                .memberships(
+                    workspace_id,
+                    std::slice::from_ref(&start.customer_id),
+                    &names,
+                )
                 .await
-                .map_err(|status| ApiError::Unavailable(format!("segmentation: {}", status.message())))?;
-            let member = memberships.get(&start.customer_id).cloned().unwrap_or_default();
-            let inside = audience.segment.as_ref().is_none_or(|s| member.get(s).copied().unwrap_or(false));
-            let excluded = audience.exclude_segments.iter().any(|s| member.get(s).copied().unwrap_or(false));
+                .map_err(|status| {
+                    ApiError::Unavailable(format!("segmentation: {}", status.message()))
+                })?;
+            let member = memberships
+                .get(&start.customer_id)
+                .cloned()
+                .unwrap_or_default();
+            let inside = audience
+                .segment
+                .as_ref()
+                .is_none_or(|s| member.get(s).copied().unwrap_or(false));
+            let excluded = audience
+                .exclude_segments
+                .iter()
+                .any(|s| member.get(s).copied().unwrap_or(false));
             if inside && !excluded {
                 admitted.push(start);
             }
         }
-        self.store.start_journeys(workspace_id, &admitted, now).await?;
+        self.store
+            .start_journeys(workspace_id, &admitted, now)
+            .await?;
         Ok(())
     }
 
@@ -251,7 +294,11 @@ impl EventHandler {
                     flow: flow.name.clone(),
                     version: flow.version,
                     re_entry: flow.def.re_entry,
-                    control: experiment::in_control(customer_id, &flow.name, flow.def.control_group_percent),
+                    control: experiment::in_control(
+                        customer_id,
+                        &flow.name,
+                        flow.def.control_group_percent,
+                    ),
                     customer_id: customer_id.clone(),
                     trigger_id: format!("segment:{}", change.id),
                     trigger_data: serde_json::json!({ "segment": change.segment }),
@@ -262,12 +309,21 @@ impl EventHandler {
         self.start(&change.workspace_id, starts, now).await
     }
 
-    async fn message_outcomes(&self, workspace_id: &str, events: &[&EventMessage]) -> Result<(), ApiError> {
+    async fn message_outcomes(
+        &self,
+        workspace_id: &str,
+        events: &[&EventMessage],
+    ) -> Result<(), ApiError> {
         let mut updates = Vec::with_capacity(events.len());
         let mut seen = HashSet::new();
         for event in events {
             let p = &event.properties;
-            let text = |key: &str| p.get(key).and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
+            let text = |key: &str| {
+                p.get(key)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
             let flow = text("flow");
             let broadcast = text("broadcast");
             if flow.is_empty() && broadcast.is_empty() {
@@ -287,7 +343,10 @@ impl EventHandler {
                 message_id,
                 journey_id: text("journey_id"),
                 flow,
-                flow_version: p.get("flow_version").and_then(serde_json::Value::as_i64).unwrap_or(0) as i32,
+                flow_version: p
+                    .get("flow_version")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0) as i32,
                 broadcast,
                 step: text("step"),
                 variant: text("variant"),

@@ -13,7 +13,9 @@ use chrono_tz::Tz;
 use relance_kit::SharedClock;
 use relance_kit::error::{ApiError, ApiResult};
 use relance_proto::convert::json_to_struct;
-use relance_proto::v1::{Channel, CustomerRef, MessageKind, MessageOrigin, SendRequest, customer_ref, send_request};
+use relance_proto::v1::{
+    Channel, CustomerRef, MessageKind, MessageOrigin, SendRequest, customer_ref, send_request,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{Clients, ProfileFacts};
@@ -22,10 +24,10 @@ use crate::domain::guard::{self, CapCounts};
 use crate::domain::journey::{self, Effect, Facts, JourneyState, Outcome, Phase};
 use crate::domain::model::{ChannelName, FlowDef, StepKind, Wait};
 use crate::store::CampaignStore;
+use crate::store::activity;
 use crate::store::flows::{FlowStatus, JOURNEY_ACTIVE, JOURNEY_ENDED, JOURNEY_HELD};
 use crate::store::journeys::{self, DueJourney, JourneyWrite, Visit};
 use crate::store::sends::{self, CapIncrement, GuardEvent, GuardKind, SendRow};
-use crate::store::activity;
 
 /// Members of a flow's segment whose activity makes the segment's best-time histogram.
 const SEGMENT_HISTOGRAM_SAMPLE: u64 = 5000;
@@ -65,7 +67,12 @@ pub struct BatchOutcome {
 }
 
 impl Engine {
-    pub fn new(store: CampaignStore, clients: Clients, clock: SharedClock, config: EngineConfig) -> Engine {
+    pub fn new(
+        store: CampaignStore,
+        clients: Clients,
+        clock: SharedClock,
+        config: EngineConfig,
+    ) -> Engine {
         Engine {
             store,
             clients,
@@ -116,13 +123,19 @@ impl Engine {
         }
         let mut by_workspace: HashMap<String, Vec<DueJourney>> = HashMap::new();
         for journey in due {
-            by_workspace.entry(journey.workspace_id.clone()).or_default().push(journey);
+            by_workspace
+                .entry(journey.workspace_id.clone())
+                .or_default()
+                .push(journey);
         }
         let mut outcome = BatchOutcome::default();
-        let mut updates: Vec<(String, String, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+        let mut updates: Vec<(String, String, serde_json::Map<String, serde_json::Value>)> =
+            Vec::new();
         for (workspace_id, due) in by_workspace {
             outcome.journeys += due.len();
-            let written = self.run_workspace(&mut tx, &workspace_id, due, now, &mut updates).await?;
+            let written = self
+                .run_workspace(&mut tx, &workspace_id, due, now, &mut updates)
+                .await?;
             outcome.sends += written;
         }
         // Profile updates before the commit: if the commit fails they are made again, and
@@ -131,14 +144,17 @@ impl Engine {
             self.clients
                 .set_attributes(workspace_id, customer_id, set)
                 .await
-                .map_err(|status| ApiError::Unavailable(format!("profiles: {}", status.message())))?;
+                .map_err(|status| {
+                    ApiError::Unavailable(format!("profiles: {}", status.message()))
+                })?;
         }
         tx.commit().await?;
         if outcome.sends > 0 {
             self.store.outbox_wake.notify_one();
         }
         metrics::counter!("relance_campaigns_steps_total").increment(outcome.journeys as u64);
-        metrics::histogram!("relance_campaigns_batch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("relance_campaigns_batch_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(outcome)
     }
 
@@ -152,14 +168,21 @@ impl Engine {
     ) -> ApiResult<u64> {
         let statuses = self.store.flow_statuses(workspace_id).await?;
         let guardrails = self.store.guardrails(workspace_id).await?;
-        let default_tz: Tz = guard::resolve_tz(Some(&guardrails.quiet_hours.default_timezone), chrono_tz::UTC);
+        let default_tz: Tz = guard::resolve_tz(
+            Some(&guardrails.quiet_hours.default_timezone),
+            chrono_tz::UTC,
+        );
 
         // What the flows of this batch need.
         let mut defs: HashMap<(String, u32), Arc<FlowDef>> = HashMap::new();
         for journey in &due {
             let key = (journey.flow.clone(), journey.flow_version);
             if let std::collections::hash_map::Entry::Vacant(slot) = defs.entry(key) {
-                slot.insert(self.store.definition(workspace_id, &journey.flow, journey.flow_version).await?);
+                slot.insert(
+                    self.store
+                        .definition(workspace_id, &journey.flow, journey.flow_version)
+                        .await?,
+                );
             }
         }
         let mut customers: Vec<String> = due.iter().map(|j| j.customer_id.clone()).collect();
@@ -205,14 +228,17 @@ impl Engine {
             .clients
             .memberships(workspace_id, &customers, &segment_names)
             .await
-            .map_err(|status| ApiError::Unavailable(format!("segmentation: {}", status.message())))?;
+            .map_err(|status| {
+                ApiError::Unavailable(format!("segmentation: {}", status.message()))
+            })?;
 
         // Activity since the earliest of: the longest branch window, the oldest journey's
         // start (for waits on events, which count from their own start).
         let oldest_entry = due.iter().map(|j| j.entered_at).min().unwrap_or(now);
         let since = (now - look_back).min(oldest_entry);
         let event_names: Vec<String> = event_names.into_iter().collect();
-        let activity = activity::activity_of(tx, workspace_id, &customers, &event_names, since).await?;
+        let activity =
+            activity::activity_of(tx, workspace_id, &customers, &event_names, since).await?;
 
         let mut own_histograms: HashMap<String, Histogram> = HashMap::new();
         let mut workspace_histogram = Arc::new(Histogram::default());
@@ -226,7 +252,9 @@ impl Engine {
                 }
                 own_histograms.insert(customer, histogram);
             }
-            workspace_histogram = self.workspace_histogram(workspace_id, default_tz, now).await?;
+            workspace_histogram = self
+                .workspace_histogram(workspace_id, default_tz, now)
+                .await?;
         }
         // Each flow's segment (audience, or the segment that triggers it): the fallback
         // between the customer's own hours and the whole shop's.
@@ -237,7 +265,9 @@ impl Engine {
                     continue;
                 };
                 if !segment_histograms.contains_key(segment) {
-                    let histogram = self.segment_histogram(workspace_id, segment, default_tz, now).await?;
+                    let histogram = self
+                        .segment_histogram(workspace_id, segment, default_tz, now)
+                        .await?;
                     segment_histograms.insert(segment.to_owned(), histogram);
                 }
             }
@@ -260,25 +290,44 @@ impl Engine {
         let mut guard_events = Vec::new();
         let mut increments = Vec::new();
         for journey in due {
-            let Some(def) = defs.get(&(journey.flow.clone(), journey.flow_version)).cloned() else {
+            let Some(def) = defs
+                .get(&(journey.flow.clone(), journey.flow_version))
+                .cloned()
+            else {
                 continue;
             };
-            let status = statuses.get(&journey.flow).copied().unwrap_or(FlowStatus::Archived);
+            let status = statuses
+                .get(&journey.flow)
+                .copied()
+                .unwrap_or(FlowStatus::Archived);
             let journey_id = journey.id.to_string();
             let profile = profiles.get(&journey.customer_id);
             let tz = customer_tz(profile, default_tz);
-            let member = memberships.get(&journey.customer_id).unwrap_or(&no_segments);
-            let own = own_histograms.remove(&journey.customer_id).unwrap_or_default();
+            let member = memberships
+                .get(&journey.customer_id)
+                .unwrap_or(&no_segments);
+            let own = own_histograms
+                .remove(&journey.customer_id)
+                .unwrap_or_default();
             let empty_histogram = Histogram::default();
             let segment_histogram = flow_segment(&def)
                 .and_then(|segment| segment_histograms.get(segment))
                 .map(|h| h.as_ref())
                 .unwrap_or(&empty_histogram);
-            let histograms = [(&own, tz), (segment_histogram, default_tz), (workspace_histogram.as_ref(), default_tz)];
+            let histograms = [
+                (&own, tz),
+                (segment_histogram, default_tz),
+                (workspace_histogram.as_ref(), default_tz),
+            ];
             let mut customer_counts = counts.remove(&journey.customer_id).unwrap_or_default();
             let before_counts = customer_counts.clone();
             let (effects, outcome) = if status == FlowStatus::Archived {
-                (Vec::new(), Outcome::End { reason: journey::EndReason::FlowArchived })
+                (
+                    Vec::new(),
+                    Outcome::End {
+                        reason: journey::EndReason::FlowArchived,
+                    },
+                )
             } else {
                 let mut facts = Facts {
                     now,
@@ -291,7 +340,10 @@ impl Engine {
                     attributes: profile.map(|p| &p.attributes).unwrap_or(&empty),
                     traits: profile.map(|p| &p.traits).unwrap_or(&empty),
                     segments: member,
-                    activity: activity.get(&journey.customer_id).map(Vec::as_slice).unwrap_or(&[]),
+                    activity: activity
+                        .get(&journey.customer_id)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
                     histograms: &histograms,
                     caps: &guardrails.caps,
                     quiet_hours: &guardrails.quiet_hours,
@@ -325,9 +377,15 @@ impl Engine {
                         });
                     }
                     Effect::Send(order) => {
-                        let channel = order.channels.first().map(|c| c.as_str()).unwrap_or("push").to_owned();
+                        let channel = order
+                            .channels
+                            .first()
+                            .map(|c| c.as_str())
+                            .unwrap_or("push")
+                            .to_owned();
                         let request = send_request(&journey, &order);
-                        let envelope = relance_delivery::wire::Envelope::new(workspace_id, &request);
+                        let envelope =
+                            relance_delivery::wire::Envelope::new(workspace_id, &request);
                         send_rows.push(SendRow {
                             workspace_id: workspace_id.to_owned(),
                             idempotency_key: order.idempotency_key.clone(),
@@ -340,7 +398,8 @@ impl Engine {
                             channel,
                             customer_id: journey.customer_id.clone(),
                             at: now,
-                            envelope: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
+                            envelope: serde_json::to_value(&envelope)
+                                .map_err(anyhow::Error::from)?,
                         });
                     }
                     Effect::HeldOut { .. } => {}
@@ -348,13 +407,37 @@ impl Engine {
                         updates.push((workspace_id.to_owned(), journey.customer_id.clone(), set));
                     }
                     Effect::CapDeferred { step_id, channel } => {
-                        guard_events.push(guard_event(workspace_id, &journey, &journey_id, step_id, GuardKind::CapDeferred, channel, now));
+                        guard_events.push(guard_event(
+                            workspace_id,
+                            &journey,
+                            &journey_id,
+                            step_id,
+                            GuardKind::CapDeferred,
+                            channel,
+                            now,
+                        ));
                     }
                     Effect::CapSkipped { step_id, channel } => {
-                        guard_events.push(guard_event(workspace_id, &journey, &journey_id, step_id, GuardKind::CapSkipped, channel, now));
+                        guard_events.push(guard_event(
+                            workspace_id,
+                            &journey,
+                            &journey_id,
+                            step_id,
+                            GuardKind::CapSkipped,
+                            channel,
+                            now,
+                        ));
                     }
                     Effect::QuietDeferred { step_id, channel } => {
-                        guard_events.push(guard_event(workspace_id, &journey, &journey_id, step_id, GuardKind::QuietDeferred, channel, now));
+                        guard_events.push(guard_event(
+                            workspace_id,
+                            &journey,
+                            &journey_id,
+                            step_id,
+                            GuardKind::QuietDeferred,
+                            channel,
+                            now,
+                        ));
                     }
                 }
             }
@@ -365,21 +448,37 @@ impl Engine {
         sends::insert_guard_events(tx, &guard_events).await?;
         sends::add_cap_counts(tx, &increments, now).await?;
         journeys::write_journeys(tx, &writes, now).await?;
-        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "flow").increment(queued);
+        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "flow")
+            .increment(queued);
         Ok(queued)
     }
 
-    async fn workspace_histogram(&self, workspace_id: &str, tz: Tz, now: DateTime<Utc>) -> ApiResult<Arc<Histogram>> {
+    async fn workspace_histogram(
+        &self,
+        workspace_id: &str,
+        tz: Tz,
+        now: DateTime<Utc>,
+    ) -> ApiResult<Arc<Histogram>> {
         if let Some(histogram) = self.histograms.get(workspace_id) {
             return Ok(histogram);
         }
-        let histogram = Arc::new(self.store.workspace_histogram(workspace_id, tz, now).await?);
+        let histogram = Arc::new(
+            self.store
+                .workspace_histogram(workspace_id, tz, now)
+                .await?,
+        );
         self.histograms.put(workspace_id, histogram.clone());
         Ok(histogram)
     }
 
     /// The acting hours of a sample of the segment's members (cached like the workspace's).
-    async fn segment_histogram(&self, workspace_id: &str, segment: &str, tz: Tz, now: DateTime<Utc>) -> ApiResult<Arc<Histogram>> {
+    async fn segment_histogram(
+        &self,
+        workspace_id: &str,
+        segment: &str,
+        tz: Tz,
+        now: DateTime<Utc>,
+    ) -> ApiResult<Arc<Histogram>> {
         let key = format!("{workspace_id}\u{1f}{segment}");
         if let Some(histogram) = self.histograms.get(&key) {
             return Ok(histogram);
@@ -388,7 +487,9 @@ impl Engine {
             .clients
             .segment_sample(workspace_id, segment, SEGMENT_HISTOGRAM_SAMPLE)
             .await
-            .map_err(|status| ApiError::Unavailable(format!("segmentation: {}", status.message())))?;
+            .map_err(|status| {
+                ApiError::Unavailable(format!("segmentation: {}", status.message()))
+            })?;
         let mut conn = self.store.pool.acquire().await?;
         let times = activity::acting_times(&mut conn, workspace_id, &members, now).await?;
         let mut histogram = Histogram::default();
@@ -412,9 +513,8 @@ fn flow_segment(def: &FlowDef) -> Option<&str> {
         return Some(segment);
     }
     match &def.trigger {
-        crate::domain::model::Trigger::SegmentEntered { segment } | crate::domain::model::Trigger::Schedule { segment, .. } => {
-            Some(segment)
-        }
+        crate::domain::model::Trigger::SegmentEntered { segment }
+        | crate::domain::model::Trigger::Schedule { segment, .. } => Some(segment),
         crate::domain::model::Trigger::Event(_) => None,
     }
 }
@@ -472,7 +572,12 @@ fn guard_event(
 }
 
 /// The journey's row after the run.
-fn journey_write(def: &FlowDef, id: uuid::Uuid, outcome: Outcome, now: DateTime<Utc>) -> JourneyWrite {
+fn journey_write(
+    def: &FlowDef,
+    id: uuid::Uuid,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> JourneyWrite {
     match outcome {
         Outcome::Sleep { at, state } => {
             let waiting_event = waiting_event(def, &state);
@@ -544,7 +649,11 @@ pub fn domain_channel(channel: i32) -> Option<ChannelName> {
 /// trigger's properties as `data.trigger` (the cart's items for an abandoned-cart flow).
 fn send_request(journey: &DueJourney, order: &journey::SendOrder) -> SendRequest {
     let mut data = order.data.clone();
-    if journey.trigger_data.as_object().is_some_and(|o| !o.is_empty()) {
+    if journey
+        .trigger_data
+        .as_object()
+        .is_some_and(|o| !o.is_empty())
+    {
         data.insert("trigger".into(), journey.trigger_data.clone());
     }
     SendRequest {
@@ -552,7 +661,11 @@ fn send_request(journey: &DueJourney, order: &journey::SendOrder) -> SendRequest
         customer: Some(CustomerRef {
             id: Some(customer_ref::Id::CustomerId(journey.customer_id.clone())),
         }),
-        channels: order.channels.iter().map(|c| proto_channel(*c) as i32).collect(),
+        channels: order
+            .channels
+            .iter()
+            .map(|c| proto_channel(*c) as i32)
+            .collect(),
         content: Some(send_request::Content::Template(order.template.clone())),
         topic: order.topic.clone(),
         kind: MessageKind::Marketing as i32,
@@ -570,8 +683,15 @@ fn send_request(journey: &DueJourney, order: &journey::SendOrder) -> SendRequest
 }
 
 /// Takes a transaction-scoped advisory lock per customer, in a fixed order.
-async fn lock_customers(tx: &mut sqlx::PgConnection, workspace_id: &str, customers: &[String]) -> ApiResult<()> {
-    let mut keys: Vec<String> = customers.iter().map(|c| format!("caps:{workspace_id}:{c}")).collect();
+async fn lock_customers(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: &str,
+    customers: &[String],
+) -> ApiResult<()> {
+    let mut keys: Vec<String> = customers
+        .iter()
+        .map(|c| format!("caps:{workspace_id}:{c}"))
+        .collect();
     keys.sort_unstable();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM UNNEST($1::text[]) AS k ORDER BY k")
         .bind(&keys)

@@ -95,7 +95,9 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         clients: clients.clone(),
         clock: platform.clock.clone(),
     });
-    platform.consume("campaigns-events", consumer::spec(), handler).await?;
+    platform
+        .consume("campaigns-events", consumer::spec(), handler)
+        .await?;
 
     let engine = engine::Engine::new(
         store.clone(),
@@ -107,7 +109,10 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         },
     );
     for _ in 0..config.workers.max(1) {
-        platform.spawn("campaigns-journeys", engine.clone().run(platform.shutdown.clone()));
+        platform.spawn(
+            "campaigns-journeys",
+            engine.clone().run(platform.shutdown.clone()),
+        );
     }
     let broadcaster = broadcaster::Broadcaster {
         store: store.clone(),
@@ -118,7 +123,10 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
             poll_ms: config.schedule_poll_ms.min(config.poll_ms.max(50)),
         },
     };
-    platform.spawn("campaigns-broadcasts", broadcaster.run(platform.shutdown.clone()));
+    platform.spawn(
+        "campaigns-broadcasts",
+        broadcaster.run(platform.shutdown.clone()),
+    );
     platform.spawn(
         "campaigns-scheduler",
         scheduler::run(
@@ -129,7 +137,14 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
             platform.shutdown.clone(),
         ),
     );
-    platform.spawn("campaigns-purge", purge_loop(store.clone(), platform.clock.clone(), platform.shutdown.clone()));
+    platform.spawn(
+        "campaigns-purge",
+        purge_loop(
+            store.clone(),
+            platform.clock.clone(),
+            platform.shutdown.clone(),
+        ),
+    );
 
     server.add_service(CampaignsServer::new(api::CampaignsApi {
         store,
@@ -140,7 +155,11 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
 }
 
 /// Deletes frequency-cap counters past their period, hourly.
-async fn purge_loop(store: store::CampaignStore, clock: relance_kit::SharedClock, shutdown: tokio_util::sync::CancellationToken) {
+async fn purge_loop(
+    store: store::CampaignStore,
+    clock: relance_kit::SharedClock,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     loop {
         if let Err(error) = store.purge_cap_counters(clock.now()).await {
             tracing::warn!(%error, "cap counter purge failed");

@@ -42,7 +42,10 @@ impl ChannelLimits {
         let Some(rate) = self.rates.get(channel).copied() else {
             return Duration::ZERO;
         };
-        let bucket = self.buckets.entry(channel.to_owned()).or_insert((rate, Instant::now()));
+        let bucket = self
+            .buckets
+            .entry(channel.to_owned())
+            .or_insert((rate, Instant::now()));
         let elapsed = bucket.1.elapsed().as_secs_f64();
         bucket.0 = (bucket.0 + elapsed * rate).min(rate);
         bucket.1 = Instant::now();
@@ -84,7 +87,11 @@ pub async fn run(
 }
 
 /// Publishes one batch, waiting for each channel's budget first; returns how many left.
-pub async fn relay_batch(pool: &PgPool, publisher: &Publisher, limits: &mut ChannelLimits) -> anyhow::Result<usize> {
+pub async fn relay_batch(
+    pool: &PgPool,
+    publisher: &Publisher,
+    limits: &mut ChannelLimits,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let mut rows: Vec<(i64, String, String, String, serde_json::Value)> = sqlx::query_as(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
@@ -131,11 +138,17 @@ mod tests {
 
     #[test]
     fn a_limited_channel_waits_for_its_budget_and_others_do_not() {
-        let mut limits = ChannelLimits::new(HashMap::from([("push".to_owned(), 1000), ("email".to_owned(), 0)]));
+        let mut limits = ChannelLimits::new(HashMap::from([
+            ("push".to_owned(), 1000),
+            ("email".to_owned(), 0),
+        ]));
         // A second's burst is free; the next 500 wait half a second.
         assert_eq!(limits.take("push", 1000), Duration::ZERO);
         let wait = limits.take("push", 500);
-        assert!(wait >= Duration::from_millis(490) && wait <= Duration::from_millis(510), "{wait:?}");
+        assert!(
+            wait >= Duration::from_millis(490) && wait <= Duration::from_millis(510),
+            "{wait:?}"
+        );
         assert_eq!(limits.take("email", 1_000_000), Duration::ZERO);
         assert_eq!(limits.take("sms", 1_000_000), Duration::ZERO);
     }

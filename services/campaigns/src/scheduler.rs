@@ -22,7 +22,13 @@ use crate::store::journeys::NewJourney;
 const START_CHUNK: usize = 2000;
 
 /// Runs due schedule triggers until shutdown.
-pub async fn run(store: CampaignStore, clients: Clients, clock: SharedClock, poll: StdDuration, shutdown: CancellationToken) {
+pub async fn run(
+    store: CampaignStore,
+    clients: Clients,
+    clock: SharedClock,
+    poll: StdDuration,
+    shutdown: CancellationToken,
+) {
     loop {
         match run_due(&store, &clients, &clock).await {
             Ok(true) => continue,
@@ -37,7 +43,11 @@ pub async fn run(store: CampaignStore, clients: Clients, clock: SharedClock, pol
 }
 
 /// Runs one due occurrence; true when there was one.
-pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClock) -> ApiResult<bool> {
+pub async fn run_due(
+    store: &CampaignStore,
+    clients: &Clients,
+    clock: &SharedClock,
+) -> ApiResult<bool> {
     let now = clock.now();
     let mut tx = store.pool.begin().await?;
     let row: Option<(String, String, i32, DateTime<Utc>)> = sqlx::query_as(
@@ -50,8 +60,15 @@ pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClo
     let Some((workspace_id, name, version, occurrence)) = row else {
         return Ok(false);
     };
-    let def = store.definition(&workspace_id, &name, version as u32).await?;
-    let Trigger::Schedule { cron, segment, local_time } = &def.trigger else {
+    let def = store
+        .definition(&workspace_id, &name, version as u32)
+        .await?;
+    let Trigger::Schedule {
+        cron,
+        segment,
+        local_time,
+    } = &def.trigger
+    else {
         sqlx::query("UPDATE flows SET next_run_at = NULL WHERE workspace_id = $1 AND name = $2")
             .bind(&workspace_id)
             .bind(&name)
@@ -66,7 +83,10 @@ pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClo
         .await
         .map_err(|status| ApiError::Unavailable(format!("segmentation: {}", status.message())))?;
     let guardrails = store.guardrails(&workspace_id).await?;
-    let default_tz = guard::resolve_tz(Some(&guardrails.quiet_hours.default_timezone), chrono_tz::UTC);
+    let default_tz = guard::resolve_tz(
+        Some(&guardrails.quiet_hours.default_timezone),
+        chrono_tz::UTC,
+    );
     // The occurrence as a local date and time (read at UTC+14, where it happens first).
     let local = occurrence.with_timezone(&chrono_tz::Etc::GMTMinus14);
     for chunk in members.chunks(START_CHUNK) {
@@ -75,9 +95,14 @@ pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClo
             let profiles = clients
                 .profiles(&workspace_id, chunk)
                 .await
-                .map_err(|status| ApiError::Unavailable(format!("profiles: {}", status.message())))?;
+                .map_err(|status| {
+                    ApiError::Unavailable(format!("profiles: {}", status.message()))
+                })?;
             for (customer, profile) in profiles {
-                zones.insert(customer, guard::resolve_tz(profile.timezone.as_deref(), default_tz));
+                zones.insert(
+                    customer,
+                    guard::resolve_tz(profile.timezone.as_deref(), default_tz),
+                );
             }
         }
         let mut starts = Vec::with_capacity(chunk.len());
@@ -105,8 +130,14 @@ pub async fn run_due(store: &CampaignStore, clients: &Clients, clock: &SharedClo
         }
         store.start_journeys(&workspace_id, &starts, now).await?;
     }
-    let tz = if *local_time { chrono_tz::Etc::GMTMinus14 } else { chrono_tz::UTC };
-    let next = Cron::parse(cron).ok().and_then(|c| c.next_after(occurrence.max(now), tz));
+    let tz = if *local_time {
+        chrono_tz::Etc::GMTMinus14
+    } else {
+        chrono_tz::UTC
+    };
+    let next = Cron::parse(cron)
+        .ok()
+        .and_then(|c| c.next_after(occurrence.max(now), tz));
     sqlx::query("UPDATE flows SET next_run_at = $3 WHERE workspace_id = $1 AND name = $2")
         .bind(&workspace_id)
         .bind(&name)

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use relance_kit::SharedClock;
 use relance_kit::clock::ManualClock;
 use relance_kit::testing::{TestApp, TestEnv, authed, eventually};
-use relance_kit::SharedClock;
 use relance_proto::convert::{chrono_to_timestamp, json_to_struct};
 use relance_proto::v1::campaigns_client::CampaignsClient;
 use relance_proto::v1::delivery_client::DeliveryClient;
@@ -118,7 +118,9 @@ impl Harness {
                 locale: "en".into(),
                 content: Some(pb::MessageContent {
                     in_app: Some(pb::InAppContent {
-                        title: format!("{name} for {{{{ customer.attributes.first_name | default: 'you' }}}}"),
+                        title: format!(
+                            "{name} for {{{{ customer.attributes.first_name | default: 'you' }}}}"
+                        ),
                         body: "See what is new".into(),
                         ..Default::default()
                     }),
@@ -150,10 +152,20 @@ impl Harness {
             yaml: yaml.into(),
             dry_run: false,
         });
-        self.campaigns.apply_flow(request).await.unwrap().into_inner()
+        self.campaigns
+            .apply_flow(request)
+            .await
+            .unwrap()
+            .into_inner()
     }
 
-    async fn track_at(&mut self, id: &str, name: &str, properties: serde_json::Value, at: DateTime<Utc>) -> String {
+    async fn track_at(
+        &mut self,
+        id: &str,
+        name: &str,
+        properties: serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> String {
         let request = self.admin(pb::TrackRequest {
             event: Some(pb::Event {
                 name: name.into(),
@@ -163,7 +175,12 @@ impl Harness {
                 ..Default::default()
             }),
         });
-        self.events.track(request).await.unwrap().into_inner().message_id
+        self.events
+            .track(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .message_id
     }
 
     async fn track(&mut self, id: &str, name: &str, properties: serde_json::Value) -> String {
@@ -251,9 +268,24 @@ async fn every_step_type_runs_wait_send_branch_update_exit_and_wait_for_an_event
     for name in ["vip-welcome", "nudge", "welcome"] {
         h.template(name).await;
     }
-    h.profile("gold", "Africa/Algiers", serde_json::json!({ "tier": "gold" })).await;
-    h.profile("silver", "Africa/Algiers", serde_json::json!({ "tier": "silver" })).await;
-    h.profile("bronze", "Africa/Algiers", serde_json::json!({ "tier": "bronze" })).await;
+    h.profile(
+        "gold",
+        "Africa/Algiers",
+        serde_json::json!({ "tier": "gold" }),
+    )
+    .await;
+    h.profile(
+        "silver",
+        "Africa/Algiers",
+        serde_json::json!({ "tier": "silver" }),
+    )
+    .await;
+    h.profile(
+        "bronze",
+        "Africa/Algiers",
+        serde_json::json!({ "tier": "bronze" }),
+    )
+    .await;
     let applied = h
         .apply(
             r#"
@@ -283,7 +315,9 @@ steps:
     // The update step ran at once.
     let profile = h
         .profiles
-        .get(h.admin(pb::GetProfileRequest { customer: Some(customer("gold")) }))
+        .get(h.admin(pb::GetProfileRequest {
+            customer: Some(customer("gold")),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -301,7 +335,10 @@ steps:
     // Bronze never does: after the timeout, the nudge, then the welcome.
     assert!(h.sent_templates("bronze").await.is_empty());
     h.advance(Duration::days(1)).await;
-    assert_eq!(h.wait_for_messages("bronze", 2).await, vec!["nudge", "welcome"]);
+    assert_eq!(
+        h.wait_for_messages("bronze", 2).await,
+        vec!["nudge", "welcome"]
+    );
     let rows = h.journey_rows("onboarding").await;
     assert_eq!(
         rows,
@@ -322,7 +359,10 @@ steps:
         .unwrap()
         .into_inner();
     assert_eq!(listed.journeys.len(), 1);
-    assert_eq!(listed.journeys[0].end_reason, pb::JourneyEndReason::ExitStep as i32);
+    assert_eq!(
+        listed.journeys[0].end_reason,
+        pb::JourneyEndReason::ExitStep as i32
+    );
 }
 
 #[tokio::test]
@@ -331,8 +371,10 @@ async fn reaching_the_goal_ends_the_journey_mid_flow_and_a_redelivered_trigger_s
     for name in ["cart-1", "cart-2"] {
         h.template(name).await;
     }
-    h.profile("amina", "Africa/Algiers", serde_json::json!({})).await;
-    h.profile("karim", "Africa/Algiers", serde_json::json!({})).await;
+    h.profile("amina", "Africa/Algiers", serde_json::json!({}))
+        .await;
+    h.profile("karim", "Africa/Algiers", serde_json::json!({}))
+        .await;
     h.apply(
         r#"
 kind: Flow
@@ -347,8 +389,15 @@ steps:
 "#,
     )
     .await;
-    let first = h.track("amina", "cart_updated", serde_json::json!({ "items": [{ "sku": "A1" }] })).await;
-    h.track("karim", "cart_updated", serde_json::json!({})).await;
+    let first = h
+        .track(
+            "amina",
+            "cart_updated",
+            serde_json::json!({ "items": [{ "sku": "A1" }] }),
+        )
+        .await;
+    h.track("karim", "cart_updated", serde_json::json!({}))
+        .await;
     h.wait_for_journeys("abandoned-cart", 2).await;
     // The same event again (a client retry): deduplicated, one journey per customer.
     let request = h.admin(pb::TrackRequest {
@@ -359,19 +408,34 @@ steps:
             ..Default::default()
         }),
     });
-    assert!(h.events.track(request).await.unwrap().into_inner().duplicate);
+    assert!(
+        h.events
+            .track(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .duplicate
+    );
     h.advance(Duration::hours(1)).await;
     h.wait_for_messages("amina", 1).await;
     h.wait_for_messages("karim", 1).await;
     // Amina orders: her journey ends before the second reminder.
-    h.track("amina", "order_completed", serde_json::json!({ "revenue": 40.0 })).await;
+    h.track(
+        "amina",
+        "order_completed",
+        serde_json::json!({ "revenue": 40.0 }),
+    )
+    .await;
     eventually(10, "goal reached", || async {
         let rows = h.journey_rows("abandoned-cart").await;
         (rows[0].3 == Some(2)).then_some(())
     })
     .await;
     h.advance(Duration::hours(24)).await;
-    assert_eq!(h.wait_for_messages("karim", 2).await, vec!["cart-1", "cart-2"]);
+    assert_eq!(
+        h.wait_for_messages("karim", 2).await,
+        vec!["cart-1", "cart-2"]
+    );
     assert_eq!(h.sent_templates("amina").await, vec!["cart-1"]);
     assert_eq!(h.journeys("abandoned-cart").await, 2);
 }
@@ -402,19 +466,23 @@ steps:
 "#,
     )
     .await;
-    h.track("nadia", "product_viewed", serde_json::json!({})).await;
+    h.track("nadia", "product_viewed", serde_json::json!({}))
+        .await;
     h.wait_for_journeys("weekly", 1).await;
     h.wait_for_journeys("once", 1).await;
     h.settle().await;
     // A day later: too soon for `weekly`, never again for `once`.
     h.advance(Duration::days(1)).await;
-    h.track("nadia", "product_viewed", serde_json::json!({})).await;
+    h.track("nadia", "product_viewed", serde_json::json!({}))
+        .await;
     // The consumer has seen the event once its activity row is there.
     eventually(10, "second view kept", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE name = 'product_viewed'")
-            .fetch_one(&h.db)
-            .await
-            .unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM campaigns.activity WHERE name = 'product_viewed'",
+        )
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
         (n == 2).then_some(())
     })
     .await;
@@ -422,7 +490,8 @@ steps:
     assert_eq!(h.journeys("once").await, 1);
     // Seven days after the first entry: `weekly` again.
     h.advance(Duration::days(6)).await;
-    h.track("nadia", "product_viewed", serde_json::json!({})).await;
+    h.track("nadia", "product_viewed", serde_json::json!({}))
+        .await;
     h.wait_for_journeys("weekly", 2).await;
     h.settle().await;
     assert_eq!(h.journeys("once").await, 1);
@@ -435,7 +504,8 @@ async fn frequency_caps_count_across_two_flows() {
     for name in ["a-1", "a-2", "b-1"] {
         h.template(name).await;
     }
-    h.profile("sami", "Africa/Algiers", serde_json::json!({})).await;
+    h.profile("sami", "Africa/Algiers", serde_json::json!({}))
+        .await;
     let caps = pb::FrequencyCaps {
         caps: vec![pb::FrequencyCap {
             channel: pb::Channel::InApp as i32,
@@ -480,10 +550,12 @@ steps:
     h.advance(Duration::hours(1)).await;
     // Two in-app messages today: flow-b's third is skipped, and counted.
     assert_eq!(h.wait_for_messages("sami", 2).await, vec!["a-1", "a-2"]);
-    let skipped: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.guard_events WHERE flow = 'flow-b' AND kind = 2")
-        .fetch_one(&h.db)
-        .await
-        .unwrap();
+    let skipped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM campaigns.guard_events WHERE flow = 'flow-b' AND kind = 2",
+    )
+    .fetch_one(&h.db)
+    .await
+    .unwrap();
     assert_eq!(skipped, 1);
     let rows = h.journey_rows("flow-b").await;
     assert_eq!(rows[0].2, 3, "flow-b moved on past the skipped send");
@@ -505,8 +577,10 @@ async fn quiet_hours_hold_a_send_until_morning_in_each_customers_timezone() {
     // 14:00 UTC: 23:00 in Tokyo (quiet), 15:00 in Algiers.
     let mut h = spawn_app_at(Utc.with_ymd_and_hms(2026, 3, 2, 14, 0, 0).single().unwrap()).await;
     h.template("promo").await;
-    h.profile("tokyo", "Asia/Tokyo", serde_json::json!({})).await;
-    h.profile("algiers", "Africa/Algiers", serde_json::json!({})).await;
+    h.profile("tokyo", "Asia/Tokyo", serde_json::json!({}))
+        .await;
+    h.profile("algiers", "Africa/Algiers", serde_json::json!({}))
+        .await;
     h.apply(
         r#"
 kind: Flow
@@ -517,8 +591,10 @@ steps:
 "#,
     )
     .await;
-    h.track("tokyo", "product_viewed", serde_json::json!({})).await;
-    h.track("algiers", "product_viewed", serde_json::json!({})).await;
+    h.track("tokyo", "product_viewed", serde_json::json!({}))
+        .await;
+    h.track("algiers", "product_viewed", serde_json::json!({}))
+        .await;
     h.wait_for_journeys("promo", 2).await;
     h.settle().await;
     h.wait_for_messages("algiers", 1).await;
@@ -528,15 +604,20 @@ steps:
     assert!(h.sent_templates("tokyo").await.is_empty());
     h.advance(Duration::minutes(1)).await;
     h.wait_for_messages("tokyo", 1).await;
-    let at: DateTime<Utc> = sqlx::query_scalar("SELECT at FROM campaigns.sends WHERE customer_id = 'tokyo'")
-        .fetch_one(&h.db)
-        .await
-        .unwrap();
-    assert_eq!(at, Utc.with_ymd_and_hms(2026, 3, 2, 23, 0, 0).single().unwrap());
-    let deferred: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.guard_events WHERE kind = 3")
-        .fetch_one(&h.db)
-        .await
-        .unwrap();
+    let at: DateTime<Utc> =
+        sqlx::query_scalar("SELECT at FROM campaigns.sends WHERE customer_id = 'tokyo'")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        at,
+        Utc.with_ymd_and_hms(2026, 3, 2, 23, 0, 0).single().unwrap()
+    );
+    let deferred: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM campaigns.guard_events WHERE kind = 3")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
     assert_eq!(deferred, 1);
 }
 
@@ -544,10 +625,12 @@ steps:
 async fn a_best_time_send_lands_in_the_hour_the_customer_orders() {
     let mut h = spawn_app().await;
     h.template("recap").await;
-    h.profile("leila", "Africa/Algiers", serde_json::json!({})).await;
+    h.profile("leila", "Africa/Algiers", serde_json::json!({}))
+        .await;
     // A newcomer with no history of their own: the shop's hours decide (here, Leila's), read
     // in the shop's timezone.
-    h.profile("newcomer", "Africa/Algiers", serde_json::json!({})).await;
+    h.profile("newcomer", "Africa/Algiers", serde_json::json!({}))
+        .await;
     h.campaigns
         .set_quiet_hours(h.admin(pb::SetQuietHoursRequest {
             quiet_hours: Some(pb::QuietHours {
@@ -573,19 +656,29 @@ steps:
     .await;
     // Leila orders in the evening, 20:xx in Algiers (19:xx UTC), on past days.
     for days_ago in 1..=8 {
-        let at = monday_9am() - Duration::days(days_ago) + Duration::hours(10) + Duration::minutes(15);
-        h.track_at("leila", "order_completed", serde_json::json!({ "revenue": 20.0 }), at).await;
+        let at =
+            monday_9am() - Duration::days(days_ago) + Duration::hours(10) + Duration::minutes(15);
+        h.track_at(
+            "leila",
+            "order_completed",
+            serde_json::json!({ "revenue": 20.0 }),
+            at,
+        )
+        .await;
     }
     eventually(10, "orders kept", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE name = 'order_completed'")
-            .fetch_one(&h.db)
-            .await
-            .unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM campaigns.activity WHERE name = 'order_completed'",
+        )
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
         (n == 8).then_some(())
     })
     .await;
     h.track("leila", "signed_up", serde_json::json!({})).await;
-    h.track("newcomer", "signed_up", serde_json::json!({})).await;
+    h.track("newcomer", "signed_up", serde_json::json!({}))
+        .await;
     h.wait_for_journeys("recap", 2).await;
     h.settle().await;
     h.advance(Duration::hours(9) + Duration::minutes(59)).await;
@@ -594,10 +687,11 @@ steps:
     h.advance(Duration::minutes(1)).await;
     h.wait_for_messages("leila", 1).await;
     h.wait_for_messages("newcomer", 1).await;
-    let times: Vec<DateTime<Utc>> = sqlx::query_scalar("SELECT at FROM campaigns.sends ORDER BY customer_id")
-        .fetch_all(&h.db)
-        .await
-        .unwrap();
+    let times: Vec<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT at FROM campaigns.sends ORDER BY customer_id")
+            .fetch_all(&h.db)
+            .await
+            .unwrap();
     // 19:00 UTC is 20:00 in Algiers.
     let evening = Utc.with_ymd_and_hms(2026, 3, 2, 19, 0, 0).single().unwrap();
     assert_eq!(times, vec![evening, evening]);
@@ -650,7 +744,10 @@ steps:
     // Version 1 is still readable.
     let flow = h
         .campaigns
-        .get_flow(h.admin(pb::GetFlowRequest { name: "welcome".into(), version: 1 }))
+        .get_flow(h.admin(pb::GetFlowRequest {
+            name: "welcome".into(),
+            version: 1,
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -674,23 +771,36 @@ steps:
 "#;
     let error = h
         .campaigns
-        .apply_flow(h.admin(pb::ApplyFlowRequest { yaml: yaml.into(), dry_run: false }))
+        .apply_flow(h.admin(pb::ApplyFlowRequest {
+            yaml: yaml.into(),
+            dry_run: false,
+        }))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().contains("steps[1].send.variants[1].weight"), "{}", error.message());
+    assert!(
+        error.message().contains("steps[1].send.variants[1].weight"),
+        "{}",
+        error.message()
+    );
     // The weight is refused before templates are looked up; once it is fixed, the unknown
     // template is named.
     let yaml = yaml.replace("weight: 0", "weight: 50");
     let response = h
         .campaigns
-        .apply_flow(h.admin(pb::ApplyFlowRequest { yaml, dry_run: true }))
+        .apply_flow(h.admin(pb::ApplyFlowRequest {
+            yaml,
+            dry_run: true,
+        }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(response.errors.len(), 1);
     assert_eq!(response.errors[0].field, "steps[0].send.template");
-    assert_eq!(response.errors[0].reason, "template \"nope\" does not exist");
+    assert_eq!(
+        response.errors[0].reason,
+        "template \"nope\" does not exist"
+    );
     // A loop without a wait can never end.
     let looping = r#"
 kind: Flow
@@ -703,11 +813,18 @@ steps:
 "#;
     let error = h
         .campaigns
-        .apply_flow(h.admin(pb::ApplyFlowRequest { yaml: looping.into(), dry_run: false }))
+        .apply_flow(h.admin(pb::ApplyFlowRequest {
+            yaml: looping.into(),
+            dry_run: false,
+        }))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().contains("the steps can never end"), "{}", error.message());
+    assert!(
+        error.message().contains("the steps can never end"),
+        "{}",
+        error.message()
+    );
     // Nothing was stored.
     let flows = h
         .campaigns
@@ -723,10 +840,30 @@ async fn a_local_time_broadcast_goes_out_in_waves_one_per_timezone() {
     // Sunday 1 March 2026, 12:00 UTC; the broadcast is for Monday 2 March, 10:00 local.
     let mut h = spawn_app_at(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).single().unwrap()).await;
     h.template("ramadan").await;
-    h.profile("tokyo", "Asia/Tokyo", serde_json::json!({ "audience": "ramadan" })).await;
-    h.profile("algiers", "Africa/Algiers", serde_json::json!({ "audience": "ramadan" })).await;
-    h.profile("newyork", "America/New_York", serde_json::json!({ "audience": "ramadan" })).await;
-    h.profile("other", "Africa/Algiers", serde_json::json!({ "audience": "no" })).await;
+    h.profile(
+        "tokyo",
+        "Asia/Tokyo",
+        serde_json::json!({ "audience": "ramadan" }),
+    )
+    .await;
+    h.profile(
+        "algiers",
+        "Africa/Algiers",
+        serde_json::json!({ "audience": "ramadan" }),
+    )
+    .await;
+    h.profile(
+        "newyork",
+        "America/New_York",
+        serde_json::json!({ "audience": "ramadan" }),
+    )
+    .await;
+    h.profile(
+        "other",
+        "Africa/Algiers",
+        serde_json::json!({ "audience": "no" }),
+    )
+    .await;
     let segment = h
         .segments
         .apply(h.admin(pb::ApplySegmentRequest {
@@ -741,7 +878,9 @@ async fn a_local_time_broadcast_goes_out_in_waves_one_per_timezone() {
         let count = h
             .segments
             .clone()
-            .count(h.admin(pb::CountSegmentRequest { name: "ramadan-audience".into() }))
+            .count(h.admin(pb::CountSegmentRequest {
+                name: "ramadan-audience".into(),
+            }))
             .await
             .ok()?
             .into_inner()
@@ -751,9 +890,10 @@ async fn a_local_time_broadcast_goes_out_in_waves_one_per_timezone() {
     .await;
     let response = h
         .campaigns
-        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
-            definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
-                r#"
+        .schedule_broadcast(
+            h.admin(pb::ScheduleBroadcastRequest {
+                definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
+                    r#"
 kind: Broadcast
 name: ramadan-day-1
 segment: ramadan-audience
@@ -761,10 +901,11 @@ channel: in_app
 template: ramadan
 schedule: { local_time: "2026-03-02 10:00" }
 "#
-                .into(),
-            )),
-            dry_run: false,
-        }))
+                    .into(),
+                )),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap()
         .into_inner();
@@ -788,22 +929,35 @@ schedule: { local_time: "2026-03-02 10:00" }
     h.advance(Duration::hours(6)).await;
     h.wait_for_messages("newyork", 1).await;
     assert!(h.sent_templates("other").await.is_empty());
-    let times: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT customer_id, at FROM campaigns.sends WHERE broadcast = 'ramadan-day-1' ORDER BY at")
-            .fetch_all(&h.db)
-            .await
-            .unwrap();
+    let times: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT customer_id, at FROM campaigns.sends WHERE broadcast = 'ramadan-day-1' ORDER BY at",
+    )
+    .fetch_all(&h.db)
+    .await
+    .unwrap();
     let expected = [
-        ("tokyo", Utc.with_ymd_and_hms(2026, 3, 2, 1, 0, 0).single().unwrap()),
-        ("algiers", Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).single().unwrap()),
-        ("newyork", Utc.with_ymd_and_hms(2026, 3, 2, 15, 0, 0).single().unwrap()),
+        (
+            "tokyo",
+            Utc.with_ymd_and_hms(2026, 3, 2, 1, 0, 0).single().unwrap(),
+        ),
+        (
+            "algiers",
+            Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).single().unwrap(),
+        ),
+        (
+            "newyork",
+            Utc.with_ymd_and_hms(2026, 3, 2, 15, 0, 0).single().unwrap(),
+        ),
     ];
-    let expected: Vec<(String, DateTime<Utc>)> = expected.iter().map(|(c, t)| (c.to_string(), *t)).collect();
+    let expected: Vec<(String, DateTime<Utc>)> =
+        expected.iter().map(|(c, t)| (c.to_string(), *t)).collect();
     assert_eq!(times, expected);
     h.settle().await;
     let broadcast = h
         .campaigns
-        .get_broadcast(h.admin(pb::GetBroadcastRequest { name: "ramadan-day-1".into() }))
+        .get_broadcast(h.admin(pb::GetBroadcastRequest {
+            name: "ramadan-day-1".into(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -813,7 +967,9 @@ schedule: { local_time: "2026-03-02 10:00" }
     let error = h
         .campaigns
         .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
-            definition: Some(pb::schedule_broadcast_request::Definition::Spec(broadcast.spec.unwrap())),
+            definition: Some(pb::schedule_broadcast_request::Definition::Spec(
+                broadcast.spec.unwrap(),
+            )),
             dry_run: false,
         }))
         .await
@@ -857,7 +1013,10 @@ steps:
         .filter(|id| relance_campaigns::domain::experiment::in_control(id, "scripted", 30.0))
         .collect();
     let treated: Vec<&String> = ids.iter().filter(|id| !control.contains(id)).collect();
-    assert!(!control.is_empty() && treated.len() >= 6, "control {control:?}");
+    assert!(
+        !control.is_empty() && treated.len() >= 6,
+        "control {control:?}"
+    );
     for id in &treated {
         h.wait_for_messages(id, 1).await;
     }
@@ -882,18 +1041,43 @@ steps:
         .await;
     }
     h.advance(Duration::hours(2)).await;
-    h.track(treated[0], "order_completed", serde_json::json!({ "revenue": 40.0 })).await;
-    h.track(treated[1], "order_completed", serde_json::json!({ "revenue": 60.0 })).await;
+    h.track(
+        treated[0],
+        "order_completed",
+        serde_json::json!({ "revenue": 40.0 }),
+    )
+    .await;
+    h.track(
+        treated[1],
+        "order_completed",
+        serde_json::json!({ "revenue": 60.0 }),
+    )
+    .await;
     h.advance(Duration::hours(8)).await;
-    h.track(control[0], "order_completed", serde_json::json!({ "revenue": 15.0 })).await;
+    h.track(
+        control[0],
+        "order_completed",
+        serde_json::json!({ "revenue": 15.0 }),
+    )
+    .await;
     h.advance(Duration::hours(14)).await; // +24 h: PN2
     for id in &treated {
         h.wait_for_messages(id, 2).await;
     }
     h.advance(Duration::hours(6)).await; // +30 h
-    h.track(treated[3], "order_completed", serde_json::json!({ "revenue": 25.0 })).await;
+    h.track(
+        treated[3],
+        "order_completed",
+        serde_json::json!({ "revenue": 25.0 }),
+    )
+    .await;
     h.advance(Duration::hours(20)).await; // +50 h
-    h.track(treated[0], "order_completed", serde_json::json!({ "revenue": 10.0 })).await;
+    h.track(
+        treated[0],
+        "order_completed",
+        serde_json::json!({ "revenue": 10.0 }),
+    )
+    .await;
     eventually(10, "orders and clicks kept", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM campaigns.activity WHERE name = 'order_completed') \
@@ -916,7 +1100,10 @@ steps:
 
     let report = h
         .campaigns
-        .get_flow_report(h.admin(pb::GetFlowReportRequest { name: "scripted".into(), ..Default::default() }))
+        .get_flow_report(h.admin(pb::GetFlowReportRequest {
+            name: "scripted".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -934,7 +1121,10 @@ steps:
     assert!((total.conversion_rate - 3.0 / n_treated as f64).abs() < 1e-12);
     assert!((total.ctr - 3.0 / (2 * n_treated) as f64).abs() < 1e-12);
     let control_stats = report.control.unwrap();
-    assert_eq!((control_stats.entered, control_stats.conversions), (n_control, 1));
+    assert_eq!(
+        (control_stats.entered, control_stats.conversions),
+        (n_control, 1)
+    );
     assert!((control_stats.revenue - 15.0).abs() < 1e-9);
     let uplift = report.uplift.unwrap();
     let p1 = 3.0 / n_treated as f64;
@@ -948,7 +1138,10 @@ steps:
     assert_eq!(pn1.step_id, "pn1");
     let pn1_stats = pn1.stats.unwrap();
     let pn2_stats = pn2.stats.unwrap();
-    assert_eq!((pn1_stats.entered, pn1_stats.sends, pn1_stats.clicks), (n_treated, n_treated, 3));
+    assert_eq!(
+        (pn1_stats.entered, pn1_stats.sends, pn1_stats.clicks),
+        (n_treated, n_treated, 3)
+    );
     assert_eq!((pn1_stats.conversions, pn2_stats.conversions), (2, 2));
     assert!((pn1_stats.revenue - 100.0).abs() < 1e-9);
     assert!((pn2_stats.revenue - 35.0).abs() < 1e-9);
@@ -986,7 +1179,9 @@ steps:
     h.settle().await;
     let flow = h
         .campaigns
-        .pause_flow(h.admin(pb::PauseFlowRequest { name: "paused".into() }))
+        .pause_flow(h.admin(pb::PauseFlowRequest {
+            name: "paused".into(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -994,10 +1189,11 @@ steps:
     // No new journey while paused; the running one holds at its send.
     h.track("p2", "signed_up", serde_json::json!({})).await;
     eventually(10, "the sign-up seen", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE name = 'signed_up'")
-            .fetch_one(&h.db)
-            .await
-            .unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE name = 'signed_up'")
+                .fetch_one(&h.db)
+                .await
+                .unwrap();
         (n == 2).then_some(())
     })
     .await;
@@ -1006,7 +1202,10 @@ steps:
     assert_eq!(h.journey_rows("paused").await[0].2, 2, "held");
     assert!(h.sent_templates("p1").await.is_empty());
     h.campaigns
-        .resume_flow(h.admin(pb::ResumeFlowRequest { name: "paused".into(), end_held_journeys: false }))
+        .resume_flow(h.admin(pb::ResumeFlowRequest {
+            name: "paused".into(),
+            end_held_journeys: false,
+        }))
         .await
         .unwrap();
     h.settle().await;
@@ -1016,19 +1215,28 @@ steps:
     h.wait_for_journeys("paused", 2).await;
     let archived = h
         .campaigns
-        .archive_flow(h.admin(pb::ArchiveFlowRequest { name: "paused".into() }))
+        .archive_flow(h.admin(pb::ArchiveFlowRequest {
+            name: "paused".into(),
+        }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(archived.status, pb::FlowStatus::Archived as i32);
     let rows = h.journey_rows("paused").await;
     assert_eq!(rows[1], ("p2".into(), 1, 3, Some(5)));
-    let listed = h.campaigns.list_flows(h.admin(pb::ListFlowsRequest::default())).await.unwrap().into_inner();
+    let listed = h
+        .campaigns
+        .list_flows(h.admin(pb::ListFlowsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.flows.is_empty());
     // Pausing an archived flow is refused; applying it again brings it back as a new version.
     let error = h
         .campaigns
-        .pause_flow(h.admin(pb::PauseFlowRequest { name: "paused".into() }))
+        .pause_flow(h.admin(pb::PauseFlowRequest {
+            name: "paused".into(),
+        }))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
@@ -1042,20 +1250,27 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
     }
     let ids: Vec<String> = (0..40).map(|i| format!("b{i:02}")).collect();
     for id in &ids {
-        h.profile(id, "UTC", serde_json::json!({ "audience": "yes" })).await;
+        h.profile(id, "UTC", serde_json::json!({ "audience": "yes" }))
+            .await;
     }
     h.segments
-        .apply(h.admin(pb::ApplySegmentRequest {
-            yaml: "kind: Segment\nname: everyone\nwhere: { attribute: audience, eq: \"yes\" }\n".into(),
-            dry_run: false,
-        }))
+        .apply(
+            h.admin(pb::ApplySegmentRequest {
+                yaml:
+                    "kind: Segment\nname: everyone\nwhere: { attribute: audience, eq: \"yes\" }\n"
+                        .into(),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap();
     eventually(20, "segment built", || async {
         let count = h
             .segments
             .clone()
-            .count(h.admin(pb::CountSegmentRequest { name: "everyone".into() }))
+            .count(h.admin(pb::CountSegmentRequest {
+                name: "everyone".into(),
+            }))
             .await
             .ok()?
             .into_inner()
@@ -1068,8 +1283,18 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
         segment: "everyone".into(),
         channels: vec![pb::Channel::InApp as i32],
         variants: vec![
-            pb::CampaignVariant { name: "A".into(), weight: 50, template: "promo-a".into(), channels: vec![] },
-            pb::CampaignVariant { name: "B".into(), weight: 50, template: "promo-b".into(), channels: vec![] },
+            pb::CampaignVariant {
+                name: "A".into(),
+                weight: 50,
+                template: "promo-a".into(),
+                channels: vec![],
+            },
+            pb::CampaignVariant {
+                name: "B".into(),
+                weight: 50,
+                template: "promo-b".into(),
+                channels: vec![],
+            },
         ],
         control_group_percent: 25.0,
         ..Default::default()
@@ -1086,7 +1311,11 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().contains("spec.variants[1].weight"), "{}", error.message());
+    assert!(
+        error.message().contains("spec.variants[1].weight"),
+        "{}",
+        error.message()
+    );
     h.campaigns
         .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
             definition: Some(pb::schedule_broadcast_request::Definition::Spec(spec)),
@@ -1104,13 +1333,31 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
         h.wait_for_messages(id, 1).await;
     }
     for id in &control {
-        assert!(h.sent_templates(id).await.is_empty(), "{id} is in the control group");
+        assert!(
+            h.sent_templates(id).await.is_empty(),
+            "{id} is in the control group"
+        );
     }
     // Two treated customers and one control customer order within the window.
     h.advance(Duration::hours(3)).await;
-    h.track(treated[0], "order_completed", serde_json::json!({ "revenue": 30.0 })).await;
-    h.track(treated[1], "order_completed", serde_json::json!({ "revenue": 20.0 })).await;
-    h.track(control[0], "order_completed", serde_json::json!({ "revenue": 10.0 })).await;
+    h.track(
+        treated[0],
+        "order_completed",
+        serde_json::json!({ "revenue": 30.0 }),
+    )
+    .await;
+    h.track(
+        treated[1],
+        "order_completed",
+        serde_json::json!({ "revenue": 20.0 }),
+    )
+    .await;
+    h.track(
+        control[0],
+        "order_completed",
+        serde_json::json!({ "revenue": 10.0 }),
+    )
+    .await;
     eventually(10, "orders kept and sends recorded", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM campaigns.activity WHERE name = 'order_completed') * 1000 \
@@ -1124,29 +1371,50 @@ async fn a_broadcast_with_variants_and_a_control_group_reports_each_variant_agai
     .await;
     let report = h
         .campaigns
-        .get_broadcast_report(h.admin(pb::GetBroadcastReportRequest { name: "spring-sale".into(), range: None }))
+        .get_broadcast_report(h.admin(pb::GetBroadcastReportRequest {
+            name: "spring-sale".into(),
+            range: None,
+        }))
         .await
         .unwrap()
         .into_inner();
     let total = report.total.unwrap();
-    assert_eq!((total.entered, total.sends, total.conversions), (treated.len() as u64, treated.len() as u64, 2));
+    assert_eq!(
+        (total.entered, total.sends, total.conversions),
+        (treated.len() as u64, treated.len() as u64, 2)
+    );
     assert!((total.revenue - 50.0).abs() < 1e-9);
     let control_stats = report.control.unwrap();
-    assert_eq!((control_stats.entered, control_stats.conversions), (control.len() as u64, 1));
+    assert_eq!(
+        (control_stats.entered, control_stats.conversions),
+        (control.len() as u64, 1)
+    );
     assert_eq!(report.variants.len(), 2);
-    let assigned: u64 = report.variants.iter().map(|v| v.stats.unwrap().entered).sum();
+    let assigned: u64 = report
+        .variants
+        .iter()
+        .map(|v| v.stats.unwrap().entered)
+        .sum();
     assert_eq!(assigned, treated.len() as u64);
     for variant in &report.variants {
-        assert!(variant.uplift.is_some(), "each variant is compared with control");
+        assert!(
+            variant.uplift.is_some(),
+            "each variant is compared with control"
+        );
     }
     let broadcast = h
         .campaigns
-        .get_broadcast(h.admin(pb::GetBroadcastRequest { name: "spring-sale".into() }))
+        .get_broadcast(h.admin(pb::GetBroadcastRequest {
+            name: "spring-sale".into(),
+        }))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(broadcast.status, pb::BroadcastStatus::Completed as i32);
-    assert_eq!((broadcast.queued, broadcast.control), (treated.len() as u64, control.len() as u64));
+    assert_eq!(
+        (broadcast.queued, broadcast.control),
+        (treated.len() as u64, control.len() as u64)
+    );
 }
 
 /// Applies a segment of the customers whose `audience` attribute is `value`, and waits until
@@ -1155,7 +1423,9 @@ async fn audience_segment(h: &Harness, name: &str, value: &str, size: u64) {
     h.segments
         .clone()
         .apply(h.admin(pb::ApplySegmentRequest {
-            yaml: format!("kind: Segment\nname: {name}\nwhere: {{ attribute: audience, eq: \"{value}\" }}\n"),
+            yaml: format!(
+                "kind: Segment\nname: {name}\nwhere: {{ attribute: audience, eq: \"{value}\" }}\n"
+            ),
             dry_run: false,
         }))
         .await
@@ -1178,8 +1448,18 @@ async fn audience_segment(h: &Harness, name: &str, value: &str, size: u64) {
 async fn a_scheduled_flow_starts_a_journey_per_member_at_the_local_time_of_each() {
     let mut h = spawn_app().await;
     h.template("vip-recap").await;
-    h.profile("vip-algiers", "Africa/Algiers", serde_json::json!({ "audience": "vip" })).await;
-    h.profile("vip-tokyo", "Asia/Tokyo", serde_json::json!({ "audience": "vip" })).await;
+    h.profile(
+        "vip-algiers",
+        "Africa/Algiers",
+        serde_json::json!({ "audience": "vip" }),
+    )
+    .await;
+    h.profile(
+        "vip-tokyo",
+        "Asia/Tokyo",
+        serde_json::json!({ "audience": "vip" }),
+    )
+    .await;
     audience_segment(&h, "vip", "vip", 2).await;
     // Every day at 18:00 in each customer's own timezone.
     h.apply(
@@ -1196,23 +1476,34 @@ steps:
     // The run starts when 18:00 first happens anywhere (UTC+14: 04:00 UTC, already past for
     // today's run, so the next is Tuesday's, at Monday 04:00 UTC + 1 day).
     h.settle().await;
-    let next: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT next_run_at FROM campaigns.flows WHERE name = 'vip-daily'")
-        .fetch_one(&h.db)
-        .await
-        .unwrap();
-    assert_eq!(next, Some(Utc.with_ymd_and_hms(2026, 3, 3, 4, 0, 0).single().unwrap()));
-    h.advance(Duration::hours(19)).await; // Tuesday 04:00 UTC: Tuesday's run starts
-    h.wait_for_journeys("vip-daily", 2).await;
-    let wakes: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT customer_id, next_wake_at FROM campaigns.journeys ORDER BY customer_id")
-            .fetch_all(&h.db)
+    let next: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT next_run_at FROM campaigns.flows WHERE name = 'vip-daily'")
+            .fetch_one(&h.db)
             .await
             .unwrap();
     assert_eq!(
+        next,
+        Some(Utc.with_ymd_and_hms(2026, 3, 3, 4, 0, 0).single().unwrap())
+    );
+    h.advance(Duration::hours(19)).await; // Tuesday 04:00 UTC: Tuesday's run starts
+    h.wait_for_journeys("vip-daily", 2).await;
+    let wakes: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT customer_id, next_wake_at FROM campaigns.journeys ORDER BY customer_id",
+    )
+    .fetch_all(&h.db)
+    .await
+    .unwrap();
+    assert_eq!(
         wakes,
         vec![
-            ("vip-algiers".to_owned(), Utc.with_ymd_and_hms(2026, 3, 3, 17, 0, 0).single().unwrap()),
-            ("vip-tokyo".to_owned(), Utc.with_ymd_and_hms(2026, 3, 3, 9, 0, 0).single().unwrap()),
+            (
+                "vip-algiers".to_owned(),
+                Utc.with_ymd_and_hms(2026, 3, 3, 17, 0, 0).single().unwrap()
+            ),
+            (
+                "vip-tokyo".to_owned(),
+                Utc.with_ymd_and_hms(2026, 3, 3, 9, 0, 0).single().unwrap()
+            ),
         ]
     );
     h.advance(Duration::hours(5)).await; // 09:00 UTC
@@ -1230,14 +1521,16 @@ async fn a_recurring_broadcast_runs_on_its_cron_until_it_ends() {
     let mut h = spawn_app().await;
     h.template("daily-deal").await;
     for id in ["r1", "r2"] {
-        h.profile(id, "UTC", serde_json::json!({ "audience": "deals" })).await;
+        h.profile(id, "UTC", serde_json::json!({ "audience": "deals" }))
+            .await;
     }
     audience_segment(&h, "deal-lovers", "deals", 2).await;
     let response = h
         .campaigns
-        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
-            definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
-                r#"
+        .schedule_broadcast(
+            h.admin(pb::ScheduleBroadcastRequest {
+                definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
+                    r#"
 kind: Broadcast
 name: daily-deal
 segment: deal-lovers
@@ -1245,10 +1538,11 @@ channel: in_app
 template: daily-deal
 schedule: { cron: "0 10 * * *", ends_at: "2026-03-04T12:00:00Z" }
 "#
-                .into(),
-            )),
-            dry_run: false,
-        }))
+                    .into(),
+                )),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap()
         .into_inner();
@@ -1261,7 +1555,12 @@ schedule: { cron: "0 10 * * *", ends_at: "2026-03-04T12:00:00Z" }
     assert!(h.sent_templates("r1").await.is_empty());
     // Monday 10:00, Tuesday 10:00, Wednesday 10:00; Thursday's run is past `ends_at`.
     for day in 1..=3 {
-        h.advance(if day == 1 { Duration::hours(1) } else { Duration::days(1) }).await;
+        h.advance(if day == 1 {
+            Duration::hours(1)
+        } else {
+            Duration::days(1)
+        })
+        .await;
         h.wait_for_messages("r1", day).await;
         h.wait_for_messages("r2", day).await;
         h.settle().await;
@@ -1269,7 +1568,9 @@ schedule: { cron: "0 10 * * *", ends_at: "2026-03-04T12:00:00Z" }
     h.advance(Duration::days(1)).await;
     let broadcast = h
         .campaigns
-        .get_broadcast(h.admin(pb::GetBroadcastRequest { name: "daily-deal".into() }))
+        .get_broadcast(h.admin(pb::GetBroadcastRequest {
+            name: "daily-deal".into(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -1294,11 +1595,19 @@ steps:
 "#,
     )
     .await;
-    h.track("erase-me", "signed_up", serde_json::json!({})).await;
-    h.track("erase-me", "order_completed", serde_json::json!({ "revenue": 12.0 })).await;
+    h.track("erase-me", "signed_up", serde_json::json!({}))
+        .await;
+    h.track(
+        "erase-me",
+        "order_completed",
+        serde_json::json!({ "revenue": 12.0 }),
+    )
+    .await;
     h.wait_for_journeys("slow", 1).await;
     h.profiles
-        .delete(h.admin(pb::DeleteProfileRequest { customer: Some(customer("erase-me")) }))
+        .delete(h.admin(pb::DeleteProfileRequest {
+            customer: Some(customer("erase-me")),
+        }))
         .await
         .unwrap();
     eventually(10, "journey ended for erasure", || async {
@@ -1306,10 +1615,12 @@ steps:
         (rows[0].3 == Some(7)).then_some(())
     })
     .await;
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.activity WHERE customer_id = 'erase-me'")
-        .fetch_one(&h.db)
-        .await
-        .unwrap();
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM campaigns.activity WHERE customer_id = 'erase-me'",
+    )
+    .fetch_one(&h.db)
+    .await
+    .unwrap();
     assert_eq!(kept, 0);
     h.advance(Duration::days(3)).await;
     assert!(h.sent_templates("erase-me").await.is_empty());

@@ -147,28 +147,44 @@ pub struct SendOrder {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// The journey reached a step (for the report's `entered` per step).
-    Visited { step_id: String },
+    Visited {
+        step_id: String,
+    },
     Send(SendOrder),
     /// A control-group journey passed a send step: nothing is sent.
-    HeldOut { step_id: String },
+    HeldOut {
+        step_id: String,
+    },
     /// Set these profile attributes.
     Update {
         step_id: String,
         set: serde_json::Map<String, serde_json::Value>,
     },
     /// A send was deferred by a frequency cap (counted once per send).
-    CapDeferred { step_id: String, channel: ChannelName },
+    CapDeferred {
+        step_id: String,
+        channel: ChannelName,
+    },
     /// A send was skipped by a frequency cap.
-    CapSkipped { step_id: String, channel: ChannelName },
+    CapSkipped {
+        step_id: String,
+        channel: ChannelName,
+    },
     /// A send waits for quiet hours to end (counted once per send).
-    QuietDeferred { step_id: String, channel: ChannelName },
+    QuietDeferred {
+        step_id: String,
+        channel: ChannelName,
+    },
 }
 
 /// How the run left the journey.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Wakes at `at` (or earlier, on an event it waits for).
-    Sleep { at: DateTime<Utc>, state: JourneyState },
+    Sleep {
+        at: DateTime<Utc>,
+        state: JourneyState,
+    },
     /// Holds before a send while the flow is paused.
     Hold { state: JourneyState },
     /// Ended.
@@ -176,12 +192,21 @@ pub enum Outcome {
 }
 
 /// Runs the journey from `state` until it must wait, hold or end.
-pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -> (Vec<Effect>, Outcome) {
+pub fn advance(
+    flow: &FlowDef,
+    mut state: JourneyState,
+    facts: &mut Facts<'_>,
+) -> (Vec<Effect>, Outcome) {
     let mut effects = Vec::new();
     let now = facts.now;
     for _ in 0..MAX_STEPS_PER_ADVANCE {
         let Some(step) = flow.steps.get(state.position) else {
-            return (effects, Outcome::End { reason: EndReason::Completed });
+            return (
+                effects,
+                Outcome::End {
+                    reason: EndReason::Completed,
+                },
+            );
         };
         // Resuming inside a step: a wait that may be over, a deferred send.
         match state.phase {
@@ -191,11 +216,23 @@ pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -
                 }
                 match move_to(&mut state, step.next) {
                     true => continue,
-                    false => return (effects, Outcome::End { reason: EndReason::Completed }),
+                    false => {
+                        return (
+                            effects,
+                            Outcome::End {
+                                reason: EndReason::Completed,
+                            },
+                        );
+                    }
                 }
             }
             Phase::AwaitingEvent { since } => {
-                let StepKind::Wait(Wait::Event { event, timeout_secs, on_timeout }) = &step.kind else {
+                let StepKind::Wait(Wait::Event {
+                    event,
+                    timeout_secs,
+                    on_timeout,
+                }) = &step.kind
+                else {
                     // The stored phase no longer fits the step: run it afresh.
                     state.phase = Phase::Ready;
                     continue;
@@ -215,7 +252,14 @@ pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -
                 };
                 match move_to(&mut state, next) {
                     true => continue,
-                    false => return (effects, Outcome::End { reason: EndReason::Completed }),
+                    false => {
+                        return (
+                            effects,
+                            Outcome::End {
+                                reason: EndReason::Completed,
+                            },
+                        );
+                    }
                 }
             }
             Phase::Ready | Phase::Deferred { .. } => {}
@@ -224,22 +268,28 @@ pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -
         let resuming_send = matches!(state.phase, Phase::Deferred { .. });
         if !resuming_send {
             state.seq += 1;
-            effects.push(Effect::Visited { step_id: step.id.clone() });
+            effects.push(Effect::Visited {
+                step_id: step.id.clone(),
+            });
         }
         let next = match &step.kind {
-            StepKind::Wait(wait) => {
-                match start_wait(wait, facts) {
-                    WaitStart::Until(until) => {
-                        state.phase = Phase::Waiting { until };
-                        return (effects, Outcome::Sleep { at: until, state });
-                    }
-                    WaitStart::Event(timeout) => {
-                        state.phase = Phase::AwaitingEvent { since: now };
-                        return (effects, Outcome::Sleep { at: now + timeout, state });
-                    }
-                    WaitStart::Over => step.next,
+            StepKind::Wait(wait) => match start_wait(wait, facts) {
+                WaitStart::Until(until) => {
+                    state.phase = Phase::Waiting { until };
+                    return (effects, Outcome::Sleep { at: until, state });
                 }
-            }
+                WaitStart::Event(timeout) => {
+                    state.phase = Phase::AwaitingEvent { since: now };
+                    return (
+                        effects,
+                        Outcome::Sleep {
+                            at: now + timeout,
+                            state,
+                        },
+                    );
+                }
+                WaitStart::Over => step.next,
+            },
             StepKind::Send(send) => {
                 if facts.paused {
                     state.phase = Phase::Ready;
@@ -251,10 +301,17 @@ pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -
                     return (effects, Outcome::Hold { state });
                 }
                 if !facts.in_audience {
-                    return (effects, Outcome::End { reason: EndReason::LeftAudience });
+                    return (
+                        effects,
+                        Outcome::End {
+                            reason: EndReason::LeftAudience,
+                        },
+                    );
                 }
                 if facts.control {
-                    effects.push(Effect::HeldOut { step_id: step.id.clone() });
+                    effects.push(Effect::HeldOut {
+                        step_id: step.id.clone(),
+                    });
                     step.next
                 } else {
                     match run_send(flow, &step.id, send, &mut state, facts, &mut effects) {
@@ -265,21 +322,42 @@ pub fn advance(flow: &FlowDef, mut state: JourneyState, facts: &mut Facts<'_>) -
                     }
                 }
             }
-            StepKind::Branch { condition, then_to, else_to } => {
-                let taken = if branch_holds(condition, &step.id, facts) { then_to } else { else_to };
+            StepKind::Branch {
+                condition,
+                then_to,
+                else_to,
+            } => {
+                let taken = if branch_holds(condition, &step.id, facts) {
+                    then_to
+                } else {
+                    else_to
+                };
                 taken.or(step.next)
             }
             StepKind::Update { set } => {
-                effects.push(Effect::Update { step_id: step.id.clone(), set: set.clone() });
+                effects.push(Effect::Update {
+                    step_id: step.id.clone(),
+                    set: set.clone(),
+                });
                 step.next
             }
             StepKind::Exit => {
-                return (effects, Outcome::End { reason: EndReason::ExitStep });
+                return (
+                    effects,
+                    Outcome::End {
+                        reason: EndReason::ExitStep,
+                    },
+                );
             }
             StepKind::Goto { target } => Some(*target),
         };
         if !move_to(&mut state, next) {
-            return (effects, Outcome::End { reason: EndReason::Completed });
+            return (
+                effects,
+                Outcome::End {
+                    reason: EndReason::Completed,
+                },
+            );
         }
     }
     // A long run of instant steps: continue in the next round, at once.
@@ -304,7 +382,11 @@ fn belongs_to_journey(activity: &Activity, journey_id: &str) -> bool {
     if !activity.name.starts_with("message_") {
         return true;
     }
-    match activity.properties.get("journey_id").and_then(serde_json::Value::as_str) {
+    match activity
+        .properties
+        .get("journey_id")
+        .and_then(serde_json::Value::as_str)
+    {
         Some(id) => id == journey_id,
         None => false,
     }
@@ -337,7 +419,13 @@ fn start_wait(wait: &Wait, facts: &Facts<'_>) -> WaitStart {
             let mut at = now;
             for (histogram, tz) in facts.histograms {
                 if histogram.total() >= BEST_TIME_MIN_SAMPLES {
-                    at = besttime::best_send_time(now, *within_secs, *tz, &[histogram], BEST_TIME_MIN_SAMPLES);
+                    at = besttime::best_send_time(
+                        now,
+                        *within_secs,
+                        *tz,
+                        &[histogram],
+                        BEST_TIME_MIN_SAMPLES,
+                    );
                     break;
                 }
             }
@@ -382,7 +470,10 @@ fn run_send(
             };
             (variant.template.clone(), channels)
         }
-        None => (send.template.clone().unwrap_or_default(), send.channels.clone()),
+        None => (
+            send.template.clone().unwrap_or_default(),
+            send.channels.clone(),
+        ),
     };
     // The first channel is the one the guardrails count: delivery may fall back to a later
     // one, but the customer is interrupted once either way.
@@ -392,22 +483,38 @@ fn run_send(
 
     if let Some(until) = guard::quiet_until(facts.quiet_hours, primary, now, facts.tz) {
         if !was_deferred {
-            effects.push(Effect::QuietDeferred { step_id: step_id.to_owned(), channel: primary });
+            effects.push(Effect::QuietDeferred {
+                step_id: step_id.to_owned(),
+                channel: primary,
+            });
         }
         state.phase = Phase::Deferred { first_due };
         return SendStep::Deferred(until);
     }
-    match guard::cap_decision(facts.caps, primary, now, first_due, facts.tz, facts.cap_counts) {
+    match guard::cap_decision(
+        facts.caps,
+        primary,
+        now,
+        first_due,
+        facts.tz,
+        facts.cap_counts,
+    ) {
         CapDecision::Allow => {}
         CapDecision::Defer { until } => {
             if !was_deferred {
-                effects.push(Effect::CapDeferred { step_id: step_id.to_owned(), channel: primary });
+                effects.push(Effect::CapDeferred {
+                    step_id: step_id.to_owned(),
+                    channel: primary,
+                });
             }
             state.phase = Phase::Deferred { first_due };
             return SendStep::Deferred(until);
         }
         CapDecision::Skip => {
-            effects.push(Effect::CapSkipped { step_id: step_id.to_owned(), channel: primary });
+            effects.push(Effect::CapSkipped {
+                step_id: step_id.to_owned(),
+                channel: primary,
+            });
             return SendStep::Done;
         }
     }
@@ -416,7 +523,9 @@ fn run_send(
     }
     let variant_name = variant.map(|v| v.name.clone()).unwrap_or_default();
     if !variant_name.is_empty() {
-        state.variants.insert(step_id.to_owned(), variant_name.clone());
+        state
+            .variants
+            .insert(step_id.to_owned(), variant_name.clone());
     }
     effects.push(Effect::Send(SendOrder {
         step_id: step_id.to_owned(),
@@ -449,7 +558,9 @@ fn branch_holds(condition: &BranchCondition, step_id: &str, facts: &Facts<'_>) -
         }
         BranchCondition::Attribute(condition) => matcher::passes(condition, facts.attributes),
         BranchCondition::Trait(condition) => matcher::passes(condition, facts.traits),
-        BranchCondition::Segment { segment } => facts.segments.get(segment).copied().unwrap_or(false),
+        BranchCondition::Segment { segment } => {
+            facts.segments.get(segment).copied().unwrap_or(false)
+        }
         BranchCondition::Random { percent } => {
             experiment::random_branch(facts.journey_id, step_id, *percent)
         }
@@ -464,7 +575,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0)
+            .single()
+            .expect("valid time")
     }
 
     fn step(id: &str, kind: StepKind, next: Option<usize>) -> Step {
@@ -532,7 +645,13 @@ mod tests {
             }
         }
 
-        fn run(&mut self, flow: &FlowDef, state: JourneyState, now: DateTime<Utc>, tz: Tz) -> (Vec<Effect>, Outcome) {
+        fn run(
+            &mut self,
+            flow: &FlowDef,
+            state: JourneyState,
+            now: DateTime<Utc>,
+            tz: Tz,
+        ) -> (Vec<Effect>, Outcome) {
             let histograms = [(&self.histogram, chrono_tz::UTC)];
             let mut facts = Facts {
                 now,
@@ -581,7 +700,10 @@ mod tests {
         ]);
         let mut world = World::new();
         let (effects, outcome) = world.run(&flow, JourneyState::start(), at(9, 0), chrono_tz::UTC);
-        assert_eq!(sends(&effects), vec![("t0".to_owned(), "j1:s0#1".to_owned())]);
+        assert_eq!(
+            sends(&effects),
+            vec![("t0".to_owned(), "j1:s0#1".to_owned())]
+        );
         let (wake, state) = sleeping(outcome);
         assert_eq!(wake, at(10, 0));
         // Woken early (an unrelated event): it sleeps again, nothing sent.
@@ -590,8 +712,16 @@ mod tests {
         assert_eq!(sleeping(outcome).0, at(10, 0));
         // On time: the second send, then the end.
         let (effects, outcome) = world.run(&flow, state.clone(), at(10, 0), chrono_tz::UTC);
-        assert_eq!(sends(&effects), vec![("t1".to_owned(), "j1:s1#3".to_owned())]);
-        assert_eq!(outcome, Outcome::End { reason: EndReason::Completed });
+        assert_eq!(
+            sends(&effects),
+            vec![("t1".to_owned(), "j1:s1#3".to_owned())]
+        );
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::Completed
+            }
+        );
         // A retry of the same run (the commit failed) produces the same key.
         let (again, _) = world.run(&flow, state, at(10, 0), chrono_tz::UTC);
         assert_eq!(sends(&again), sends(&effects));
@@ -600,19 +730,46 @@ mod tests {
     #[test]
     fn until_a_local_time_waits_for_that_time_in_the_customers_timezone() {
         let flow = flow(vec![
-            step("w", StepKind::Wait(Wait::UntilLocalTime { hour: 18, minute: 0 }), Some(1)),
+            step(
+                "w",
+                StepKind::Wait(Wait::UntilLocalTime {
+                    hour: 18,
+                    minute: 0,
+                }),
+                Some(1),
+            ),
             step("s", send("t"), None),
         ]);
         let mut world = World::new();
         // 09:00 UTC is 10:00 in Algiers: 18:00 there is 17:00 UTC today.
-        let (_, outcome) = world.run(&flow, JourneyState::start(), at(9, 0), chrono_tz::Africa::Algiers);
+        let (_, outcome) = world.run(
+            &flow,
+            JourneyState::start(),
+            at(9, 0),
+            chrono_tz::Africa::Algiers,
+        );
         assert_eq!(sleeping(outcome).0, at(17, 0));
         // 09:00 UTC is 18:00 in Tokyo: it is already the time, the send goes now.
-        let (effects, outcome) = world.run(&flow, JourneyState::start(), at(9, 0), chrono_tz::Asia::Tokyo);
+        let (effects, outcome) = world.run(
+            &flow,
+            JourneyState::start(),
+            at(9, 0),
+            chrono_tz::Asia::Tokyo,
+        );
         assert_eq!(sends(&effects).len(), 1);
-        assert_eq!(outcome, Outcome::End { reason: EndReason::Completed });
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::Completed
+            }
+        );
         // 10:00 UTC is 19:00 in Tokyo: tomorrow's 18:00, 09:00 UTC the next day.
-        let (_, outcome) = world.run(&flow, JourneyState::start(), at(10, 0), chrono_tz::Asia::Tokyo);
+        let (_, outcome) = world.run(
+            &flow,
+            JourneyState::start(),
+            at(10, 0),
+            chrono_tz::Asia::Tokyo,
+        );
         assert_eq!(sleeping(outcome).0, at(9, 0) + Duration::days(1));
     }
 
@@ -620,7 +777,15 @@ mod tests {
     fn branches_on_attributes_traits_segments_and_events_of_this_journey() {
         let condition = |c: BranchCondition| {
             flow(vec![
-                step("b", StepKind::Branch { condition: c, then_to: Some(1), else_to: Some(2) }, None),
+                step(
+                    "b",
+                    StepKind::Branch {
+                        condition: c,
+                        then_to: Some(1),
+                        else_to: Some(2),
+                    },
+                    None,
+                ),
                 step("yes", send("yes"), None),
                 step("no", send("no"), None),
             ])
@@ -643,7 +808,9 @@ mod tests {
             test: PropertyTest::Gte(5.0),
         }));
         assert_eq!(template(&mut world, &traits), "no");
-        let segment = condition(BranchCondition::Segment { segment: "vip".into() });
+        let segment = condition(BranchCondition::Segment {
+            segment: "vip".into(),
+        });
         assert_eq!(template(&mut world, &segment), "yes");
         let clicked = condition(BranchCondition::Event {
             event: EventMatch {
@@ -673,11 +840,15 @@ mod tests {
     #[test]
     fn a_random_split_is_the_same_on_every_retry_and_near_its_share() {
         let flow = flow(vec![
-            step("split", StepKind::Branch {
-                condition: BranchCondition::Random { percent: 30.0 },
-                then_to: Some(1),
-                else_to: None,
-            }, None),
+            step(
+                "split",
+                StepKind::Branch {
+                    condition: BranchCondition::Random { percent: 30.0 },
+                    then_to: Some(1),
+                    else_to: None,
+                },
+                None,
+            ),
             step("then", send("then"), None),
         ]);
         let mut taken = 0;
@@ -689,7 +860,10 @@ mod tests {
                 taken += 1;
             }
         }
-        assert!((500..700).contains(&taken), "{taken} of 2000 took the 30 % branch");
+        assert!(
+            (500..700).contains(&taken),
+            "{taken} of 2000 took the 30 % branch"
+        );
         let mut world = World::new();
         let (a, _) = world.run(&flow, JourneyState::start(), at(9, 0), chrono_tz::UTC);
         let (b, _) = world.run(&flow, JourneyState::start(), at(9, 0), chrono_tz::UTC);
@@ -699,11 +873,18 @@ mod tests {
     #[test]
     fn a_wait_for_an_event_ends_on_the_event_or_takes_the_timeout_path() {
         let flow = flow(vec![
-            step("w", StepKind::Wait(Wait::Event {
-                event: EventMatch { event: "app_opened".into(), conditions: Vec::new() },
-                timeout_secs: 2 * 86_400,
-                on_timeout: Some(2),
-            }), Some(1)),
+            step(
+                "w",
+                StepKind::Wait(Wait::Event {
+                    event: EventMatch {
+                        event: "app_opened".into(),
+                        conditions: Vec::new(),
+                    },
+                    timeout_secs: 2 * 86_400,
+                    on_timeout: Some(2),
+                }),
+                Some(1),
+            ),
             step("opened", send("opened"), None),
             step("nudge", send("nudge"), Some(1)),
         ]);
@@ -712,19 +893,33 @@ mod tests {
         let (wake, waiting) = sleeping(outcome);
         assert_eq!(wake, at(9, 0) + Duration::days(2));
         // An app open before the wait began does not end it.
-        world.activity.push(Activity { name: "app_opened".into(), at: at(8, 0), properties: serde_json::json!({}) });
+        world.activity.push(Activity {
+            name: "app_opened".into(),
+            at: at(8, 0),
+            properties: serde_json::json!({}),
+        });
         let (effects, _) = world.run(&flow, waiting.clone(), at(12, 0), chrono_tz::UTC);
         assert!(sends(&effects).is_empty());
         // One after it does.
-        world.activity.push(Activity { name: "app_opened".into(), at: at(11, 0), properties: serde_json::json!({}) });
+        world.activity.push(Activity {
+            name: "app_opened".into(),
+            at: at(11, 0),
+            properties: serde_json::json!({}),
+        });
         let (effects, _) = world.run(&flow, waiting.clone(), at(12, 0), chrono_tz::UTC);
         assert_eq!(sends(&effects)[0].0, "opened");
         // Without it, the timeout path, then the step after the wait.
         world.activity.clear();
-        let (effects, outcome) = world.run(&flow, waiting, at(9, 0) + Duration::days(2), chrono_tz::UTC);
+        let (effects, outcome) =
+            world.run(&flow, waiting, at(9, 0) + Duration::days(2), chrono_tz::UTC);
         let templates: Vec<String> = sends(&effects).into_iter().map(|s| s.0).collect();
         assert_eq!(templates, vec!["nudge", "opened"]);
-        assert_eq!(outcome, Outcome::End { reason: EndReason::Completed });
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::Completed
+            }
+        );
     }
 
     #[test]
@@ -733,7 +928,11 @@ mod tests {
         let mut world = World::new();
         world.quiet = QuietHoursRule::default(); // 22:00–08:00
         world.caps = CapSettings {
-            rules: vec![CapRule { channel: Some(ChannelName::Push), period: CapPeriod::Day, max: 1 }],
+            rules: vec![CapRule {
+                channel: Some(ChannelName::Push),
+                period: CapPeriod::Day,
+                max: 1,
+            }],
             policy: CapPolicy::Skip,
         };
         // 23:00 in UTC: quiet until 08:00.
@@ -744,10 +943,24 @@ mod tests {
         // In the morning it goes and counts; a second journey that day is skipped by the cap.
         let (effects, _) = world.run(&flow, deferred.clone(), wake, chrono_tz::UTC);
         assert_eq!(sends(&effects).len(), 1);
-        let (effects, outcome) = world.run(&flow, JourneyState::start(), wake + Duration::hours(1), chrono_tz::UTC);
+        let (effects, outcome) = world.run(
+            &flow,
+            JourneyState::start(),
+            wake + Duration::hours(1),
+            chrono_tz::UTC,
+        );
         assert!(sends(&effects).is_empty());
-        assert!(effects.iter().any(|e| matches!(e, Effect::CapSkipped { .. })));
-        assert_eq!(outcome, Outcome::End { reason: EndReason::Completed });
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::CapSkipped { .. }))
+        );
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::Completed
+            }
+        );
     }
 
     #[test]
@@ -774,16 +987,31 @@ mod tests {
         };
         let (effects, outcome) = advance(&flow, JourneyState::start(), &mut facts);
         assert!(effects.is_empty());
-        assert_eq!(outcome, Outcome::Hold { state: JourneyState::start() });
+        assert_eq!(
+            outcome,
+            Outcome::Hold {
+                state: JourneyState::start()
+            }
+        );
         facts.paused = false;
         facts.control = true;
         let (effects, outcome) = advance(&flow, JourneyState::start(), &mut facts);
         assert!(sends(&effects).is_empty());
         assert!(effects.iter().any(|e| matches!(e, Effect::HeldOut { .. })));
-        assert_eq!(outcome, Outcome::End { reason: EndReason::Completed });
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::Completed
+            }
+        );
         facts.control = false;
         facts.in_audience = false;
         let (_, outcome) = advance(&flow, JourneyState::start(), &mut facts);
-        assert_eq!(outcome, Outcome::End { reason: EndReason::LeftAudience });
+        assert_eq!(
+            outcome,
+            Outcome::End {
+                reason: EndReason::LeftAudience
+            }
+        );
     }
 }

@@ -202,11 +202,15 @@ pub enum StepKind {
         else_to: Option<usize>,
     },
     /// Sets profile attributes (`update: { set: { voucher_sent: true } }`).
-    Update { set: serde_json::Map<String, serde_json::Value> },
+    Update {
+        set: serde_json::Map<String, serde_json::Value>,
+    },
     /// Ends the journey (EXIT_STEP).
     Exit,
     /// Jumps to another step (`goto: step-id`); a cycle must contain a timed wait.
-    Goto { target: usize },
+    Goto {
+        target: usize,
+    },
 }
 
 /// How long a `wait` step waits.

@@ -3989,11 +3989,18 @@ mod readme_tests {
     #[test]
     fn the_readme_flow_parses() {
         let readme = include_str!("../../../../README.md");
-        let start = readme.find("```yaml\nkind: Flow").expect("a flow in the README") + "```yaml\n".len();
+        let start = readme
+            .find("```yaml\nkind: Flow")
+            .expect("a flow in the README")
+            + "```yaml\n".len();
         let end = start + readme[start..].find("```").expect("end of the block");
-        let flow = parse_flow(&readme[start..end]).unwrap_or_else(|problems| panic!("{problems:?}"));
+        let flow =
+            parse_flow(&readme[start..end]).unwrap_or_else(|problems| panic!("{problems:?}"));
         assert_eq!(flow.name, "abandoned-cart");
-        let broken = readme[start..end].replace("weight: 50, template: cart-2b", "weight: 0, template: cart-2b");
+        let broken = readme[start..end].replace(
+            "weight: 50, template: cart-2b",
+            "weight: 0, template: cart-2b",
+        );
         let problems = parse_flow(&broken).expect_err("a zero weight is refused");
         println!("{}", relance_kit::yaml::describe(&problems));
         assert_eq!(problems[0].field, "steps[3].send.variants[1].weight");

@@ -88,7 +88,11 @@ impl CampaignStore {
 
     /// Applies message outcomes; each flag only ever turns on, so a redelivery changes
     /// nothing, and an open that arrives before the send is kept.
-    pub async fn record_messages(&self, workspace_id: &str, updates: &[MessageUpdate]) -> ApiResult<()> {
+    pub async fn record_messages(
+        &self,
+        workspace_id: &str,
+        updates: &[MessageUpdate],
+    ) -> ApiResult<()> {
         if updates.is_empty() {
             return Ok(());
         }
@@ -167,7 +171,12 @@ impl CampaignStore {
 
     /// The workspace's histogram of acting hours, read in `tz` (the fallback of customers
     /// with too little history of their own), from the last year of activity.
-    pub async fn workspace_histogram(&self, workspace_id: &str, tz: Tz, now: DateTime<Utc>) -> ApiResult<Histogram> {
+    pub async fn workspace_histogram(
+        &self,
+        workspace_id: &str,
+        tz: Tz,
+        now: DateTime<Utc>,
+    ) -> ApiResult<Histogram> {
         let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
             "SELECT date_trunc('hour', at) AS hour, count(*) FROM activity \
              WHERE workspace_id = $1 AND name = ANY($2) AND at >= $3 GROUP BY 1",
@@ -205,7 +214,11 @@ pub async fn activity_of(
     .await?;
     let mut activity: HashMap<String, Vec<Activity>> = HashMap::new();
     for (customer, name, at, properties) in rows {
-        activity.entry(customer).or_default().push(Activity { name, at, properties });
+        activity.entry(customer).or_default().push(Activity {
+            name,
+            at,
+            properties,
+        });
     }
     Ok(activity)
 }

@@ -193,19 +193,25 @@ impl CampaignStore {
         .await?;
         tx.commit().await?;
         self.forget_broadcast_events(workspace_id);
-        self.broadcast(workspace_id, &def.name).await.map(|b| (b, true))
+        self.broadcast(workspace_id, &def.name)
+            .await
+            .map(|b| (b, true))
     }
 
     /// One broadcast.
     pub async fn broadcast(&self, workspace_id: &str, name: &str) -> ApiResult<BroadcastRecord> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM broadcasts WHERE workspace_id = $1 AND name = $2"))
-            .bind(workspace_id)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM broadcasts WHERE workspace_id = $1 AND name = $2"
+        ))
+        .bind(workspace_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(row) => record(&row),
-            None => Err(ApiError::NotFound(format!("broadcast \"{name}\" does not exist"))),
+            None => Err(ApiError::NotFound(format!(
+                "broadcast \"{name}\" does not exist"
+            ))),
         }
     }
 
@@ -244,7 +250,12 @@ impl CampaignStore {
     }
 
     /// Cancels a broadcast: pending recipients are dropped; what was queued still goes.
-    pub async fn cancel_broadcast(&self, workspace_id: &str, name: &str, now: DateTime<Utc>) -> ApiResult<BroadcastRecord> {
+    pub async fn cancel_broadcast(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<BroadcastRecord> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE broadcasts SET status = 4, next_run_at = NULL, ended_at = $3 \
@@ -269,7 +280,10 @@ impl CampaignStore {
     }
 
     /// Conversion events of the workspace's broadcasts (the consumer keeps them).
-    pub async fn broadcast_conversion_events(&self, workspace_id: &str) -> ApiResult<std::sync::Arc<HashSet<String>>> {
+    pub async fn broadcast_conversion_events(
+        &self,
+        workspace_id: &str,
+    ) -> ApiResult<std::sync::Arc<HashSet<String>>> {
         if let Some(cached) = self.broadcast_events_cached(workspace_id) {
             return Ok(cached);
         }
@@ -288,7 +302,10 @@ impl CampaignStore {
 }
 
 /// Claims one broadcast whose next run (or run in progress) is due.
-pub async fn claim_due_broadcast(conn: &mut PgConnection, now: DateTime<Utc>) -> ApiResult<Option<(String, BroadcastRecord)>> {
+pub async fn claim_due_broadcast(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+) -> ApiResult<Option<(String, BroadcastRecord)>> {
     let row = sqlx::query(&format!(
         "SELECT workspace_id, {COLUMNS} FROM broadcasts WHERE next_run_at <= $1 AND status IN (1, 2) \
          ORDER BY next_run_at LIMIT 1 FOR UPDATE SKIP LOCKED"
@@ -381,7 +398,12 @@ pub async fn insert_recipients(
 }
 
 /// The run's audience is taken: its recipients are sent from now on.
-pub async fn finish_snapshot(conn: &mut PgConnection, workspace_id: &str, name: &str, run: i32) -> ApiResult<()> {
+pub async fn finish_snapshot(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    name: &str,
+    run: i32,
+) -> ApiResult<()> {
     sqlx::query(
         "UPDATE broadcasts b SET run_state = 1, next_run_at = NULL, \
          audience_size = (SELECT count(*) FROM broadcast_recipients r WHERE r.workspace_id = b.workspace_id AND r.broadcast = b.name AND r.run = $3), \
@@ -419,12 +441,14 @@ pub async fn claim_recipients(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(customer_id, due_at, first_due_at, variant)| DueRecipient {
-            customer_id,
-            due_at,
-            first_due_at,
-            variant,
-        })
+        .map(
+            |(customer_id, due_at, first_due_at, variant)| DueRecipient {
+                customer_id,
+                due_at,
+                first_due_at,
+                variant,
+            },
+        )
         .collect())
 }
 
@@ -478,7 +502,12 @@ pub async fn write_recipients(
 }
 
 /// When the run's next pending recipient is due; `None` when the run is over.
-pub async fn next_pending(conn: &mut PgConnection, workspace_id: &str, name: &str, run: i32) -> ApiResult<Option<DateTime<Utc>>> {
+pub async fn next_pending(
+    conn: &mut PgConnection,
+    workspace_id: &str,
+    name: &str,
+    run: i32,
+) -> ApiResult<Option<DateTime<Utc>>> {
     let row: (Option<DateTime<Utc>>,) = sqlx::query_as(
         "SELECT min(due_at) FROM broadcast_recipients WHERE workspace_id = $1 AND broadcast = $2 AND run = $3 AND state = 0",
     )

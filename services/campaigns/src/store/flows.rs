@@ -195,7 +195,12 @@ impl CampaignStore {
     }
 
     /// One flow at a version (0: the latest).
-    pub async fn flow(&self, workspace_id: &str, name: &str, version: u32) -> ApiResult<FlowRecord> {
+    pub async fn flow(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        version: u32,
+    ) -> ApiResult<FlowRecord> {
         let row = sqlx::query(
             "SELECT f.latest_version, f.status, f.created_at, f.paused_at, f.archived_at, \
              v.version, v.yaml, v.definition, v.created_at AS version_at, \
@@ -252,7 +257,12 @@ impl CampaignStore {
 
     /// Pauses a flow: running journeys hold before their next send (the engine sees the
     /// status when it runs them).
-    pub async fn pause_flow(&self, workspace_id: &str, name: &str, now: DateTime<Utc>) -> ApiResult<()> {
+    pub async fn pause_flow(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let updated = sqlx::query(
             "UPDATE flows SET status = 2, paused_at = $3 WHERE workspace_id = $1 AND name = $2 AND status = 1",
         )
@@ -316,7 +326,12 @@ impl CampaignStore {
     }
 
     /// Archives a flow: every running journey ends (FLOW_ARCHIVED).
-    pub async fn archive_flow(&self, workspace_id: &str, name: &str, now: DateTime<Utc>) -> ApiResult<()> {
+    pub async fn archive_flow(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE flows SET status = 3, archived_at = $3, next_run_at = NULL \
@@ -358,7 +373,12 @@ impl CampaignStore {
     }
 
     /// A flow version's definition (versions never change, so they are cached).
-    pub async fn definition(&self, workspace_id: &str, name: &str, version: u32) -> ApiResult<Arc<FlowDef>> {
+    pub async fn definition(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        version: u32,
+    ) -> ApiResult<Arc<FlowDef>> {
         let key = (workspace_id.to_owned(), name.to_owned(), version);
         if let Some(def) = self.lock_definitions().get(&key) {
             return Ok(def.clone());
@@ -372,7 +392,9 @@ impl CampaignStore {
         .fetch_optional(&self.pool)
         .await?;
         let Some((json,)) = row else {
-            return Err(ApiError::NotFound(format!("flow \"{name}\" has no version {version}")));
+            return Err(ApiError::NotFound(format!(
+                "flow \"{name}\" has no version {version}"
+            )));
         };
         let def: FlowDef = serde_json::from_value(json).map_err(anyhow::Error::from)?;
         let def = Arc::new(def);
@@ -385,7 +407,10 @@ impl CampaignStore {
     }
 
     /// The status of each flow of the workspace by name (for the engine's pause checks).
-    pub async fn flow_statuses(&self, workspace_id: &str) -> ApiResult<std::collections::HashMap<String, FlowStatus>> {
+    pub async fn flow_statuses(
+        &self,
+        workspace_id: &str,
+    ) -> ApiResult<std::collections::HashMap<String, FlowStatus>> {
         let rows: Vec<(String, i16)> =
             sqlx::query_as("SELECT name, status FROM flows WHERE workspace_id = $1")
                 .bind(workspace_id)

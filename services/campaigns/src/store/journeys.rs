@@ -127,7 +127,8 @@ impl CampaignStore {
         let mut states = Vec::new();
         let mut trigger_data = Vec::new();
         let mut wakes = Vec::new();
-        let start_state = serde_json::to_value(JourneyState::start()).map_err(anyhow::Error::from)?;
+        let start_state =
+            serde_json::to_value(JourneyState::start()).map_err(anyhow::Error::from)?;
         let mut seen = std::collections::HashSet::new();
         for start in starts {
             let key = (start.flow.clone(), start.customer_id.clone());
@@ -139,7 +140,9 @@ impl CampaignStore {
                 let allowed = match start.re_entry {
                     ReEntry::Never => false,
                     ReEntry::Always => !running,
-                    ReEntry::After { secs } => !running && *entered_at + Duration::seconds(secs) <= now,
+                    ReEntry::After { secs } => {
+                        !running && *entered_at + Duration::seconds(secs) <= now
+                    }
                 };
                 if !allowed {
                     continue;
@@ -235,7 +238,12 @@ impl CampaignStore {
 
     /// Ends every running journey of an erased customer (CUSTOMER_DELETED) and forgets what
     /// campaigns kept about them.
-    pub async fn erase_customer(&self, workspace_id: &str, customer_id: &str, now: DateTime<Utc>) -> ApiResult<()> {
+    pub async fn erase_customer(
+        &self,
+        workspace_id: &str,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE journeys SET status = 3, end_reason = $3, ended_at = $4, next_wake_at = NULL, \
@@ -249,11 +257,13 @@ impl CampaignStore {
         .execute(&mut *tx)
         .await?;
         for table in ["activity", "cap_counters"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE workspace_id = $1 AND customer_id = $2"))
-                .bind(workspace_id)
-                .bind(customer_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE workspace_id = $1 AND customer_id = $2"
+            ))
+            .bind(workspace_id)
+            .bind(customer_id)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query(
             "UPDATE broadcast_recipients SET state = 5 WHERE workspace_id = $1 AND customer_id = $2 AND state = 0",
@@ -313,7 +323,11 @@ impl CampaignStore {
 }
 
 /// Claims up to `limit` due journeys, locking them until the transaction ends.
-pub async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) -> ApiResult<Vec<DueJourney>> {
+pub async fn claim_due(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> ApiResult<Vec<DueJourney>> {
     let rows = sqlx::query(
         "SELECT id, workspace_id, flow, flow_version, customer_id, control, state, trigger_data, entered_at, next_wake_at \
          FROM journeys WHERE status = 1 AND next_wake_at <= $1 ORDER BY next_wake_at LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -343,7 +357,11 @@ pub async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) 
 }
 
 /// Writes back what runs decided, in one statement.
-pub async fn write_journeys(conn: &mut PgConnection, writes: &[JourneyWrite], now: DateTime<Utc>) -> ApiResult<()> {
+pub async fn write_journeys(
+    conn: &mut PgConnection,
+    writes: &[JourneyWrite],
+    now: DateTime<Utc>,
+) -> ApiResult<()> {
     if writes.is_empty() {
         return Ok(());
     }

@@ -7,10 +7,23 @@ use relance_kit::error::ApiResult;
 use super::CampaignStore;
 use crate::domain::matcher;
 use crate::domain::model::{ChannelName, Conversion};
-use crate::domain::report::{ConversionEvent, Entry, MessageRecord, MessageStatus, ReportInput, StepVisit};
+use crate::domain::report::{
+    ConversionEvent, Entry, MessageRecord, MessageStatus, ReportInput, StepVisit,
+};
 
 /// customer, journey, step, variant, channel, status, at, delivered, opened, clicked.
-type MessageRow = (String, String, String, String, String, Option<i16>, Option<DateTime<Utc>>, bool, bool, bool);
+type MessageRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<i16>,
+    Option<DateTime<Utc>>,
+    bool,
+    bool,
+    bool,
+);
 
 /// Which campaign, over which time.
 #[derive(Debug, Clone)]
@@ -27,7 +40,11 @@ pub struct ReportScope {
 
 impl CampaignStore {
     /// The rows of a report; `input.steps`/`variants`/`has_control` are the caller's.
-    pub async fn report_input(&self, scope: &ReportScope, conversion: &Conversion) -> ApiResult<ReportInput> {
+    pub async fn report_input(
+        &self,
+        scope: &ReportScope,
+        conversion: &Conversion,
+    ) -> ApiResult<ReportInput> {
         let mut input = ReportInput {
             window_secs: conversion.within_secs,
             ..Default::default()
@@ -115,7 +132,9 @@ impl CampaignStore {
             .bind(scope.to)
             .fetch_all(&self.pool)
             .await?;
-        for (customer, journey, step, variant, channel, status, at, delivered, opened, clicked) in messages {
+        for (customer, journey, step, variant, channel, status, at, delivered, opened, clicked) in
+            messages
+        {
             let status = match status {
                 Some(1) => MessageStatus::Sent,
                 Some(2) => MessageStatus::Skipped,
@@ -135,16 +154,17 @@ impl CampaignStore {
                 capped: false,
             });
         }
-        let guard: Vec<(String, String, String, String, DateTime<Utc>, i16)> = sqlx::query_as(&format!(
-            "SELECT customer_id, journey_id, step, channel, at, kind FROM guard_events \
+        let guard: Vec<(String, String, String, String, DateTime<Utc>, i16)> =
+            sqlx::query_as(&format!(
+                "SELECT customer_id, journey_id, step, channel, at, kind FROM guard_events \
              WHERE workspace_id = $1 AND {column} = $2 AND kind IN (1, 2) AND at >= $3 AND at < $4"
-        ))
-        .bind(ws)
-        .bind(&name)
-        .bind(scope.from)
-        .bind(scope.to)
-        .fetch_all(&self.pool)
-        .await?;
+            ))
+            .bind(ws)
+            .bind(&name)
+            .bind(scope.from)
+            .bind(scope.to)
+            .fetch_all(&self.pool)
+            .await?;
         for (customer, journey, step, channel, at, kind) in guard {
             // A deferred send is counted as capped; it shows as sent once it goes. A skipped
             // one is also a skip.
@@ -154,7 +174,11 @@ impl CampaignStore {
                 step,
                 variant: String::new(),
                 channel: ChannelName::parse(&channel),
-                status: if kind == 2 { MessageStatus::Skipped } else { MessageStatus::Deferred },
+                status: if kind == 2 {
+                    MessageStatus::Skipped
+                } else {
+                    MessageStatus::Deferred
+                },
                 at,
                 delivered: false,
                 opened: false,
@@ -182,7 +206,11 @@ impl CampaignStore {
             if !matcher::matches(&conversion.goal, &event_name, &properties) {
                 continue;
             }
-            input.conversions.push(ConversionEvent { customer, at, revenue });
+            input.conversions.push(ConversionEvent {
+                customer,
+                at,
+                revenue,
+            });
         }
         Ok(input)
     }

@@ -188,7 +188,11 @@ pub async fn insert_guard_events(conn: &mut PgConnection, events: &[GuardEvent])
 
 /// Adds one to each counter (a week's counter expires 8 days after, a day's 2 days after,
 /// so no timezone keeps it past its period).
-pub async fn add_cap_counts(conn: &mut PgConnection, increments: &[CapIncrement], now: DateTime<Utc>) -> ApiResult<()> {
+pub async fn add_cap_counts(
+    conn: &mut PgConnection,
+    increments: &[CapIncrement],
+    now: DateTime<Utc>,
+) -> ApiResult<()> {
     if increments.is_empty() {
         return Ok(());
     }

@@ -59,7 +59,8 @@ impl CampaignStore {
                 guardrails.caps_updated_at = caps_at;
             }
             if let Some(quiet) = quiet {
-                guardrails.quiet_hours = serde_json::from_value(quiet).map_err(anyhow::Error::from)?;
+                guardrails.quiet_hours =
+                    serde_json::from_value(quiet).map_err(anyhow::Error::from)?;
                 guardrails.quiet_hours_updated_at = quiet_at;
             }
         }
@@ -69,7 +70,12 @@ impl CampaignStore {
     }
 
     /// Replaces the workspace's frequency caps.
-    pub async fn set_caps(&self, workspace_id: &str, caps: &CapSettings, now: DateTime<Utc>) -> ApiResult<()> {
+    pub async fn set_caps(
+        &self,
+        workspace_id: &str,
+        caps: &CapSettings,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let json = serde_json::to_value(caps).map_err(anyhow::Error::from)?;
         sqlx::query(
             "INSERT INTO workspace_settings (workspace_id, caps, caps_updated_at) VALUES ($1, $2, $3) \
@@ -85,7 +91,12 @@ impl CampaignStore {
     }
 
     /// Replaces the workspace's quiet hours.
-    pub async fn set_quiet_hours(&self, workspace_id: &str, rule: &QuietHoursRule, now: DateTime<Utc>) -> ApiResult<()> {
+    pub async fn set_quiet_hours(
+        &self,
+        workspace_id: &str,
+        rule: &QuietHoursRule,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         let json = serde_json::to_value(rule).map_err(anyhow::Error::from)?;
         sqlx::query(
             "INSERT INTO workspace_settings (workspace_id, quiet_hours, quiet_hours_updated_at) VALUES ($1, $2, $3) \

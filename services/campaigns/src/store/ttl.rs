@@ -24,7 +24,9 @@ impl<V: Clone> TtlMap<V> {
 
     fn lock(&self) -> MutexGuard<'_, Entries<V>> {
         // A poisoned map still holds usable entries.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The value, unless absent or stale.
