@@ -250,13 +250,12 @@ impl CampaignStore {
     }
 
     /// Cancels a broadcast: pending recipients are dropped; what was queued still goes.
-    pub async fn cancel_broadcast(
-        &self,
-        workspace_id: &str,
-        name: &str,
-        now: DateTime<Utc>,
-    ) -> ApiResult<BroadcastRecord> {
-        let mut tx = self.pool.begin().await?;
+    ///
+    /// Two transactions, never one: the sender locks recipients, then the broadcast row
+    /// (its counters); taking the broadcast row first and the recipients second would
+    /// deadlock with it. Once the status is CANCELLED no new batch is claimed, and the
+    /// recipients left pending are dropped.
+    pub async fn cancel_broadcast(&self, workspace_id: &str, name: &str, now: DateTime<Utc>) -> ApiResult<BroadcastRecord> {
         let updated = sqlx::query(
             "UPDATE broadcasts SET status = 4, next_run_at = NULL, ended_at = $3 \
              WHERE workspace_id = $1 AND name = $2 AND status IN (1, 2)",
@@ -264,7 +263,7 @@ impl CampaignStore {
         .bind(workspace_id)
         .bind(name)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
         if updated.rows_affected() > 0 {
             sqlx::query(
@@ -272,10 +271,9 @@ impl CampaignStore {
             )
             .bind(workspace_id)
             .bind(name)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
         }
-        tx.commit().await?;
         self.broadcast(workspace_id, name).await
     }
 

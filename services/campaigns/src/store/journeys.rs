@@ -256,6 +256,15 @@ impl CampaignStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        // Locks in the workers' order (journeys or recipients, then counters), so an erasure
+        // during a send cannot deadlock with it.
+        sqlx::query(
+            "UPDATE broadcast_recipients SET state = 5 WHERE workspace_id = $1 AND customer_id = $2 AND state = 0",
+        )
+        .bind(workspace_id)
+        .bind(customer_id)
+        .execute(&mut *tx)
+        .await?;
         for table in ["activity", "cap_counters"] {
             sqlx::query(&format!(
                 "DELETE FROM {table} WHERE workspace_id = $1 AND customer_id = $2"
@@ -265,13 +274,6 @@ impl CampaignStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "UPDATE broadcast_recipients SET state = 5 WHERE workspace_id = $1 AND customer_id = $2 AND state = 0",
-        )
-        .bind(workspace_id)
-        .bind(customer_id)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(())
     }
