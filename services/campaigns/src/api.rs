@@ -416,9 +416,11 @@ impl pb::campaigns_server::Campaigns for CampaignsApi {
                 Ok(pb::JourneyStatus::Held) => statuses.push(2),
                 Ok(pb::JourneyStatus::Ended) => statuses.push(3),
                 _ => {
-                    return Err(
-                        ApiError::invalid(format!("statuses[{i}]"), "not a journey status").into(),
-                    );
+                    return Err(ApiError::invalid(
+                        format!("statuses[{i}]"),
+                        "not a journey status",
+                    )
+                    .into());
                 }
             }
         }

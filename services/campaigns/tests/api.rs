@@ -1625,3 +1625,74 @@ steps:
     h.advance(Duration::days(3)).await;
     assert!(h.sent_templates("erase-me").await.is_empty());
 }
+
+#[tokio::test]
+async fn cancelling_a_broadcast_mid_send_stops_it_and_keeps_what_was_queued() {
+    let mut h = spawn_app().await;
+    h.template("slow-promo").await;
+    let ids: Vec<String> = (0..60).map(|i| format!("s{i:02}")).collect();
+    for id in &ids {
+        h.profile(id, "UTC", serde_json::json!({ "audience": "slow" }))
+            .await;
+    }
+    audience_segment(&h, "slow-audience", "slow", 60).await;
+    h.campaigns
+        .schedule_broadcast(h.admin(pb::ScheduleBroadcastRequest {
+            definition: Some(pb::schedule_broadcast_request::Definition::Yaml(
+                "kind: Broadcast\nname: slow-promo\nsegment: slow-audience\nchannel: in_app\ntemplate: slow-promo\nmax_sends_per_second: 10\n"
+                    .into(),
+            )),
+            dry_run: false,
+        }))
+        .await
+        .unwrap();
+    eventually(20, "some queued", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM campaigns.sends WHERE broadcast = 'slow-promo'",
+        )
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+        (n >= 10).then_some(())
+    })
+    .await;
+    let cancelled = h
+        .campaigns
+        .cancel_broadcast(h.admin(pb::CancelBroadcastRequest {
+            name: "slow-promo".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status, pb::BroadcastStatus::Cancelled as i32);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM campaigns.sends WHERE broadcast = 'slow-promo'")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+    let dropped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM campaigns.broadcast_recipients WHERE state = 5")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+    assert!(queued < 60, "{queued} queued");
+    assert_eq!(
+        queued + dropped,
+        60,
+        "every recipient either queued or dropped"
+    );
+    // Cancelling again changes nothing.
+    let again = h
+        .campaigns
+        .cancel_broadcast(h.admin(pb::CancelBroadcastRequest {
+            name: "slow-promo".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.status, again.queued),
+        (cancelled.status, queued as u64)
+    );
+}

@@ -255,7 +255,12 @@ impl CampaignStore {
     /// (its counters); taking the broadcast row first and the recipients second would
     /// deadlock with it. Once the status is CANCELLED no new batch is claimed, and the
     /// recipients left pending are dropped.
-    pub async fn cancel_broadcast(&self, workspace_id: &str, name: &str, now: DateTime<Utc>) -> ApiResult<BroadcastRecord> {
+    pub async fn cancel_broadcast(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<BroadcastRecord> {
         let updated = sqlx::query(
             "UPDATE broadcasts SET status = 4, next_run_at = NULL, ended_at = $3 \
              WHERE workspace_id = $1 AND name = $2 AND status IN (1, 2)",
