@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -17,7 +17,7 @@ test: services
 	fi
 
 ## Benchmarks (release build); results are written to BENCHMARKS.md.
-bench: bench-ingest bench-segments bench-reco bench-delivery
+bench: bench-ingest bench-segments bench-reco bench-delivery bench-campaigns
 
 ## Event ingestion: TrackBatch and Track against raw Postgres baselines.
 bench-ingest: services
@@ -37,6 +37,12 @@ bench-reco: services
 ## bus alone and the fake provider alone.
 bench-delivery: services
 	bash bench/delivery.sh
+
+## Campaigns: due journey steps/s with 1 M pending and their lateness at 2,000/s, a broadcast
+## to 1 M customers until every send request is published, against a raw SQL claim loop and
+## the bus alone.
+bench-campaigns: services
+	bash bench/campaigns.sh
 
 ## Formatting and clippy, as CI would.
 lint:

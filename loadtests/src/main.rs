@@ -7,10 +7,13 @@
 //! - `reco-latency`, `reco-max`, `reco-generate`, `reco-report`: recommendations (`reco.rs`).
 //! - `delivery`: the delivery service's whole pipeline, in-process, with its baselines
 //!   (`delivery.rs`); `report --section delivery` writes its section.
+//! - `campaigns`: due journeys at 1 M pending, their lateness, a 1 M broadcast, in-process,
+//!   with their baselines (`campaigns.rs`); `report --section campaigns` writes its section.
 //!
 //! `bench/run.sh` runs them all; see loadtests/README.md.
 #![forbid(unsafe_code)]
 
+mod campaigns;
 mod client;
 mod delivery;
 mod generate;
@@ -105,6 +108,10 @@ enum Command {
     /// provider → ledger) for push and e-mail, against the bus and the fake alone; runs the
     /// services in-process.
     Delivery(delivery::DeliveryArgs),
+    /// Due journeys per second with 1 M pending, their lateness at a steady rate, and a
+    /// broadcast to 1 M customers, against a raw SQL floor and the bus alone; runs profiles
+    /// and campaigns in-process with fake segmentation and delivery servers.
+    Campaigns(campaigns::CampaignsArgs),
 }
 
 fn main() -> ExitCode {
@@ -168,6 +175,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RecoReport(args) => return reco::report(&args),
         Command::Delivery(args) => {
             let result = delivery::run(&args).await?;
+            return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
+        }
+        Command::Campaigns(args) => {
+            let result = campaigns::run(&args).await?;
             return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
         }
     };

@@ -23,7 +23,8 @@ pub struct ReportArgs {
     #[arg(long = "meta", value_parser = parse_meta)]
     pub meta: Vec<(String, String)>,
     /// Name of the markers (`<!-- NAME:begin -->`); `delivery` renders the `delivery*.json`
-    /// results of `relance-loadtest delivery` instead of the ingestion ones.
+    /// results of `relance-loadtest delivery`, `campaigns` the `campaigns*.json` ones of
+    /// `relance-loadtest campaigns`, instead of the ingestion ones.
     #[arg(long, default_value = "ingest")]
     pub section: String,
 }
@@ -39,6 +40,10 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     if args.section == "delivery" {
         let body = crate::delivery::render(&args.results, &args.meta)?;
         return write_section(&args.out, "delivery", &body);
+    }
+    if args.section == "campaigns" {
+        let body = crate::campaigns::render(&args.results, &args.meta)?;
+        return write_section(&args.out, "campaigns", &body);
     }
     let outcomes = read_results(&args.results)?;
     let body = render(&outcomes, &args.meta);
