@@ -1,7 +1,12 @@
 //! `relance demo`: starts every service in this process, imports the Online Retail sample
-//! into a `demo` workspace, waits for the profiles service to compute traits and RFM scores
+//! into a new workspace, waits for the profiles service to compute traits and RFM scores
 //! from the events it consumed, applies the built-in segments of `examples/segments/`, and
-//! prints what came out.
+//! prints what came out; then runs the example flows of `examples/flows/` for three
+//! simulated weeks and prints their reports (see [`crate::demo_campaigns`]).
+//!
+//! The platform runs on a manual clock that starts at midnight after the file's last
+//! order: "as of today" is the day after this 2011 shop's data ends, and the simulation
+//! moves the clock forward hour by hour.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,11 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use relance_kit::auth::Scope;
-use relance_kit::config::LogFormat;
-use relance_kit::{Settings, SharedClock, SystemClock};
+use relance_kit::clock::ManualClock;
+use relance_kit::{Clock as _, Settings, SharedClock, SystemClock};
 use relance_proto::v1 as pb;
 
 use crate::client::Target;
+use crate::demo_campaigns::{self, Population, SimOptions};
 use crate::{import, segment, serve};
 
 #[derive(Debug, clap::Args)]
@@ -21,27 +27,66 @@ pub struct DemoArgs {
     /// The Online Retail file to import.
     #[arg(long, default_value = "examples/data/online-retail-sample.csv.gz")]
     file: PathBuf,
-    /// The workspace to import into.
-    #[arg(long, default_value = "demo")]
-    workspace: String,
+    /// The workspace to import into; unset, a new one per run (`demo-20260601-093000`), so
+    /// that the campaigns simulation starts from the imported data alone.
+    #[arg(long)]
+    workspace: Option<String>,
     /// Stop once the summary is printed, instead of serving until Ctrl-C.
     #[arg(long)]
     exit: bool,
+    /// Days of customer behaviour to simulate for the example flows (0: none).
+    #[arg(long, default_value_t = 21)]
+    days: u32,
+    /// Minutes the clock moves per simulation step.
+    #[arg(long, default_value_t = 60)]
+    step_minutes: u32,
+    /// Seed of the simulated behaviour.
+    #[arg(long, default_value_t = 2025)]
+    seed: u64,
 }
 
-pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
+/// The simulated day on which the Ramadan broadcast goes out (at its document's local time).
+const BROADCAST_DAY: u32 = 8;
+
+pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let mut overrides: Vec<(&str, &str)> = Vec::new();
     if std::env::var_os("RELANCE_LOG_LEVEL").is_none() {
-        settings.log_level = "warn".into();
+        // The demo's own lines are the output; slow statements on a busy laptop are not news.
+        overrides.push(("log_level", "warn,sqlx=error"));
     }
     if std::env::var_os("RELANCE_LOG_FORMAT").is_none() {
-        settings.log_format = LogFormat::Pretty;
+        overrides.push(("log_format", "pretty"));
     }
     if std::env::var_os("RELANCE_DELIVERY__LINK_SECRET").is_none() {
         // The demo's tracking links need not outlive it; production sets a real secret.
-        settings = settings.with(&[("delivery.link_secret", "relance-demo-links")])?;
+        overrides.push(("delivery.link_secret", "relance-demo-links"));
     }
+    let mut settings = settings.with(&overrides)?;
     let _telemetry = relance_kit::telemetry::init(&settings, "relance-demo")?;
-    let clock: SharedClock = Arc::new(SystemClock);
+
+    // Delivery sends to local fakes of FCM and Meta's WhatsApp API, and to a local SMTP
+    // server, so that the campaigns' messages are really sent (and counted).
+    let fakes = relance_delivery::fake::FakeProviders::start().await?;
+    fakes.record_bodies(false);
+    let smtp = match relance_delivery::fake::start_smtp_server().await {
+        Ok(smtp) => Some(smtp),
+        Err(error) => {
+            eprintln!("warning: no local SMTP server ({error:#}); e-mails will fail");
+            None
+        }
+    };
+    settings = settings.with_toml(&demo_toml(&fakes.base_url(), smtp.as_ref().map(|s| s.port())))?;
+
+    // The clock starts at midnight after the file's last order.
+    let population = Population::read(&args.file)?;
+    let start = population.start();
+    let manual = ManualClock::new(start);
+    let clock: SharedClock = manual.clone();
+    let workspace = match &args.workspace {
+        Some(workspace) => workspace.clone(),
+        None => format!("demo-{}", SystemClock.now().format("%Y%m%d-%H%M%S")),
+    };
+
     let services: Vec<String> = serve::SERVICES.iter().map(|s| s.to_string()).collect();
     let (platform, server, listener) =
         serve::start(settings.clone(), clock.clone(), &services).await?;
@@ -55,7 +100,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
 
     let key = platform
         .keys
-        .create_key(&args.workspace, &[Scope::Admin], "demo")
+        .create_key(&workspace, &[Scope::Admin], "demo")
         .await?;
     let target = Target {
         addr: format!("http://{addr}"),
@@ -69,9 +114,14 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     }
     println!("Relance is running: gRPC on {addr}, metrics on http://{admin}/metrics");
     println!(
+        "Its clock is set to {} (midnight after the file's last order, {}): \"today\" below.",
+        start.format("%Y-%m-%d %H:%M UTC"),
+        population.latest_order.format("%Y-%m-%d %H:%M")
+    );
+    println!(
         "Importing {} into workspace {:?} …",
         args.file.display(),
-        args.workspace
+        workspace
     );
     let started = Instant::now();
     let summary = import::import_online_retail(&clients, &args.file, 500, true).await?;
@@ -102,7 +152,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
         .into_inner()
         .profiles;
     println!(
-        "\nTop customers by RFM (scores 1-5 by quintile of the workspace's buyers, as of today):"
+        "\nTop customers by RFM (scores 1-5 by quintile of the workspace's buyers, as of {}):",
+        start.format("%Y-%m-%d")
     );
     println!(
         "  {:<10} {:<16} {:>6} {:>11} {:>12}  R F M",
@@ -135,6 +186,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
             traits.rfm_monetary
         );
     }
+    if args.days > 0 {
+        demo_campaigns::prepare_audience(&clients, &population, args.seed).await?;
+    }
+
     println!("\nApplying the built-in segments (examples/segments/) …");
     segment::apply(segment::ApplyArgs {
         files: vec![PathBuf::from("examples/segments")],
@@ -147,8 +202,11 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     // Traits (RFM scores) still travel profiles → RabbitMQ → segmentation for a while:
     // show the sizes once they have stopped moving.
     wait_until_settled(&mut clients.clone()).await?;
-    println!("\nSegments (as of today: recency and inactivity count from now, so this 2011 shop's");
-    println!("customers are all long inactive; the RFM grid is relative and spreads them out):");
+    println!(
+        "\nSegments (as of {}: recency and inactivity count from the day after the last order;",
+        start.format("%Y-%m-%d")
+    );
+    println!("the RFM grid is relative to the workspace's buyers and spreads them out):");
     segment::run(segment::SegmentCommand::List {
         target: target.clone(),
     })
@@ -167,6 +225,39 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
         show_delivery(&mut clients.clone(), &first.customer_id).await?;
     }
 
+    let mut flows = Vec::new();
+    if args.days > 0 {
+        let pool = relance_kit::db::connect(&settings, relance_campaigns::SCHEMA).await?;
+        flows = demo_campaigns::apply_documents(&clients, start, BROADCAST_DAY).await?;
+        let simulated = Instant::now();
+        let mut simulation = demo_campaigns::Simulation::new(
+            clients.clone(),
+            pool,
+            &workspace,
+            manual.clone(),
+            &population,
+            SimOptions {
+                days: args.days,
+                step_minutes: args.step_minutes,
+                seed: args.seed,
+            },
+        );
+        simulation.run().await?;
+        let pushes = fakes.requests_for("/v1/projects/").len();
+        let whatsapps = fakes.count() as usize - pushes;
+        let emails = smtp.as_ref().map(|s| s.messages().len()).unwrap_or(0);
+        println!(
+            "  the fake providers received {pushes} pushes (FCM) and {whatsapps} WhatsApp messages (Meta), the SMTP server {emails} e-mails ({:.0}s in all)",
+            simulated.elapsed().as_secs_f64()
+        );
+        demo_campaigns::print_reports(&clients, &flows).await?;
+        demo_campaigns::archive(&clients, &flows).await?;
+        println!(
+            "\nThe simulation is over: its flows are archived (journeys ended, reports kept), and the clock stays at {}.",
+            manual.now().format("%Y-%m-%d %H:%M UTC")
+        );
+    }
+
     if let Some(first) = top.first() {
         println!("\nTry:");
         println!("  export RELANCE_ADDR=http://{addr} RELANCE_API_KEY={key}");
@@ -178,6 +269,15 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
         println!("  target/debug/relance segment members champions | head");
         println!("  target/debug/relance segment preview -f examples/segments/inactive.yaml");
         println!("  target/debug/relance reco info");
+        if !flows.is_empty() {
+            println!("  target/debug/relance report flow onboarding");
+            println!("  target/debug/relance report flow reactivation --format csv");
+            println!(
+                "  target/debug/relance report broadcast {}",
+                demo_campaigns::BROADCAST
+            );
+            println!("  target/debug/relance flow list --all");
+        }
     }
 
     if args.exit {
@@ -187,7 +287,54 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<ExitC
     }
     server.await??;
     platform.drain().await;
+    drop(smtp);
+    drop(fakes);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's settings: fast polling for the simulation's steps, and delivery's providers
+/// pointed at the local fakes.
+fn demo_toml(fakes: &str, smtp_port: Option<u16>) -> String {
+    let mut toml = format!(
+        r#"
+[campaigns]
+poll_ms = 20
+schedule_poll_ms = 50
+
+[segmentation]
+sweep_every_ms = 100
+build_poll_ms = 200
+
+[[delivery.providers]]
+name = "fcm"
+kind = "fcm"
+base_url = "{fakes}"
+project_id = "relance-demo"
+access_token = "demo-token"
+
+[[delivery.providers]]
+name = "meta"
+kind = "meta"
+base_url = "{fakes}"
+phone_number_id = "1055"
+access_token = "demo-token"
+"#
+    );
+    if let Some(port) = smtp_port {
+        toml.push_str(&format!(
+            r#"
+[[delivery.providers]]
+name = "smtp"
+kind = "smtp"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+from_address = "news@shop.example"
+from_name = "The shop"
+"#
+        ));
+    }
+    toml
 }
 
 /// Saves a three-language template with a products block, sends the best customer an

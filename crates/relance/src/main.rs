@@ -6,6 +6,8 @@ mod client;
 mod campaign;
 mod delivery;
 mod demo;
+mod demo_campaigns;
+mod demo_templates;
 mod import;
 mod profile;
 mod reco;
