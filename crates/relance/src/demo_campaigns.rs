@@ -343,7 +343,7 @@ pub async fn prepare_audience(
     while let Some(result) = tasks.next().await {
         result?;
         done += 1;
-        if done % 1000 == 0 {
+        if done.is_multiple_of(1000) {
             println!("  {done} of {total} profiles …");
         }
     }
@@ -1438,7 +1438,7 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
     );
     let total: u64 = by_channel.values().map(|(c, _)| c).sum();
     let mut rows: Vec<(i32, (u64, f64))> = by_channel.into_iter().collect();
-    rows.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.0));
     for channel in [pb::Channel::Push, pb::Channel::Email, pb::Channel::Whatsapp, pb::Channel::InApp] {
         if !rows.iter().any(|(c, _)| *c == channel as i32) {
             rows.push((channel as i32, (0, 0.0)));

@@ -316,6 +316,7 @@ fn variant_from_json(
 }
 
 /// The channels a template has content for, in the proto's order (for the README's lines).
+#[cfg(test)]
 pub fn channels(template: &pb::Template) -> Vec<pb::Channel> {
     let mut out = Vec::new();
     for variant in &template.variants {
