@@ -49,6 +49,8 @@ fn start(env: &TestEnv, grpc: u16, admin: u16, config: &std::path::Path) -> Chil
         .env("RELANCE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("RELANCE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("RELANCE_INTERNAL_KEY", INTERNAL_KEY)
+        // Two such tests may run at once beside others: Postgres's 100 connections are shared.
+        .env("RELANCE_DATABASE_MAX_CONNECTIONS", "6")
         .env("RELANCE_LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -85,6 +87,7 @@ async fn sigkill_while_journeys_start_and_send_then_every_customer_got_each_mess
         .with(&[
             ("internal_key", INTERNAL_KEY),
             ("delivery.http_addr", "127.0.0.1:0"),
+            ("database_max_connections", "4"),
         ])
         .expect("settings");
     let clock: SharedClock = Arc::new(SystemClock);
@@ -339,6 +342,7 @@ async fn sigkill_while_a_broadcast_queues_then_every_member_got_it_once() {
         .with(&[
             ("internal_key", INTERNAL_KEY),
             ("delivery.http_addr", "127.0.0.1:0"),
+            ("database_max_connections", "4"),
         ])
         .expect("settings");
     let clock: SharedClock = Arc::new(SystemClock);
