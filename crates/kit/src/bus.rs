@@ -555,11 +555,13 @@ async fn consume_once(
         }
         if deliveries.len() > 1 {
             let ids: Vec<String> = deliveries.iter().map(message_id_of).collect();
+            let keys: Vec<String> = deliveries.iter().map(original_routing_key).collect();
             let batch: Vec<Received<'_>> = deliveries
                 .iter()
                 .zip(&ids)
-                .map(|(d, id)| Received {
-                    routing_key: d.routing_key.as_str(),
+                .zip(&keys)
+                .map(|((d, id), key)| Received {
+                    routing_key: key.as_str(),
                     message_id: id,
                     payload: &d.data,
                     attempt: attempt_of(&d.properties),
@@ -608,8 +610,9 @@ async fn handle_one(
     {
         let attempt = attempt_of(&delivery.properties);
         let message_id = message_id_of(&delivery);
+        let routing_key = original_routing_key(&delivery);
         let received = Received {
-            routing_key: delivery.routing_key.as_str(),
+            routing_key: &routing_key,
             message_id: &message_id,
             payload: &delivery.data,
             attempt,
@@ -637,6 +640,19 @@ async fn handle_one(
     Ok(())
 }
 
+/// The routing key the message was first published with: a retry travels through the
+/// default exchange (its routing key is then the queue's name) and keeps the original in the
+/// `x-relance-routing-key` header, so handlers that dispatch on the key see the same one on
+/// every attempt.
+fn original_routing_key(delivery: &lapin::message::Delivery) -> String {
+    if let Some(headers) = delivery.properties.headers()
+        && let Some(AMQPValue::LongString(key)) = headers.inner().get("x-relance-routing-key")
+    {
+        return key.to_string();
+    }
+    delivery.routing_key.as_str().to_owned()
+}
+
 /// Copies a delivery to `queue` (through the default exchange) with its attempt number,
 /// waiting for the broker's confirmation before the original is acked.
 async fn republish(
@@ -649,7 +665,7 @@ async fn republish(
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
     headers.insert(
         "x-relance-routing-key".into(),
-        AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        AMQPValue::LongString(original_routing_key(delivery).as_str().into()),
     );
     let properties = delivery.properties.clone().with_headers(headers);
     // The consumer's channel is in confirm mode: a retry copy must not be lost.
