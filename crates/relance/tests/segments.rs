@@ -130,11 +130,13 @@ async fn rfm_grid_and_inactive_segments_match_sql_over_the_raw_events() {
         "apply: {stdout}{}",
         String::from_utf8_lossy(&applied.stderr)
     );
+    // 14 RFM, lifecycle and inactivity segments, and the 5 the example flows use.
     assert_eq!(
         stdout.matches(" applied (version 1)").count(),
-        14,
+        19,
         "{stdout}"
     );
+    assert_eq!(stdout.matches(" members").count(), 19, "{stdout}");
 
     let mut db = sqlx::PgConnection::connect(&app.env.database_url())
         .await
