@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -51,6 +51,10 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## The Helm chart: Helm's lint, a render through Helm's install, Kubernetes schemas.
+chart-lint:
+	bash infra/chart-lint.sh
 
 build:
 	$(CARGO) build --workspace
