@@ -9,7 +9,7 @@ demo: services
 	$(CARGO) run -p relance -- demo $(DEMO_ARGS)
 
 ## Every test, against the real servers.
-test: services
+test: services chart-lint
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
