@@ -384,7 +384,8 @@ impl InternalKey {
             .map_err(|_| ApiError::invalid("internal_key", "not a valid header value"))
     }
 
-    /// A request acting for `workspace`, carrying the internal key.
+    /// A request acting for `workspace`, carrying the internal key and the current span's
+    /// trace context (so the callee's span joins the caller's trace).
     pub fn request<T>(&self, workspace: &str, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request
@@ -394,6 +395,11 @@ impl InternalKey {
             request
                 .metadata_mut()
                 .insert(INTERNAL_WORKSPACE_HEADER, value);
+        }
+        if let Some(value) = crate::trace::current().and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(crate::trace::TRACEPARENT, value);
         }
         request
     }

@@ -321,7 +321,18 @@ async fn publish_on(
     let mut sends = Vec::with_capacity(messages.len());
     for message in messages {
         let mut headers = FieldTable::default();
-        for (key, value) in message.headers.iter().chain(trace_headers.iter()) {
+        // A message that carries its own trace context (from an outbox row, a journey)
+        // keeps it; the others join the publishing span's trace.
+        let own_trace = message.headers.contains_key(crate::trace::TRACEPARENT);
+        for (key, value) in trace_headers.iter() {
+            if !own_trace {
+                headers.insert(
+                    key.as_str().into(),
+                    AMQPValue::LongString(value.as_str().into()),
+                );
+            }
+        }
+        for (key, value) in message.headers.iter() {
             headers.insert(
                 key.as_str().into(),
                 AMQPValue::LongString(value.as_str().into()),
@@ -424,6 +435,9 @@ pub struct Received<'a> {
     pub payload: &'a [u8],
     /// 1 on first delivery through the retry path, 2 on the first retry, …
     pub attempt: u32,
+    /// The W3C `traceparent` it was published with, for work that outlives the consuming
+    /// span (a journey started, a send request held in the ledger).
+    pub trace: Option<&'a str>,
 }
 
 /// Why a handler did not finish a message.
@@ -464,7 +478,9 @@ pub trait Handler: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
             for message in messages {
-                self.handle(message).await?;
+                let span = tracing::info_span!("consume", message_id = %message.message_id);
+                crate::trace::set_parent(&span, message.trace);
+                self.handle(message).instrument(span).await?;
             }
             Ok(())
         })
@@ -556,15 +572,21 @@ async fn consume_once(
         if deliveries.len() > 1 {
             let ids: Vec<String> = deliveries.iter().map(message_id_of).collect();
             let keys: Vec<String> = deliveries.iter().map(original_routing_key).collect();
+            let traces: Vec<Option<String>> = deliveries
+                .iter()
+                .map(|d| traceparent_of(&d.properties))
+                .collect();
             let batch: Vec<Received<'_>> = deliveries
                 .iter()
                 .zip(&ids)
                 .zip(&keys)
-                .map(|((d, id), key)| Received {
+                .zip(&traces)
+                .map(|(((d, id), key), trace)| Received {
                     routing_key: key.as_str(),
                     message_id: id,
                     payload: &d.data,
                     attempt: attempt_of(&d.properties),
+                    trace: trace.as_deref(),
                 })
                 .collect();
             let span =
@@ -611,11 +633,13 @@ async fn handle_one(
         let attempt = attempt_of(&delivery.properties);
         let message_id = message_id_of(&delivery);
         let routing_key = original_routing_key(&delivery);
+        let trace = traceparent_of(&delivery.properties);
         let received = Received {
             routing_key: &routing_key,
             message_id: &message_id,
             payload: &delivery.data,
             attempt,
+            trace: trace.as_deref(),
         };
         let span = tracing::info_span!("consume", queue = %spec.queue, routing_key = %delivery.routing_key, message_id = %message_id);
         set_parent_from_headers(&span, &delivery.properties);
@@ -702,6 +726,16 @@ fn attempt_of(properties: &BasicProperties) -> u32 {
         Some(AMQPValue::LongInt(n)) => (*n).max(1) as u32,
         Some(AMQPValue::LongLongInt(n)) => (*n).max(1) as u32,
         _ => 1,
+    }
+}
+
+fn traceparent_of(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(crate::trace::TRACEPARENT) {
+        Some(AMQPValue::LongString(text)) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        _ => None,
     }
 }
 

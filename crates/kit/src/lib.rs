@@ -22,6 +22,7 @@ pub mod platform;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 pub mod yaml;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};

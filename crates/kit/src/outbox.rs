@@ -4,7 +4,9 @@
 //! once; consumers deduplicate on the message id).
 //!
 //! Each schema that publishes has an `outbox` table:
-//! `(id bigserial, exchange text, routing_key text, message_id text, payload jsonb, created_at)`.
+//! `(id bigserial, exchange text, routing_key text, message_id text, payload jsonb, created_at,
+//! traceparent text)`; the relay publishes each message in the trace of the span that
+//! enqueued it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Outgoing, Publisher};
 
-/// Writes a message to the outbox inside the caller's transaction.
+/// Writes a message to the outbox inside the caller's transaction, in the current span's
+/// trace.
 pub async fn enqueue(
     conn: &mut PgConnection,
     exchange: &str,
@@ -24,12 +27,14 @@ pub async fn enqueue(
     payload: &serde_json::Value,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (exchange, routing_key, message_id, payload) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO outbox (exchange, routing_key, message_id, payload, traceparent) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(exchange)
     .bind(routing_key)
     .bind(message_id)
     .bind(payload)
+    .bind(crate::trace::current())
     .execute(conn)
     .await?;
     Ok(())
@@ -72,9 +77,10 @@ pub async fn relay_batch(
     limit: i64,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(i64, String, String, String, serde_json::Value)> = sqlx::query_as(
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(i64, String, String, String, serde_json::Value, Option<String>)> = sqlx::query_as(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, payload",
+         RETURNING id, exchange, routing_key, message_id, payload, traceparent",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
@@ -85,13 +91,17 @@ pub async fn relay_batch(
     let mut messages = Vec::with_capacity(rows.len());
     let mut ordered = rows;
     ordered.sort_by_key(|row| row.0);
-    for (_, exchange, routing_key, message_id, payload) in ordered {
+    for (_, exchange, routing_key, message_id, payload, traceparent) in ordered {
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(traceparent) = traceparent {
+            headers.insert(crate::trace::TRACEPARENT.to_owned(), traceparent);
+        }
         messages.push(Outgoing {
             exchange,
             routing_key,
             message_id,
             payload: serde_json::to_vec(&payload)?,
-            headers: Default::default(),
+            headers,
         });
     }
     publisher.publish_all(&messages).await?;

@@ -75,7 +75,10 @@ pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode>
             None
         }
     };
-    settings = settings.with_toml(&demo_toml(&fakes.base_url(), smtp.as_ref().map(|s| s.port())))?;
+    settings = settings.with_toml(&demo_toml(
+        &fakes.base_url(),
+        smtp.as_ref().map(|s| s.port()),
+    ))?;
 
     // The clock starts at midnight after the file's last order.
     let population = Population::read(&args.file)?;

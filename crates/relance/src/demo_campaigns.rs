@@ -171,9 +171,35 @@ fn unit(seed: u64, id: &str, salt: &str) -> f64 {
 }
 
 const FIRST_NAMES: &[&str] = &[
-    "Amina", "Oliver", "Sarah", "Yacine", "Emma", "James", "Lina", "Mehdi", "Sophie", "Harry",
-    "Nadia", "Thomas", "Leila", "Samir", "Chloé", "George", "Inès", "Youssef", "Camille", "Jack",
-    "Meriem", "Charlotte", "Karim", "Lucy", "Rayan", "Hannah", "Sofia", "William", "Yasmine",
+    "Amina",
+    "Oliver",
+    "Sarah",
+    "Yacine",
+    "Emma",
+    "James",
+    "Lina",
+    "Mehdi",
+    "Sophie",
+    "Harry",
+    "Nadia",
+    "Thomas",
+    "Leila",
+    "Samir",
+    "Chloé",
+    "George",
+    "Inès",
+    "Youssef",
+    "Camille",
+    "Jack",
+    "Meriem",
+    "Charlotte",
+    "Karim",
+    "Lucy",
+    "Rayan",
+    "Hannah",
+    "Sofia",
+    "William",
+    "Yasmine",
     "Noah",
 ];
 
@@ -335,9 +361,12 @@ pub async fn prepare_audience(
         "\nGiving the {total} customers what a shop's CRM holds: a first name, the timezone and locale of their\n\
          country, an e-mail address, and marketing opt-ins — push {push} (app installed), e-mail {email}, WhatsApp {whatsapp} …"
     );
-    let mut tasks = futures::stream::iter(population.customers.iter().map(|customer| {
-        register(clients, seed, &customer.id, &customer.country)
-    }))
+    let mut tasks = futures::stream::iter(
+        population
+            .customers
+            .iter()
+            .map(|customer| register(clients, seed, &customer.id, &customer.country)),
+    )
     .buffer_unordered(16);
     let mut done = 0usize;
     while let Some(result) = tasks.next().await {
@@ -761,7 +790,13 @@ impl<'a> Simulation<'a> {
         from + Duration::seconds(self.rng.random_range(0..secs))
     }
 
-    fn event(&mut self, name: &str, customer: &str, at: DateTime<Utc>, properties: Value) -> pb::Event {
+    fn event(
+        &mut self,
+        name: &str,
+        customer: &str,
+        at: DateTime<Utc>,
+        properties: Value,
+    ) -> pb::Event {
         self.events += 1;
         pb::Event {
             message_id: format!("demo-sim-{}", self.events),
@@ -819,7 +854,12 @@ impl<'a> Simulation<'a> {
             };
             register(&self.clients, self.options.seed, &id, country).await?;
             let at = self.within(from, span);
-            let event = self.event("signed_up", &id, at, json!({ "method": "email", "source": "ads" }));
+            let event = self.event(
+                "signed_up",
+                &id,
+                at,
+                json!({ "method": "email", "source": "ads" }),
+            );
             events.push(event);
             self.agents.push(Agent {
                 id,
@@ -881,7 +921,8 @@ impl<'a> Simulation<'a> {
             match due.action {
                 Action::Open(message) => {
                     let customer = message.customer_id.clone().unwrap_or_default();
-                    let event = self.event("message_opened", &customer, due.at, message.properties());
+                    let event =
+                        self.event("message_opened", &customer, due.at, message.properties());
                     events.push(event);
                     self.day.opens += 1;
                 }
@@ -979,7 +1020,15 @@ impl<'a> Simulation<'a> {
         );
         println!(
             "  {:<10}  {:>5}  {:>8}  {:<40}  {:>6}  {:>5}  {:>6}  {:>9}  {:>6}",
-            "day", "carts", "sign-ups", "messages sent", "clicks", "views", "orders", "journeys", "took"
+            "day",
+            "carts",
+            "sign-ups",
+            "messages sent",
+            "clicks",
+            "views",
+            "orders",
+            "journeys",
+            "took"
         );
         let mut watermark = start;
         let mut day_started = Instant::now();
@@ -1197,14 +1246,32 @@ struct StudyStep {
 
 /// Tables 09 and 10: abandoned-cart push steps, 1–20 May 2025 (percent).
 const STUDY_ACTIVE_USERS: [StudyStep; 3] = [
-    StudyStep { ctr: 5.94, conversion_rate: 13.34 },
-    StudyStep { ctr: 5.97, conversion_rate: 12.66 },
-    StudyStep { ctr: 5.98, conversion_rate: 7.88 },
+    StudyStep {
+        ctr: 5.94,
+        conversion_rate: 13.34,
+    },
+    StudyStep {
+        ctr: 5.97,
+        conversion_rate: 12.66,
+    },
+    StudyStep {
+        ctr: 5.98,
+        conversion_rate: 7.88,
+    },
 ];
 const STUDY_ONBOARDING: [StudyStep; 3] = [
-    StudyStep { ctr: 7.59, conversion_rate: 4.11 },
-    StudyStep { ctr: 6.78, conversion_rate: 2.86 },
-    StudyStep { ctr: 3.22, conversion_rate: 0.88 },
+    StudyStep {
+        ctr: 7.59,
+        conversion_rate: 4.11,
+    },
+    StudyStep {
+        ctr: 6.78,
+        conversion_rate: 2.86,
+    },
+    StudyStep {
+        ctr: 3.22,
+        conversion_rate: 0.88,
+    },
 ];
 
 fn pct(num: u64, den: u64) -> String {
@@ -1266,11 +1333,22 @@ fn print_steps_table(report: &pb::CampaignReport, study: &[StudyStep]) {
     }
     println!(
         "  {:<5} {:<30} {:>11} {:>7} {:>7} {:>11} {:>10}   {:>9} {:>11}",
-        "step", "channel · template", "impressions", "clicks", "CTR", "conversions", "conv. rate", "study CTR", "study conv."
+        "step",
+        "channel · template",
+        "impressions",
+        "clicks",
+        "CTR",
+        "conversions",
+        "conv. rate",
+        "study CTR",
+        "study conv."
     );
     let row = |label: &str, what: &str, s: &pb::ReportStats, study: Option<&StudyStep>| {
         let (ctr, conv) = match study {
-            Some(st) => (format!("{:.2}%", st.ctr), format!("{:.2}%", st.conversion_rate)),
+            Some(st) => (
+                format!("{:.2}%", st.ctr),
+                format!("{:.2}%", st.conversion_rate),
+            ),
             None => (String::new(), String::new()),
         };
         println!(
@@ -1301,7 +1379,11 @@ fn print_steps_table(report: &pb::CampaignReport, study: &[StudyStep]) {
         let what = if steps.len() == 1 {
             let step = steps[0];
             let template = if step.variants.is_empty() {
-                step.summary.rsplit(' ').next().unwrap_or_default().to_owned()
+                step.summary
+                    .rsplit(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
             } else {
                 "A/B".to_owned()
             };
@@ -1379,8 +1461,12 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
     let find = |name: &str| reports.iter().find(|r| r.name == name);
 
     println!("\n==== Campaign reports, in the shape of the Jumia Algeria study's tables ====");
-    println!("(conv. rate in the step tables = conversions / impressions, as the study counts them;");
-    println!(" a conversion is an order within the flow's window after a send, credited to the last send)");
+    println!(
+        "(conv. rate in the step tables = conversions / impressions, as the study counts them;"
+    );
+    println!(
+        " a conversion is an order within the flow's window after a send, credited to the last send)"
+    );
     if let Some(report) = find("abandoned-cart") {
         println!("\nAbandoned cart (the study's active-users flow, Table 10):");
         print_steps_table(report, &STUDY_ACTIVE_USERS);
@@ -1390,10 +1476,21 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
         print_steps_table(report, &STUDY_ONBOARDING);
     }
 
-    println!("\nFlows and the broadcast (Tables 11–13; conv. rate = converted customers / customers who entered):");
+    println!(
+        "\nFlows and the broadcast (Tables 11–13; conv. rate = converted customers / customers who entered):"
+    );
     println!(
         "  {:<20} {:>8} {:>11} {:>11} {:>11} {:>10} {:>11} {:>12}   {:>11} {:>11}",
-        "campaign", "entered", "impressions", "open+click", "conversions", "conv. rate", "revenue £", "vs control", "study conv.", "study o+c"
+        "campaign",
+        "entered",
+        "impressions",
+        "open+click",
+        "conversions",
+        "conv. rate",
+        "revenue £",
+        "vs control",
+        "study conv.",
+        "study o+c"
     );
     let mut all: Vec<&pb::CampaignReport> = reports.iter().collect();
     all.push(&broadcast);
@@ -1403,7 +1500,13 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
         let uplift = report
             .uplift
             .as_ref()
-            .map(|u| format!("{:+.1} pts{}", u.absolute * 100.0, if u.significant { "*" } else { "" }))
+            .map(|u| {
+                format!(
+                    "{:+.1} pts{}",
+                    u.absolute * 100.0,
+                    if u.significant { "*" } else { "" }
+                )
+            })
             .unwrap_or_else(|| "-".into());
         let (study_conv, study_oc) = match study_flow(&report.name) {
             Some((_, c, o)) => (format!("{c:.2}%"), format!("{o:.2}%")),
@@ -1428,7 +1531,9 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
             entry.1 += share.revenue;
         }
     }
-    println!("  (open+click: messages opened or clicked / impressions; vs control: treated minus held-out");
+    println!(
+        "  (open+click: messages opened or clicked / impressions; vs control: treated minus held-out"
+    );
     println!("   conversion rate, * when significant at 5 %)");
 
     println!("\nConversions by channel, every flow and the broadcast together (Table 14):");
@@ -1439,7 +1544,12 @@ pub async fn print_reports(clients: &Clients, flows: &[String]) -> anyhow::Resul
     let total: u64 = by_channel.values().map(|(c, _)| c).sum();
     let mut rows: Vec<(i32, (u64, f64))> = by_channel.into_iter().collect();
     rows.sort_by_key(|row| std::cmp::Reverse(row.1.0));
-    for channel in [pb::Channel::Push, pb::Channel::Email, pb::Channel::Whatsapp, pb::Channel::InApp] {
+    for channel in [
+        pb::Channel::Push,
+        pb::Channel::Email,
+        pb::Channel::Whatsapp,
+        pb::Channel::InApp,
+    ] {
         if !rows.iter().any(|(c, _)| *c == channel as i32) {
             rows.push((channel as i32, (0, 0.0)));
         }
@@ -1497,7 +1607,8 @@ mod tests {
             "kind: Broadcast\nname: ramadan-iftar-demo\nschedule: { local_time: \"2011-12-08 21:00\" }\ncontrol_group: 10%\n"
         );
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flows/ramadan-broadcast.yaml"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../examples/flows/ramadan-broadcast.yaml"),
         )
         .expect("ramadan-broadcast.yaml");
         let def = relance_campaigns::domain::parse::parse_broadcast(&move_broadcast(&text, date))
@@ -1526,7 +1637,10 @@ mod tests {
     fn contacts_depend_only_on_the_seed_and_the_customer() {
         let a = contact_of(7, "17850", "France");
         let b = contact_of(7, "17850", "France");
-        assert_eq!((a.first_name, a.push, a.email_opt_in), (b.first_name, b.push, b.email_opt_in));
+        assert_eq!(
+            (a.first_name, a.push, a.email_opt_in),
+            (b.first_name, b.push, b.email_opt_in)
+        );
         assert_eq!((a.timezone, a.locale), ("Europe/Paris", "fr"));
         let pushable = (0..10_000)
             .filter(|i| contact_of(7, &i.to_string(), "United Kingdom").push)

@@ -58,7 +58,8 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TemplateDocument>> {
             };
             let root = relance_kit::yaml::parse(&yaml)
                 .map_err(|p| anyhow::anyhow!("{origin}: {}", relance_kit::yaml::describe(&[p])))?;
-            let template = from_json(&root.to_json()).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+            let template =
+                from_json(&root.to_json()).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
             templates.push(TemplateDocument { origin, template });
         }
     }
@@ -221,7 +222,15 @@ fn variant_from_json(
 ) -> Result<pb::TemplateVariant, String> {
     only(
         variant,
-        &["locale", "direction", "push", "email", "sms", "whatsapp", "in_app"],
+        &[
+            "locale",
+            "direction",
+            "push",
+            "email",
+            "sms",
+            "whatsapp",
+            "in_app",
+        ],
         path,
     )?;
     let mut content = pb::MessageContent::default();
@@ -247,7 +256,14 @@ fn variant_from_json(
         let email = object(email, &p)?;
         only(
             email,
-            &["subject", "preheader", "html", "text", "from_name", "reply_to"],
+            &[
+                "subject",
+                "preheader",
+                "html",
+                "text",
+                "from_name",
+                "reply_to",
+            ],
             &p,
         )?;
         content.email = Some(pb::EmailContent {
@@ -394,9 +410,9 @@ mod tests {
         let used = used_templates();
         assert_eq!(used.len(), 21, "the README lists 21 templates: {used:?}");
         for name in &used {
-            let template = templates
-                .get(name)
-                .unwrap_or_else(|| panic!("{name} is sent by a flow but not in examples/templates"));
+            let template = templates.get(name).unwrap_or_else(|| {
+                panic!("{name} is sent by a flow but not in examples/templates")
+            });
             if let Err(errors) = relance_delivery::domain::template::compile(template) {
                 panic!("{name} is refused by delivery: {errors:#?}");
             }
@@ -410,7 +426,8 @@ mod tests {
     #[test]
     fn templates_have_the_channels_and_products_the_flows_readme_lists() {
         let templates = templates();
-        let readme = std::fs::read_to_string(root().join("examples/flows/README.md")).expect("README");
+        let readme =
+            std::fs::read_to_string(root().join("examples/flows/README.md")).expect("README");
         let mut listed = 0;
         for line in readme.lines() {
             let Some(rest) = line.strip_prefix("- `") else {
@@ -432,7 +449,10 @@ mod tests {
             // "with similar products", "three recommended products": the line promises
             // a products block (others may have one too, e.g. "picked for you").
             if what.contains("products") {
-                assert!(template.products.is_some(), "{name}: no products block ({what})");
+                assert!(
+                    template.products.is_some(),
+                    "{name}: no products block ({what})"
+                );
             }
         }
         assert_eq!(listed, 21);
@@ -457,7 +477,13 @@ mod tests {
         }
         assert_eq!(
             names,
-            ["lapsed-30d", "lapsed-60d", "lapsed-90d", "vip", "active-buyers"]
+            [
+                "lapsed-30d",
+                "lapsed-60d",
+                "lapsed-90d",
+                "vip",
+                "active-buyers"
+            ]
         );
     }
 
@@ -468,6 +494,9 @@ mod tests {
             "variants": [ { "locale": "en", "push": { "titel": "Hi" } } ],
         });
         let error = from_json(&document).expect_err("refused");
-        assert!(error.starts_with("variants[0].push.titel: unknown field"), "{error}");
+        assert!(
+            error.starts_with("variants[0].push.titel: unknown field"),
+            "{error}"
+        );
     }
 }

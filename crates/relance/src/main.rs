@@ -2,8 +2,8 @@
 //! one process; in production each Deployment runs `relance serve <service>`.
 #![forbid(unsafe_code)]
 
-mod client;
 mod campaign;
+mod client;
 mod delivery;
 mod demo;
 mod demo_campaigns;

@@ -212,9 +212,21 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     for document in later {
         let applied = if document.kind == "Flow" {
-            crate::campaign::apply_flow(&mut clients, &document.origin, &document.yaml, args.dry_run).await
+            crate::campaign::apply_flow(
+                &mut clients,
+                &document.origin,
+                &document.yaml,
+                args.dry_run,
+            )
+            .await
         } else {
-            crate::campaign::apply_broadcast(&mut clients, &document.origin, &document.yaml, args.dry_run).await
+            crate::campaign::apply_broadcast(
+                &mut clients,
+                &document.origin,
+                &document.yaml,
+                args.dry_run,
+            )
+            .await
         };
         if !applied {
             failed += 1;

@@ -346,6 +346,7 @@ impl Broadcaster {
             .unwrap_or(crate::domain::model::ChannelName::Push);
         let mut writes = Vec::with_capacity(due.len());
         let mut send_rows = Vec::new();
+        let trace = relance_kit::trace::current();
         let mut guard_events = Vec::new();
         let mut increments = Vec::new();
         for recipient in due {
@@ -450,6 +451,7 @@ impl Broadcaster {
                 customer_id: recipient.customer_id.clone(),
                 at: now,
                 envelope: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
+                trace: trace.clone(),
             });
             writes.push(RecipientWrite {
                 customer_id: recipient.customer_id,

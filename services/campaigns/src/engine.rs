@@ -301,6 +301,16 @@ impl Engine {
                 .copied()
                 .unwrap_or(FlowStatus::Archived);
             let journey_id = journey.id.to_string();
+            // A step joins the trace that started its journey (the Track call, the segment
+            // change); its send request carries the step's context on to delivery.
+            let step_trace = match journey.traceparent.as_deref() {
+                Some(parent) => {
+                    let span = tracing::info_span!("journey_step", flow = %journey.flow, journey = %journey_id);
+                    relance_kit::trace::set_parent(&span, Some(parent));
+                    relance_kit::trace::of_span(&span)
+                }
+                None => relance_kit::trace::current(),
+            };
             let profile = profiles.get(&journey.customer_id);
             let tz = customer_tz(profile, default_tz);
             let member = memberships
@@ -400,6 +410,7 @@ impl Engine {
                             at: now,
                             envelope: serde_json::to_value(&envelope)
                                 .map_err(anyhow::Error::from)?,
+                            trace: step_trace.clone(),
                         });
                     }
                     Effect::HeldOut { .. } => {}

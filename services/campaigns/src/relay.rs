@@ -93,9 +93,10 @@ pub async fn relay_batch(
     limits: &mut ChannelLimits,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let mut rows: Vec<(i64, String, String, String, serde_json::Value)> = sqlx::query_as(
+    #[allow(clippy::type_complexity)]
+    let mut rows: Vec<(i64, String, String, String, serde_json::Value, Option<String>)> = sqlx::query_as(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, payload",
+         RETURNING id, exchange, routing_key, message_id, payload, traceparent",
     )
     .bind(RELAY_BATCH)
     .fetch_all(&mut *tx)
@@ -117,13 +118,18 @@ pub async fn relay_batch(
         tokio::time::sleep(wait).await;
     }
     let mut messages = Vec::with_capacity(rows.len());
-    for (_, exchange, routing_key, message_id, payload) in rows {
+    for (_, exchange, routing_key, message_id, payload, traceparent) in rows {
+        // Each request travels in the trace of the journey step (or broadcast) that made it.
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(traceparent) = traceparent {
+            headers.insert(relance_kit::trace::TRACEPARENT.to_owned(), traceparent);
+        }
         messages.push(Outgoing {
             exchange,
             routing_key,
             message_id,
             payload: serde_json::to_vec(&payload)?,
-            headers: Default::default(),
+            headers,
         });
     }
     publisher.publish_all(&messages).await?;

@@ -72,6 +72,7 @@ pub fn new_message(
         request: request.encode_to_vec(),
         created_at: now,
         expires_at: now + ttl,
+        trace: relance_kit::trace::current(),
     }
 }
 
@@ -122,7 +123,8 @@ impl RequestHandler {
                     error.reason
                 )));
             }
-            let row = new_message(&workspace, &request, now);
+            let mut row = new_message(&workspace, &request, now);
+            row.trace = message.trace.map(str::to_owned);
             match by_workspace.iter_mut().find(|(w, _)| *w == workspace) {
                 Some((_, rows)) => rows.push(row),
                 None => by_workspace.push((workspace, vec![row])),

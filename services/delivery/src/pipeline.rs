@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -284,7 +285,10 @@ impl Sender {
                         .flatten(),
                     _ => None,
                 };
-                self.deliver(job, profile, template).await
+                // Each message in the trace it arrived in (a journey step, a Send call).
+                let span = tracing::info_span!("deliver", message = %job.claimed.id);
+                relance_kit::trace::set_parent(&span, job.claimed.trace.as_deref());
+                self.deliver(job, profile, template).instrument(span).await
             })
             .buffer_unordered(concurrency)
             .ready_chunks(self.config.record_every.max(1));
@@ -630,7 +634,14 @@ impl Sender {
             right_to_left,
             tags: tags(&request),
         };
-        match self.providers.send(channel, &outbound).await {
+        let provider_span =
+            tracing::info_span!("provider_send", channel = ?channel, otel.kind = "client");
+        match self
+            .providers
+            .send(channel, &outbound)
+            .instrument(provider_span)
+            .await
+        {
             Ok((provider, accepted)) => {
                 set(&mut properties, "provider", &provider);
                 let id = accepted.provider_message_id.unwrap_or_default();

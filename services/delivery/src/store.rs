@@ -49,6 +49,8 @@ pub struct NewMessage {
     pub request: Vec<u8>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The trace context the request arrived in (not stored: a retry starts its own trace).
+    pub trace: Option<String>,
 }
 
 /// Builds the bus message (routing key, JSON body) announcing an accepted request.
@@ -75,6 +77,8 @@ pub struct Claimed {
     pub request: Vec<u8>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The trace context the request arrived in, on its first attempt.
+    pub trace: Option<String>,
 }
 
 /// A message's state, for deciding what to do with a delivery that could not claim it.
@@ -406,6 +410,7 @@ impl DeliveryStore {
                     request: message.request.clone(),
                     created_at: message.created_at,
                     expires_at: message.expires_at,
+                    trace: message.trace.clone(),
                 });
             } else if !existing.contains(&admitted.id) {
                 existing.push(admitted.id);
@@ -444,6 +449,7 @@ impl DeliveryStore {
                 request: row.try_get("request")?,
                 created_at: row.try_get("created_at")?,
                 expires_at: row.try_get("expires_at")?,
+                trace: None,
             });
         }
         Ok(claimed)

@@ -96,8 +96,10 @@ impl Ingestor {
         // fail, their keys never appear in the log: the relay never asks for them, and they
         // leave the cache once the relay has moved past them.
         if !stored.is_empty() {
-            self.relay_cache
-                .put(to_publish(workspace_id, events, stored, now));
+            self.relay_cache.put(
+                to_publish(workspace_id, events, stored, now),
+                relance_kit::trace::current(),
+            );
         }
         pending.commit().await?;
         if outcome.accepted > 0 {

@@ -24,7 +24,8 @@ use crate::store::{self, RelayKey};
 /// restart, the relay reads the rows.
 #[derive(Debug, Default)]
 pub struct RelayCache {
-    entries: Mutex<BTreeMap<RelayKey, EventMessage>>,
+    /// Each event with the trace context of the call that stored it.
+    entries: Mutex<BTreeMap<RelayKey, (EventMessage, Option<Arc<str>>)>>,
     /// Only the replica whose relay is active keeps events: the others' would never be
     /// taken.
     active: AtomicBool,
@@ -34,20 +35,31 @@ pub struct RelayCache {
 const RELAY_CACHE_CAPACITY: usize = 200_000;
 
 impl RelayCache {
-    /// Keeps committed events for the relay.
-    pub fn put(&self, events: Vec<(RelayKey, EventMessage)>) {
+    /// Keeps committed events for the relay, with the `traceparent` of the call that stored
+    /// them (they are published in its trace; events read back from Postgres start their own).
+    pub fn put(&self, events: Vec<(RelayKey, EventMessage)>, trace: Option<String>) {
         if !self.active.load(Ordering::Relaxed) {
             return;
         }
+        let trace: Option<Arc<str>> = trace.map(Arc::from);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.extend(events);
+        for (key, event) in events {
+            entries.insert(key, (event, trace.clone()));
+        }
         while entries.len() > RELAY_CACHE_CAPACITY {
             entries.pop_first();
         }
     }
 
     /// Takes the events of `keys` that are here; returns them and the keys that are not.
-    fn take(&self, keys: &[RelayKey]) -> (Vec<(RelayKey, EventMessage)>, Vec<RelayKey>) {
+    #[allow(clippy::type_complexity)]
+    fn take(
+        &self,
+        keys: &[RelayKey],
+    ) -> (
+        Vec<(RelayKey, (EventMessage, Option<Arc<str>>))>,
+        Vec<RelayKey>,
+    ) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut found = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
@@ -152,20 +164,37 @@ impl Relay {
             if !missing.is_empty() {
                 metrics::counter!("relance_events_relay_read_back_total")
                     .increment(missing.len() as u64);
-                events.extend(store::fetch_events(&mut conn, &missing).await?);
+                let fetched = store::fetch_events(&mut conn, &missing).await?;
+                events.extend(fetched.into_iter().map(|(key, event)| (key, (event, None))));
                 events.sort_by_key(|(key, _)| *key);
             }
-            let messages: Vec<EventMessage> = events.into_iter().map(|(_, event)| event).collect();
+            let mut traces: HashMap<String, Arc<str>> = HashMap::new();
+            let mut messages: Vec<EventMessage> = Vec::with_capacity(events.len());
+            for (_, (event, trace)) in events {
+                if let Some(trace) = trace {
+                    traces.insert(event.message_id.clone(), trace);
+                }
+                messages.push(event);
+            }
             let count = messages.len();
             let newest = messages.last().map(|m| m.received_at);
             let mut outgoing = Vec::new();
             for batch in batches_by_workspace_and_name(messages) {
                 let first = &batch.events[0];
+                let mut headers: BTreeMap<String, String> =
+                    [("workspace_id".to_owned(), first.workspace_id.clone())].into();
+                // One message, one parent: the batch joins the trace of its first traced event.
+                if let Some(trace) = batch.events.iter().find_map(|e| traces.get(&e.message_id)) {
+                    headers.insert(
+                        relance_kit::trace::TRACEPARENT.to_owned(),
+                        trace.to_string(),
+                    );
+                }
                 outgoing.push(Outgoing {
                     exchange: EVENTS_EXCHANGE.to_owned(),
                     routing_key: format!("{EVENT_KEY_PREFIX}{}", first.name),
                     message_id: batch.bus_id(),
-                    headers: [("workspace_id".to_owned(), first.workspace_id.clone())].into(),
+                    headers,
                     payload: serde_json::to_vec(&batch)?,
                 });
             }
@@ -234,17 +263,20 @@ mod tests {
     fn the_cache_hands_over_what_it_has_and_forgets_what_was_published() {
         let cache = RelayCache::default();
         let key = |xid, seq| RelayKey { xid, seq };
-        cache.put(vec![(key(1, 1), event("a", "x", "0"))]);
+        cache.put(vec![(key(1, 1), event("a", "x", "0"))], None);
         assert!(
             cache.take(&[key(1, 1)]).0.is_empty(),
             "a replica that does not relay keeps nothing"
         );
         cache.set_active(true);
-        cache.put(vec![
-            (key(10, 1), event("a", "x", "1")),
-            (key(10, 2), event("a", "x", "2")),
-            (key(11, 3), event("a", "x", "3")),
-        ]);
+        cache.put(
+            vec![
+                (key(10, 1), event("a", "x", "1")),
+                (key(10, 2), event("a", "x", "2")),
+                (key(11, 3), event("a", "x", "3")),
+            ],
+            None,
+        );
         let (found, missing) = cache.take(&[key(10, 1), key(9, 9), key(10, 2)]);
         assert_eq!(
             found.iter().map(|(k, _)| *k).collect::<Vec<_>>(),

@@ -1,6 +1,8 @@
 //! Consumes accepted events and profile changes, in one queue so that a customer's
 //! changes are applied in the order they were published.
 
+use std::collections::HashMap;
+
 use futures::future::BoxFuture;
 use relance_kit::SharedClock;
 use relance_kit::bus::{ConsumerSpec, EVENTS_EXCHANGE, HandleError, Handler, Received};
@@ -76,9 +78,20 @@ fn decode(message: &Received<'_>) -> Result<Change, HandleError> {
 }
 
 impl ChangeHandler {
-    /// Applies changes in order inside one transaction.
-    async fn apply(&self, changes: &[Change]) -> Result<(), SegmentError> {
+    /// Applies changes in order inside one transaction. `traces` holds the trace context
+    /// each change arrived in, index for index: in a batch (one span for many messages) the
+    /// segment changes an event causes are announced in the event's trace; without one they
+    /// join the current span's.
+    async fn apply(&self, changes: &[Change], traces: &[Option<&str>]) -> Result<(), SegmentError> {
         let now = self.clock.now();
+        let mut event_traces: HashMap<String, String> = HashMap::new();
+        for (change, trace) in changes.iter().zip(traces) {
+            if let (Change::Events(batch), Some(trace)) = (change, trace) {
+                for event in &batch.events {
+                    event_traces.insert(event.message_id.clone(), (*trace).to_owned());
+                }
+            }
+        }
         let mut tx = self.store.pool().begin().await?;
         let mut after = AfterCommit::default();
         // Consecutive event batches of one workspace are applied as one (one pass of locks,
@@ -92,7 +105,7 @@ impl ChangeHandler {
                         .is_some_and(|p| p.workspace_id != event.workspace_id)
                     {
                         self.store
-                            .apply_events(&mut tx, &pending, now, &mut after)
+                            .apply_events(&mut tx, &pending, &event_traces, now, &mut after)
                             .await?;
                         pending.clear();
                     }
@@ -102,7 +115,7 @@ impl ChangeHandler {
             }
             if !pending.is_empty() {
                 self.store
-                    .apply_events(&mut tx, &pending, now, &mut after)
+                    .apply_events(&mut tx, &pending, &event_traces, now, &mut after)
                     .await?;
                 pending.clear();
             }
@@ -132,7 +145,7 @@ impl ChangeHandler {
         }
         if !pending.is_empty() {
             self.store
-                .apply_events(&mut tx, &pending, now, &mut after)
+                .apply_events(&mut tx, &pending, &event_traces, now, &mut after)
                 .await?;
         }
         tx.commit().await?;
@@ -149,7 +162,9 @@ impl Handler for ChangeHandler {
     fn handle<'a>(&'a self, message: &'a Received<'a>) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
             let change = decode(message)?;
-            self.apply(std::slice::from_ref(&change))
+            // Alone, the message's changes are announced in the consuming span's trace
+            // (a child of the message's); see `apply`.
+            self.apply(std::slice::from_ref(&change), &[None])
                 .await
                 .map_err(retry)
         })
@@ -165,10 +180,12 @@ impl Handler for ChangeHandler {
     ) -> BoxFuture<'a, Result<(), HandleError>> {
         Box::pin(async move {
             let mut changes = Vec::with_capacity(messages.len());
+            let mut traces = Vec::with_capacity(messages.len());
             for message in messages {
                 changes.push(decode(message)?);
+                traces.push(message.trace);
             }
-            self.apply(&changes).await.map_err(retry)
+            self.apply(&changes, &traces).await.map_err(retry)
         })
     }
 }

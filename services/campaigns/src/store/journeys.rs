@@ -43,6 +43,8 @@ pub struct DueJourney {
     pub entered_at: DateTime<Utc>,
     /// When it was due (its lateness is the claim time minus this).
     pub due_at: DateTime<Utc>,
+    /// The trace context of what started it: its steps join that trace.
+    pub traceparent: Option<String>,
 }
 
 /// What a run decided for one journey.
@@ -163,8 +165,8 @@ impl CampaignStore {
         }
         let inserted = sqlx::query(
             "INSERT INTO journeys (id, workspace_id, flow, flow_version, customer_id, trigger_id, status, control, \
-             state, next_wake_at, trigger_data, entered_at, updated_at) \
-             SELECT id, $1, flow, version, customer_id, trigger_id, 1, control, state, wake, data, $11, $11 \
+             state, next_wake_at, trigger_data, entered_at, updated_at, traceparent) \
+             SELECT id, $1, flow, version, customer_id, trigger_id, 1, control, state, wake, data, $11, $11, $12 \
              FROM UNNEST($2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bool[], $8::jsonb[], \
              $9::timestamptz[], $10::jsonb[]) AS t(id, flow, version, customer_id, trigger_id, control, state, wake, data) \
              ON CONFLICT DO NOTHING",
@@ -180,6 +182,8 @@ impl CampaignStore {
         .bind(&wakes)
         .bind(&trigger_data)
         .bind(now)
+        // Started by the message or call being handled: its trace continues in the steps.
+        .bind(relance_kit::trace::current())
         .execute(&self.pool)
         .await?;
         let started = inserted.rows_affected();
@@ -331,7 +335,7 @@ pub async fn claim_due(
     limit: i64,
 ) -> ApiResult<Vec<DueJourney>> {
     let rows = sqlx::query(
-        "SELECT id, workspace_id, flow, flow_version, customer_id, control, state, trigger_data, entered_at, next_wake_at \
+        "SELECT id, workspace_id, flow, flow_version, customer_id, control, state, trigger_data, entered_at, next_wake_at, traceparent \
          FROM journeys WHERE status = 1 AND next_wake_at <= $1 ORDER BY next_wake_at LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(now)
@@ -353,6 +357,7 @@ pub async fn claim_due(
             trigger_data: row.try_get("trigger_data")?,
             entered_at: row.try_get("entered_at")?,
             due_at: row.try_get("next_wake_at")?,
+            traceparent: row.try_get("traceparent")?,
         });
     }
     Ok(due)

@@ -30,6 +30,8 @@ pub struct SendRow {
     pub at: DateTime<Utc>,
     /// The outbox payload: delivery's envelope around the `SendRequest`.
     pub envelope: serde_json::Value,
+    /// The trace context of the step that made it (W3C `traceparent`).
+    pub trace: Option<String>,
 }
 
 /// A send the guardrails held or dropped.
@@ -92,7 +94,9 @@ pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResul
     let mut ats = Vec::with_capacity(n);
     let mut envelopes = Vec::with_capacity(n);
     let mut message_ids = Vec::with_capacity(n);
+    let mut traces: Vec<Option<String>> = Vec::with_capacity(n);
     for send in sends {
+        traces.push(send.trace.clone());
         workspaces.push(send.workspace_id.clone());
         keys.push(send.idempotency_key.clone());
         journeys.push(send.journey_id);
@@ -115,9 +119,10 @@ pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResul
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[], \
            $8::text[], $9::text[], $10::text[], $11::timestamptz[]) \
            ON CONFLICT DO NOTHING RETURNING workspace_id, idempotency_key) \
-         INSERT INTO outbox (exchange, routing_key, message_id, payload) \
-         SELECT $12, o.channel, o.message_id, o.envelope \
-         FROM UNNEST($1::text[], $2::text[], $9::text[], $13::text[], $14::jsonb[]) AS o(workspace_id, idempotency_key, channel, message_id, envelope) \
+         INSERT INTO outbox (exchange, routing_key, message_id, payload, traceparent) \
+         SELECT $12, o.channel, o.message_id, o.envelope, o.traceparent \
+         FROM UNNEST($1::text[], $2::text[], $9::text[], $13::text[], $14::jsonb[], $15::text[]) \
+         AS o(workspace_id, idempotency_key, channel, message_id, envelope, traceparent) \
          JOIN new ON new.workspace_id = o.workspace_id AND new.idempotency_key = o.idempotency_key",
     )
     .bind(&workspaces)
@@ -134,6 +139,7 @@ pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResul
     .bind(DELIVERY_EXCHANGE)
     .bind(&message_ids)
     .bind(&envelopes)
+    .bind(&traces)
     .execute(&mut *conn)
     .await?;
     Ok(queued.rows_affected())

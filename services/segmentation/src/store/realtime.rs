@@ -85,10 +85,14 @@ impl SegmentStore {
     /// Applies a batch of events of one workspace inside the caller's transaction: skips
     /// those seen before, adds the rest to the aggregates, and re-evaluates their customers.
     /// Returns how many were new.
+    ///
+    /// `traces` maps an event's message id to the trace context it arrived in: a change it
+    /// causes is announced in that trace.
     pub(crate) async fn apply_events(
         &self,
         tx: &mut PgConnection,
         events: &[EventMessage],
+        traces: &HashMap<String, String>,
         now: DateTime<Utc>,
         after: &mut AfterCommit,
     ) -> Result<usize> {
@@ -122,6 +126,7 @@ impl SegmentStore {
         // (person, selector) → matching events' (time, value).
         let mut additions: Additions = BTreeMap::new();
         let mut reasons: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+        let mut person_traces: HashMap<String, String> = HashMap::new();
         for event in events {
             // Taken out once applied: a redelivered copy in the same call counts once.
             if !fresh.remove(&event.message_id) {
@@ -133,6 +138,9 @@ impl SegmentStore {
                 continue;
             };
             let key = person.key();
+            if let Some(trace) = traces.get(&event.message_id) {
+                person_traces.insert(key.clone(), trace.clone());
+            }
             let reason = reasons.entry(key.clone()).or_insert(event.timestamp);
             if event.timestamp > *reason {
                 *reason = event.timestamp;
@@ -158,6 +166,7 @@ impl SegmentStore {
                 &mut *tx,
                 &workspace_id,
                 &reasons,
+                &person_traces,
                 Cause::Event,
                 Scope::Events(&names),
                 now,
@@ -242,7 +251,15 @@ impl SegmentStore {
                     continue;
                 }
                 let evaluated = self
-                    .evaluate(&mut *tx, workspace_id, &persons, Cause::Profile, scope, now)
+                    .evaluate(
+                        &mut *tx,
+                        workspace_id,
+                        &persons,
+                        &HashMap::new(),
+                        Cause::Profile,
+                        scope,
+                        now,
+                    )
                     .await?;
                 after.push(workspace_id.to_owned(), evaluated);
             }
@@ -352,12 +369,14 @@ impl SegmentStore {
                 entered_at: None,
             });
         }
-        enqueue_changes(&mut *tx, &messages).await?;
+        let traces = vec![relance_kit::trace::current(); messages.len()];
+        enqueue_changes(&mut *tx, &messages, &traces).await?;
         let more = self
             .evaluate(
                 &mut *tx,
                 workspace_id,
                 &[(customer, now)],
+                &HashMap::new(),
                 Cause::Merge,
                 Scope::Everything,
                 now,
@@ -451,6 +470,7 @@ impl SegmentStore {
                     &mut tx,
                     workspace_id,
                     persons,
+                    &HashMap::new(),
                     Cause::Time,
                     Scope::Everything,
                     now,
@@ -474,6 +494,7 @@ impl SegmentStore {
         tx: &mut PgConnection,
         workspace_id: &str,
         persons: &[(String, DateTime<Utc>)],
+        traces: &HashMap<String, String>,
         cause: Cause,
         scope: Scope<'_>,
         now: DateTime<Utc>,
@@ -561,6 +582,8 @@ impl SegmentStore {
         let empty_series = HashMap::new();
         let mut evaluated = Evaluated::default();
         let mut messages = Vec::new();
+        let current_trace = relance_kit::trace::current();
+        let mut message_traces: Vec<Option<String>> = Vec::new();
         let mut enter = (Vec::new(), Vec::new(), Vec::new());
         let mut exit = (Vec::new(), Vec::new(), Vec::new());
         let mut wakes: (Vec<String>, Vec<Option<DateTime<Utc>>>) = (Vec::new(), Vec::new());
@@ -613,6 +636,12 @@ impl SegmentStore {
                     cause,
                     now,
                 ));
+                message_traces.push(
+                    traces
+                        .get(&person)
+                        .cloned()
+                        .or_else(|| current_trace.clone()),
+                );
                 evaluated.mirror.push(MirrorChange {
                     segment_id: version.segment_id,
                     version: version.version,
@@ -660,7 +689,7 @@ impl SegmentStore {
         .bind(&wakes.1)
         .execute(&mut *tx)
         .await?;
-        enqueue_changes(&mut *tx, &messages).await?;
+        enqueue_changes(&mut *tx, &messages, &message_traces).await?;
         if evaluated.entered + evaluated.exited > 0 {
             let counter = |change: &'static str, n: usize| {
                 metrics::counter!("relance_segments_changes_total", "change" => change, "cause" => cause.as_str())
@@ -959,9 +988,11 @@ pub(crate) fn change_message(
 }
 
 /// Writes the announcements to the outbox in one statement.
+/// `traces` holds each message's trace context (its `traceparent`), index for index.
 pub(crate) async fn enqueue_changes(
     conn: &mut PgConnection,
     messages: &[SegmentChanged],
+    traces: &[Option<String>],
 ) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
@@ -979,13 +1010,14 @@ pub(crate) async fn enqueue_changes(
         payloads.push(serde_json::to_value(message).unwrap_or(serde_json::Value::Null));
     }
     sqlx::query(
-        "INSERT INTO outbox (exchange, routing_key, message_id, payload) \
-         SELECT $1, k, i, p FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(k, i, p)",
+        "INSERT INTO outbox (exchange, routing_key, message_id, payload, traceparent) \
+         SELECT $1, k, i, p, tp FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::text[]) AS t(k, i, p, tp)",
     )
     .bind(EVENTS_EXCHANGE)
     .bind(&keys)
     .bind(&ids)
     .bind(&payloads)
+    .bind(traces)
     .execute(conn)
     .await?;
     Ok(())
