@@ -86,7 +86,7 @@ async fn a_failed_message_is_retried_after_a_delay_and_a_hopeless_one_is_dead_le
     .await;
     // The consumer reads its queue's depths every 15 s; labelled with the base name, like
     // relance_messages_consumed_total, so the two join on `queue`.
-    eventually(20, "the dead letter in relance_queue_dlq_depth", || {
+    eventually(25, "the dead letter in relance_queue_dlq_depth", || {
         let text = metrics.render();
         async move {
             (text.contains(r#"relance_queue_dlq_depth{queue="kit.flaky"} 1"#)

@@ -923,6 +923,28 @@ fn check_rules(
     problems
 }
 
+/// The input series of promtool's rule tests must be series the services export.
+fn check_promtool_series(catalog: &Catalog, file: &str, text: &str) -> Vec<String> {
+    let documents = match YamlLoader::load_from_str(text) {
+        Ok(documents) => documents,
+        Err(error) => return vec![format!("{file}: not YAML: {error}")],
+    };
+    let mut problems = Vec::new();
+    for test in documents
+        .iter()
+        .flat_map(|d| d["tests"].as_vec().cloned().unwrap_or_default())
+    {
+        let name = yaml_str(&test, "name").unwrap_or("(unnamed)").to_owned();
+        for series in test["input_series"].as_vec().into_iter().flatten() {
+            let selector = yaml_str(series, "series").unwrap_or("");
+            for problem in check_expr(catalog, selector) {
+                problems.push(format!("{file}: test {name:?}: {problem}"));
+            }
+        }
+    }
+    problems
+}
+
 // ---- the tests ----------------------------------------------------------------------------
 
 fn report(problems: &[String]) -> String {
@@ -954,7 +976,12 @@ fn dashboards_and_alerts_query_only_exported_metrics() {
         }
     }
 
-    let rule_files = files(&root.join("infra/prometheus"), &[".yaml", ".yml"], &[]);
+    // infra/prometheus/tests/ holds promtool's unit tests of the rules, not rules.
+    let rule_files = files(
+        &root.join("infra/prometheus"),
+        &[".yaml", ".yml"],
+        &["tests"],
+    );
     assert!(!rule_files.is_empty(), "no rule file in infra/prometheus/");
     let anchors = runbook_anchors();
     let mut alerts = BTreeSet::new();
@@ -965,6 +992,19 @@ fn dashboards_and_alerts_query_only_exported_metrics() {
             &mut alerts,
             &relative(path),
             &read(path),
+        ));
+    }
+
+    // The promtool tests feed series named like the real ones.
+    for path in files(
+        &root.join("infra/prometheus/tests"),
+        &[".yaml", ".yml"],
+        &[],
+    ) {
+        problems.extend(check_promtool_series(
+            &catalog,
+            &relative(&path),
+            &read(&path),
         ));
     }
 
