@@ -551,7 +551,7 @@ async fn consume_once(
                 return Ok(());
             }
             _ = depth_every.tick() => {
-                record_depth(&channel, &queue).await;
+                record_depth(bus, &channel, &queue, &spec.queue).await;
                 continue;
             }
             next = consumer.next() => match next {
@@ -758,7 +758,10 @@ fn set_parent_from_headers(span: &tracing::Span, properties: &BasicProperties) {
     let _ = span.set_parent(parent);
 }
 
-async fn record_depth(channel: &Channel, queue: &str) {
+/// Sets `relance_queue_depth{queue}` (messages ready in the queue) and
+/// `relance_queue_dlq_depth{queue}` (messages parked in its dead-letter queue), labelled with
+/// the queue's base name like `relance_messages_consumed_total`.
+async fn record_depth(bus: &Bus, channel: &Channel, queue: &str, base: &str) {
     let options = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -767,7 +770,13 @@ async fn record_depth(channel: &Channel, queue: &str) {
         .queue_declare(queue, options, FieldTable::default())
         .await
     {
-        metrics::gauge!("relance_queue_depth", "queue" => queue.to_owned())
+        metrics::gauge!("relance_queue_depth", "queue" => base.to_owned())
             .set(f64::from(state.message_count()));
+    }
+    // On a channel of its own: a passive declare of a queue that is gone (an ephemeral test
+    // queue expires) closes its channel, and that must not be the consumer's.
+    if let Ok(parked) = bus.queue_depth(&format!("{base}.dlq")).await {
+        metrics::gauge!("relance_queue_dlq_depth", "queue" => base.to_owned())
+            .set(f64::from(parked));
     }
 }

@@ -17,21 +17,35 @@ const LATENCY_BUCKETS: &[f64] = &[
     10.0,
 ];
 
+/// Buckets for how late a scheduled campaign step ran, in seconds: from 100 ms (on time) to an
+/// hour (the workers were down), with 60 s (the lateness alert's threshold) a bucket bound.
+const LATENESS_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The exporter's configuration: histograms named `*_seconds` get [`LATENCY_BUCKETS`] (and are
+/// rendered as Prometheus histograms, not summaries); campaign step lateness gets its own.
+fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    // A full-name matcher wins over a suffix matcher.
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("relance_campaigns_step_lateness_seconds".into()),
+            LATENESS_BUCKETS,
+        )
+}
 
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
 pub fn recorder() -> PrometheusHandle {
     HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS);
-            match builder.and_then(|b| b.install_recorder()) {
-                Ok(handle) => handle,
-                Err(error) => {
-                    // Another recorder is installed (a test binary): keep a detached one.
-                    tracing::debug!(%error, "prometheus recorder not installed globally");
-                    PrometheusBuilder::new().build_recorder().handle()
-                }
+        .get_or_init(|| match builder().and_then(|b| b.install_recorder()) {
+            Ok(handle) => handle,
+            Err(error) => {
+                // Another recorder is installed (a test binary): keep a detached one.
+                tracing::debug!(%error, "prometheus recorder not installed globally");
+                PrometheusBuilder::new().build_recorder().handle()
             }
         })
         .clone()
@@ -135,9 +149,12 @@ fn code_name(numeric: &str) -> &'static str {
         "7" => "PERMISSION_DENIED",
         "8" => "RESOURCE_EXHAUSTED",
         "9" => "FAILED_PRECONDITION",
+        "10" => "ABORTED",
+        "11" => "OUT_OF_RANGE",
         "12" => "UNIMPLEMENTED",
         "13" => "INTERNAL",
         "14" => "UNAVAILABLE",
+        "15" => "DATA_LOSS",
         "16" => "UNAUTHENTICATED",
         _ => "UNKNOWN",
     }
@@ -146,6 +163,25 @@ fn code_name(numeric: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_lateness_has_buckets_past_the_alert_threshold() -> anyhow::Result<()> {
+        let recorder = builder()?.build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("relance_campaigns_step_lateness_seconds").record(90.0);
+            metrics::histogram!("relance_grpc_request_duration_seconds").record(0.003);
+        });
+        let text = handle.render();
+        for series in [
+            r#"relance_campaigns_step_lateness_seconds_bucket{le="60"} 0"#,
+            r#"relance_campaigns_step_lateness_seconds_bucket{le="120"} 1"#,
+            r#"relance_grpc_request_duration_seconds_bucket{le="0.005"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn rpc_labels_drop_the_package() {

@@ -51,6 +51,7 @@ fn message(body: &str) -> Outgoing {
 
 #[tokio::test]
 async fn a_failed_message_is_retried_after_a_delay_and_a_hopeless_one_is_dead_lettered() {
+    let metrics = relance_kit::metrics::recorder();
     let env = TestEnv::new().await;
     let bus = Bus::connect(&env.settings).await.expect("bus");
     let mut spec = ConsumerSpec::new("kit.flaky").bind(EVENTS_EXCHANGE, "event.test");
@@ -81,6 +82,20 @@ async fn a_failed_message_is_retried_after_a_delay_and_a_hopeless_one_is_dead_le
     eventually(10, "the rejected message in the dead-letter queue", || {
         let bus = bus.clone();
         async move { (bus.queue_depth("kit.flaky.dlq").await.ok()? == 1).then_some(()) }
+    })
+    .await;
+    // The consumer reads its queue's depths every 15 s; labelled with the base name, like
+    // relance_messages_consumed_total, so the two join on `queue`.
+    eventually(25, "the dead letter in relance_queue_dlq_depth", || {
+        let text = metrics.render();
+        async move {
+            (text.contains(r#"relance_queue_dlq_depth{queue="kit.flaky"} 1"#)
+                && text.contains(r#"relance_queue_depth{queue="kit.flaky"} 0"#)
+                && text.contains(
+                    r#"relance_messages_consumed_total{queue="kit.flaky",outcome="dead_lettered"} 1"#,
+                ))
+            .then_some(())
+        }
     })
     .await;
     shutdown.cancel();

@@ -469,8 +469,6 @@ impl Broadcaster {
         if queued > 0 {
             self.store.outbox_wake.notify_one();
         }
-        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "broadcast")
-            .increment(queued);
         Ok((handled, send_rows.len()))
     }
 

@@ -459,8 +459,6 @@ impl Engine {
         sends::insert_guard_events(tx, &guard_events).await?;
         sends::add_cap_counts(tx, &increments, now).await?;
         journeys::write_journeys(tx, &writes, now).await?;
-        metrics::counter!("relance_campaigns_sends_queued_total", "source" => "flow")
-            .increment(queued);
         Ok(queued)
     }
 

@@ -60,6 +60,9 @@ fn install_tracing() -> Collected {
     collected
 }
 
+/// Recognises the span of one hop.
+type SpanMatcher = dyn Fn(&SpanData) -> bool;
+
 fn customer(id: &str) -> pb::CustomerRef {
     pb::CustomerRef {
         id: Some(customer_ref::Id::CustomerId(id.into())),
@@ -302,7 +305,7 @@ access_token = "fcm-test-token"
             .filter(|span| span.span_context.trace_id() == trace)
             .collect()
     };
-    let expected: [(&str, &dyn Fn(&SpanData) -> bool); 5] = [
+    let expected: [(&str, &SpanMatcher); 5] = [
         ("segmentation consumes the event", &|span: &SpanData| {
             span.name == "consume"
                 && attribute(span, "queue").is_some_and(|q| q.starts_with("segmentation"))
@@ -327,7 +330,7 @@ access_token = "fcm-test-token"
         eventually(10, what, || async {
             in_trace(track_trace)
                 .iter()
-                .any(|s| matches(s))
+                .any(matches)
                 .then_some(())
         })
         .await;

@@ -24,12 +24,14 @@ use crate::store::{self, RelayKey};
 /// restart, the relay reads the rows.
 #[derive(Debug, Default)]
 pub struct RelayCache {
-    /// Each event with the trace context of the call that stored it.
-    entries: Mutex<BTreeMap<RelayKey, (EventMessage, Option<Arc<str>>)>>,
+    entries: Mutex<BTreeMap<RelayKey, Cached>>,
     /// Only the replica whose relay is active keeps events: the others' would never be
     /// taken.
     active: AtomicBool,
 }
+
+/// An event with the trace context (`traceparent`) of the call that stored it.
+type Cached = (EventMessage, Option<Arc<str>>);
 
 /// Most events kept waiting for the relay (about 100 MB of typical events).
 const RELAY_CACHE_CAPACITY: usize = 200_000;

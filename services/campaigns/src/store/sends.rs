@@ -75,7 +75,9 @@ pub struct CapIncrement {
 }
 
 /// Records the sends and writes the new ones to the outbox; a key recorded before (a
-/// re-run after a crash that committed) is not queued again. Returns how many were queued.
+/// re-run after a crash that committed) is not queued again. Returns how many were queued,
+/// and counts them in `relance_campaigns_sends_queued_total{source, campaign, channel}`
+/// (`source` is `flow` or `broadcast`, `campaign` the flow's or the broadcast's name).
 pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResult<u64> {
     if sends.is_empty() {
         return Ok(0);
@@ -112,18 +114,21 @@ pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResul
         // The AMQP message id delivery deduplicates on (see delivery's wire::Envelope).
         message_ids.push(format!("{}:{}", send.workspace_id, send.idempotency_key));
     }
-    let queued = sqlx::query(
+    // The new sends, counted per flow or broadcast and channel for the metric.
+    let counts: Vec<(String, String, String, i64)> = sqlx::query_as(
         "WITH new AS ( \
            INSERT INTO sends (workspace_id, idempotency_key, journey_id, flow, flow_version, broadcast, step, variant, \
            channel, customer_id, at) \
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[], \
            $8::text[], $9::text[], $10::text[], $11::timestamptz[]) \
-           ON CONFLICT DO NOTHING RETURNING workspace_id, idempotency_key) \
-         INSERT INTO outbox (exchange, routing_key, message_id, payload, traceparent) \
-         SELECT $12, o.channel, o.message_id, o.envelope, o.traceparent \
-         FROM UNNEST($1::text[], $2::text[], $9::text[], $13::text[], $14::jsonb[], $15::text[]) \
-         AS o(workspace_id, idempotency_key, channel, message_id, envelope, traceparent) \
-         JOIN new ON new.workspace_id = o.workspace_id AND new.idempotency_key = o.idempotency_key",
+           ON CONFLICT DO NOTHING RETURNING workspace_id, idempotency_key, flow, broadcast, channel), \
+         queued AS ( \
+           INSERT INTO outbox (exchange, routing_key, message_id, payload, traceparent) \
+           SELECT $12, o.channel, o.message_id, o.envelope, o.traceparent \
+           FROM UNNEST($1::text[], $2::text[], $9::text[], $13::text[], $14::jsonb[], $15::text[]) \
+           AS o(workspace_id, idempotency_key, channel, message_id, envelope, traceparent) \
+           JOIN new ON new.workspace_id = o.workspace_id AND new.idempotency_key = o.idempotency_key) \
+         SELECT flow, broadcast, channel, count(*) FROM new GROUP BY flow, broadcast, channel",
     )
     .bind(&workspaces)
     .bind(&keys)
@@ -140,9 +145,21 @@ pub async fn queue_sends(conn: &mut PgConnection, sends: &[SendRow]) -> ApiResul
     .bind(&message_ids)
     .bind(&envelopes)
     .bind(&traces)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(queued.rows_affected())
+    let mut queued = 0;
+    for (flow, broadcast, channel, count) in counts {
+        let (source, campaign) = if broadcast.is_empty() {
+            ("flow", flow)
+        } else {
+            ("broadcast", broadcast)
+        };
+        let count = count.max(0) as u64;
+        metrics::counter!("relance_campaigns_sends_queued_total", "source" => source, "campaign" => campaign, "channel" => channel)
+            .increment(count);
+        queued += count;
+    }
+    Ok(queued)
 }
 
 /// Records what the guardrails did.

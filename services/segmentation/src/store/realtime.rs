@@ -489,6 +489,8 @@ impl SegmentStore {
     /// what changed are re-decided — those reading `event_names` for an event, those
     /// reading the profile for a profile change, everything for time and merges — and the
     /// segments that refer to them; the others keep their recorded membership.
+    // The connection, the people and why, and the moment: grouping them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn evaluate(
         &self,
         tx: &mut PgConnection,
