@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint
+.PHONY: chaos demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -61,3 +61,8 @@ build:
 
 services:
 	bash infra/dev.sh
+
+## Failure tests: the platform under load while each service is killed and RabbitMQ, Redis
+## and PostgreSQL restart (restarts this machine's servers: run it alone).
+chaos: services
+	bash bench/chaos.sh

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod campaigns;
+mod chaos;
 mod client;
 mod delivery;
 mod generate;
@@ -112,6 +113,9 @@ enum Command {
     /// broadcast to 1 M customers, against a raw SQL floor and the bus alone; runs profiles
     /// and campaigns in-process with fake segmentation and delivery servers.
     Campaigns(campaigns::CampaignsArgs),
+    /// The whole platform under load while each service is killed and RabbitMQ, Redis and
+    /// PostgreSQL restart: recovery times, zero loss, zero duplicates (`make chaos`).
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -180,6 +184,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Campaigns(args) => {
             let result = campaigns::run(&args).await?;
             return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
+        }
+        Command::Chaos(args) => {
+            let result = chaos::run(&args).await?;
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = chaos::render(&result, &command, &chaos::machine());
+            println!("{report}");
+            if let Some(path) = &args.benchmarks {
+                report::write_section(path, "chaos", &report)?;
+            }
+            reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json)?;
+            if !result.passed() {
+                anyhow::bail!("chaos: loss, duplicates or a fault not recovered from (see above)");
+            }
+            return Ok(());
         }
     };
     if let Some(path) = &cli.save {

@@ -1275,7 +1275,7 @@ fn report_to_proto(
         }),
         generated_at: Some(chrono_to_timestamp(now)),
         conversion: Some(conversion_to_proto(conversion)),
-        currency: "EUR".to_owned(),
+        currency: figures.currency.clone(),
         total: Some(stats_to_proto(&figures.total)),
         control: figures.control.as_ref().map(stats_to_proto),
         uplift: figures.uplift.as_ref().map(uplift_to_proto),

@@ -68,6 +68,8 @@ pub struct ConversionEvent {
     pub customer: String,
     pub at: DateTime<Utc>,
     pub revenue: f64,
+    /// Its `currency` property (ISO 4217), empty when it has none.
+    pub currency: String,
 }
 
 /// How a step is shown in the report.
@@ -158,6 +160,8 @@ pub struct ChannelFigures {
 /// The whole report.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Report {
+    /// The currency of the revenue figures, from the conversion events (see [`currency_of`]).
+    pub currency: String,
     pub total: Stats,
     pub control: Option<Stats>,
     pub uplift: Option<Uplift>,
@@ -251,6 +255,7 @@ pub fn compute(input: &ReportInput) -> Report {
     }
 
     Report {
+        currency: currency_of(&input.conversions),
         total,
         control,
         uplift: total_uplift,
@@ -258,6 +263,18 @@ pub fn compute(input: &ReportInput) -> Report {
         variants,
         channel_shares: channel_shares(&attributed),
     }
+}
+
+/// The currency the conversion events report revenue in; several joined with "/" (their
+/// sum mixes currencies and the report must say so), empty when none names one.
+pub fn currency_of(conversions: &[ConversionEvent]) -> String {
+    let mut codes: BTreeSet<&str> = BTreeSet::new();
+    for conversion in conversions {
+        if !conversion.currency.is_empty() {
+            codes.insert(&conversion.currency);
+        }
+    }
+    codes.into_iter().collect::<Vec<_>>().join("/")
 }
 
 /// The uplift of `treated` over `control` (conversions, entered of each).
@@ -644,7 +661,19 @@ mod tests {
             customer: customer.to_string(),
             at: at(hours),
             revenue,
+            currency: "GBP".to_owned(),
         }
+    }
+
+    #[test]
+    fn the_currency_comes_from_the_conversion_events() {
+        let mut conversions = vec![conversion("a", 1, 10.0), conversion("b", 2, 20.0)];
+        assert_eq!(currency_of(&conversions), "GBP");
+        conversions[1].currency = "EUR".to_owned();
+        assert_eq!(currency_of(&conversions), "EUR/GBP", "mixed currencies are named");
+        conversions[0].currency.clear();
+        conversions[1].currency.clear();
+        assert_eq!(currency_of(&conversions), "", "unknown rather than guessed");
     }
 
     fn variant(name: &str, template: &str, weight: u32) -> (String, String, u32) {

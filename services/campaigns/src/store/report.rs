@@ -206,10 +206,16 @@ impl CampaignStore {
             if !matcher::matches(&conversion.goal, &event_name, &properties) {
                 continue;
             }
+            let currency = properties
+                .get("currency")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default()
+                .to_owned();
             input.conversions.push(ConversionEvent {
                 customer,
                 at,
                 revenue,
+                currency,
             });
         }
         Ok(input)
