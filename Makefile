@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build
+.PHONY: demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build fuzz
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -51,6 +51,11 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Fuzzing (cargo-fuzz, nightly): each target of fuzz/ for FUZZ_SECONDS (default 60) with
+## -timeout=10 and -rss_limit_mb=2048; fails on any crash, hang or panic.
+fuzz:
+	bash fuzz/run.sh
 
 build:
 	$(CARGO) build --workspace
