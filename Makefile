@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: chaos demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint
+.PHONY: chaos demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint fuzz
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -55,6 +55,11 @@ fmt:
 ## The Helm chart: Helm's lint, a render through Helm's install, Kubernetes schemas.
 chart-lint:
 	bash infra/chart-lint.sh
+
+## Fuzzing (cargo-fuzz, nightly): each target of fuzz/ for FUZZ_SECONDS (default 60) with
+## -timeout=10 and -rss_limit_mb=2048; fails on any crash, hang or panic.
+fuzz:
+	bash fuzz/run.sh
 
 build:
 	$(CARGO) build --workspace

@@ -23,7 +23,9 @@ pub struct EventsApi {
     pub ingestor: Ingestor,
 }
 
-fn raw_event(event: pb::Event) -> RawEvent {
+/// An event as received on the wire, before validation (pure: what Track, TrackBatch and
+/// Import hand to [`crate::domain::validate`]).
+pub fn raw_event(event: pb::Event) -> RawEvent {
     RawEvent {
         message_id: event.message_id,
         name: event.name,

@@ -15,12 +15,17 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use liquid_core::error::ResultLiquidExt as _;
 use liquid_core::model::{
     ArrayView, DisplayCow, KString, KStringCow, KStringRef, ObjectView, ScalarCow, State, Value,
     ValueCow, ValueView,
 };
+use liquid_core::parser::{FilterArguments, FilterReflection, Tag, TryMatchToken};
 use liquid_core::runtime::{PartialStore, Registers, RuntimeBuilder};
-use liquid_core::{Language, Renderable, Runtime};
+use liquid_core::{
+    BlockReflection, Expression, Filter, Language, ParseBlock, ParseFilter, Renderable, Runtime,
+    TagBlock, TagTokenIter,
+};
 use relance_proto::v1::{
     Channel, EmailContent, InAppContent, MessageContent, PushContent, SmsContent, Template,
     TemplateError, TemplateVariant, TextDirection, WebhookContent, WhatsAppContent,
@@ -44,6 +49,16 @@ const MAX_EMAIL_SUBJECT: usize = 200;
 const MAX_SMS_BODY: usize = 1600;
 const MAX_IN_APP_TITLE: usize = 200;
 const MAX_IN_APP_BODY: usize = 4000;
+/// Most loop turns one render of one field may take, every `for` and `tablerow` together (an
+/// inner loop counts again at each turn of its outer one). Without a bound,
+/// `{% for i in (1..2000000000) %}` (whose range liquid builds in memory first) or a few
+/// nested loops would hold the service, at save time and at every send.
+const MAX_LOOP_TURNS: i128 = 10_000;
+/// Most bytes one render of one field may write.
+const MAX_RENDERED_BYTES: usize = 1024 * 1024;
+/// Largest value `assign` or `capture` may hold: `{% assign s = s | append: s %}` doubles a
+/// string at each step.
+const MAX_ASSIGNED_BYTES: usize = 64 * 1024;
 
 /// The channels in the order [`CompiledTemplate::channels`] lists them.
 const CHANNELS: [Channel; 6] = [
@@ -173,10 +188,20 @@ fn standard_language() -> Language {
         Box::new(stdlib::IfBlock),
         Box::new(stdlib::UnlessBlock),
         Box::new(stdlib::IfChangedBlock),
-        Box::new(stdlib::ForBlock),
-        Box::new(stdlib::TableRowBlock),
+        Box::new(BoundedLoop {
+            block: stdlib::ForBlock,
+            attributes: &["limit", "offset"],
+            flags: &["reversed"],
+            expected: "\"limit\", \"offset\" or \"reversed\" expected.",
+        }),
+        Box::new(BoundedLoop {
+            block: stdlib::TableRowBlock,
+            attributes: &["cols", "limit", "offset"],
+            flags: &[],
+            expected: "\"cols\", \"limit\" or \"offset\" expected.",
+        }),
         Box::new(stdlib::CommentBlock),
-        Box::new(stdlib::CaptureBlock),
+        Box::new(BoundedCapture),
         Box::new(stdlib::CaseBlock),
     ];
     for block in blocks {
@@ -201,7 +226,10 @@ fn standard_language() -> Language {
         Box::new(stdlib::EscapeOnce),
         Box::new(stdlib::First),
         Box::new(stdlib::Floor),
-        Box::new(stdlib::Join),
+        Box::new(SizedFilter {
+            filter: stdlib::Join,
+            growth: Growth::Join,
+        }),
         Box::new(stdlib::Last),
         Box::new(stdlib::Lstrip),
         Box::new(stdlib::Map),
@@ -212,7 +240,10 @@ fn standard_language() -> Language {
         Box::new(stdlib::Prepend),
         Box::new(stdlib::Remove),
         Box::new(stdlib::RemoveFirst),
-        Box::new(stdlib::Replace),
+        Box::new(SizedFilter {
+            filter: stdlib::Replace,
+            growth: Growth::Replace,
+        }),
         Box::new(stdlib::ReplaceFirst),
         Box::new(stdlib::Reverse),
         Box::new(stdlib::Round),
@@ -249,9 +280,13 @@ fn standard_language() -> Language {
 /// with `{% for %}` would lose [`Data`]'s leniency for its items; this frame lends the data
 /// out instead, so `{% for item in data.items %}{{ item.image_url }}{% endfor %}` renders
 /// empty for an item without an image, as on Shopify.
+///
+/// It also keeps what a template assigns under [`MAX_ASSIGNED_BYTES`]: a larger value is
+/// stored as nil and noted in `oversized`, which fails the render once it ends.
 struct LenientRuntime<'a, P> {
     parent: P,
     data: &'a Data,
+    oversized: std::cell::Cell<bool>,
 }
 
 impl<P: Runtime> Runtime for LenientRuntime<'_, P> {
@@ -282,6 +317,10 @@ impl<P: Runtime> Runtime for LenientRuntime<'_, P> {
     }
 
     fn set_global(&self, name: KString, value: Value) -> Option<Value> {
+        if !fits(&value, MAX_ASSIGNED_BYTES) {
+            self.oversized.set(true);
+            return self.parent.set_global(name, Value::Nil);
+        }
         self.parent.set_global(name, value)
     }
 
@@ -314,10 +353,403 @@ impl Text {
                 let runtime = LenientRuntime {
                     parent: RuntimeBuilder::new().build(),
                     data: globals,
+                    oversized: std::cell::Cell::new(false),
                 };
-                template.render(&runtime)
+                let mut out = Limited::new(MAX_RENDERED_BYTES);
+                let rendered = template.render_to(&mut out, &runtime);
+                if out.exceeded {
+                    return Err(liquid_core::Error::with_msg(format!(
+                        "renders to more than {} KiB",
+                        MAX_RENDERED_BYTES / 1024
+                    )));
+                }
+                if runtime.oversized.get() {
+                    return Err(liquid_core::Error::with_msg(format!(
+                        "assigns or captures a value of more than {} KiB",
+                        MAX_ASSIGNED_BYTES / 1024
+                    )));
+                }
+                rendered?;
+                String::from_utf8(out.bytes)
+                    .map_err(|_| liquid_core::Error::with_msg("renders invalid UTF-8"))
             }
         }
+    }
+}
+
+/// A render's output, refusing to grow past a size (the render then fails on its next write).
+struct Limited {
+    bytes: Vec<u8>,
+    max: usize,
+    exceeded: bool,
+}
+
+impl Limited {
+    fn new(max: usize) -> Limited {
+        Limited {
+            bytes: Vec::new(),
+            max,
+            exceeded: false,
+        }
+    }
+}
+
+impl std::io::Write for Limited {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.max {
+            self.exceeded = true;
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a value's text is at most `max` bytes (lists and objects: all their items).
+fn fits(value: &dyn ValueView, max: usize) -> bool {
+    fn size(value: &dyn ValueView, budget: &mut usize) -> bool {
+        if let Some(array) = value.as_array() {
+            array.values().all(|item| size(item, budget))
+        } else if let Some(object) = value.as_object() {
+            object.iter().all(|(key, item)| {
+                *budget = budget.saturating_sub(key.len());
+                *budget > 0 && size(item, budget)
+            })
+        } else {
+            let length = value.to_kstr().len();
+            match budget.checked_sub(length) {
+                Some(left) => {
+                    *budget = left;
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+    let mut budget = max;
+    size(value, &mut budget)
+}
+
+/// `for` or `tablerow` that first counts its turns against the render's [`LoopBudget`]: over
+/// [`MAX_LOOP_TURNS`], the render fails before liquid builds the range or runs the loop.
+///
+/// The block's head (`item in (1..n) limit: 3`) is read here as liquid reads it, with the
+/// same errors at the same positions, then handed to liquid's own block as a copy.
+#[derive(Clone)]
+struct BoundedLoop<B> {
+    block: B,
+    /// Parameters taking a value (`limit: 3`).
+    attributes: &'static [&'static str],
+    /// Parameters alone (`reversed`).
+    flags: &'static [&'static str],
+    /// The error for anything else.
+    expected: &'static str,
+}
+
+impl<B: ParseBlock + Clone + 'static> ParseBlock for BoundedLoop<B> {
+    fn parse(
+        &self,
+        mut arguments: TagTokenIter<'_>,
+        block: TagBlock<'_, '_>,
+        options: &Language,
+    ) -> liquid_core::Result<Box<dyn Renderable>> {
+        let mut words = Vec::new();
+        let variable = arguments.expect_next("Identifier expected.")?;
+        words.push(variable.as_str().to_owned());
+        variable.expect_identifier().into_result()?;
+        let keyword = arguments.expect_next("\"in\" expected.")?;
+        words.push(keyword.as_str().to_owned());
+        keyword
+            .expect_str("in")
+            .into_result_custom_msg("\"in\" expected.")?;
+        let range = arguments.expect_next("Array or range expected.")?;
+        words.push(range.as_str().to_owned());
+        let turns = match range.expect_value() {
+            TryMatchToken::Matches(collection) => Turns::Collection(collection),
+            TryMatchToken::Fails(range) => match range.expect_range() {
+                TryMatchToken::Matches((start, stop)) => Turns::Range(start, stop),
+                TryMatchToken::Fails(range) => return range.raise_error().into_err(),
+            },
+        };
+        while let Some(parameter) = arguments.next() {
+            let name = parameter.as_str().to_owned();
+            if self.flags.contains(&name.as_str()) {
+                words.push(name);
+                continue;
+            }
+            if !self.attributes.contains(&name.as_str()) {
+                return parameter.raise_custom_error(self.expected).into_err();
+            }
+            arguments
+                .expect_next("\":\" expected.")?
+                .expect_str(":")
+                .into_result_custom_msg("\":\" expected.")?;
+            let value = arguments.expect_next("Value expected.")?;
+            let text = value.as_str().to_owned();
+            value.expect_value().into_result()?;
+            words.extend([name, ":".to_owned(), text]);
+        }
+        let head = format!(
+            "{{% {} {} %}}",
+            self.block.reflection().start_tag(),
+            words.join(" ")
+        );
+        let inner = self
+            .block
+            .parse(Tag::new(&head)?.into_tokens(), block, options)?;
+        Ok(Box::new(BoundedLoopRender { turns, inner }))
+    }
+
+    fn reflection(&self) -> &dyn BlockReflection {
+        self.block.reflection()
+    }
+}
+
+/// What a loop runs over.
+#[derive(Debug)]
+enum Turns {
+    /// `(start..stop)`.
+    Range(Expression, Expression),
+    /// A list (one turn per item) or an object (one per entry).
+    Collection(Expression),
+}
+
+impl Turns {
+    /// How many turns the loop takes before `limit` and `offset`; 0 when the range or the
+    /// collection is not one, which the loop itself then reports.
+    fn count(&self, runtime: &dyn Runtime) -> i128 {
+        match self {
+            Turns::Range(start, stop) => {
+                let whole = |bound: &Expression| {
+                    let value = bound.evaluate(runtime).ok()?;
+                    value.as_scalar()?.to_integer()
+                };
+                match (whole(start), whole(stop)) {
+                    (Some(start), Some(stop)) => (i128::from(stop) - i128::from(start) + 1).max(0),
+                    _ => 0,
+                }
+            }
+            Turns::Collection(collection) => match collection.evaluate(runtime) {
+                Ok(value) => value
+                    .as_array()
+                    .map(|array| array.size())
+                    .or_else(|| value.as_object().map(|object| object.size()))
+                    .map_or(0, i128::from),
+                Err(_) => 0,
+            },
+        }
+    }
+}
+
+/// Loop turns taken so far in one render.
+#[derive(Default)]
+struct LoopBudget {
+    turns: i128,
+}
+
+#[derive(Debug)]
+struct BoundedLoopRender {
+    turns: Turns,
+    inner: Box<dyn Renderable>,
+}
+
+impl Renderable for BoundedLoopRender {
+    fn render_to(
+        &self,
+        writer: &mut dyn std::io::Write,
+        runtime: &dyn Runtime,
+    ) -> liquid_core::Result<()> {
+        let turns = self.turns.count(runtime);
+        {
+            let mut budget = runtime.registers().get_mut::<LoopBudget>();
+            budget.turns += turns;
+            if budget.turns > MAX_LOOP_TURNS {
+                return Err(liquid_core::Error::with_msg(format!(
+                    "loops would run more than {MAX_LOOP_TURNS} times"
+                )));
+            }
+        }
+        self.inner.render_to(writer, runtime)
+    }
+}
+
+/// A filter whose result can be many times the size of its input, checked before it runs:
+/// over [`MAX_RENDERED_BYTES`], the render fails instead. `replace` turns every match into
+/// the replacement, so `| replace: "x", "xx" | replace: "x", "xx" …` doubles at each step;
+/// `join` puts the separator between every two items.
+#[derive(Clone)]
+struct SizedFilter<F> {
+    filter: F,
+    growth: Growth,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Growth {
+    /// `replace: search, replacement`.
+    Replace,
+    /// `join: separator` (a space by default).
+    Join,
+}
+
+impl<F: ParseFilter + Clone + 'static> ParseFilter for SizedFilter<F> {
+    fn parse(&self, arguments: FilterArguments<'_>) -> liquid_core::Result<Box<dyn Filter>> {
+        let positional: Vec<Expression> = arguments.positional.collect();
+        let inner = self.filter.parse(FilterArguments {
+            positional: Box::new(positional.clone().into_iter()),
+            keyword: arguments.keyword,
+        })?;
+        Ok(Box::new(SizedFilterRun {
+            growth: self.growth,
+            arguments: positional,
+            inner,
+        }))
+    }
+
+    fn reflection(&self) -> &dyn FilterReflection {
+        self.filter.reflection()
+    }
+}
+
+#[derive(Debug)]
+struct SizedFilterRun {
+    growth: Growth,
+    arguments: Vec<Expression>,
+    inner: Box<dyn Filter>,
+}
+
+impl std::fmt::Display for SizedFilterRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl SizedFilterRun {
+    /// The size of the result in bytes, as `str::replace` and liquid's `join` make it.
+    fn result_size(&self, input: &dyn ValueView, runtime: &dyn Runtime) -> usize {
+        let argument = |index: usize, default: &str| -> String {
+            self.arguments
+                .get(index)
+                .and_then(|argument| argument.evaluate(runtime).ok())
+                .map_or_else(|| default.to_owned(), |value| value.to_kstr().to_string())
+        };
+        match self.growth {
+            Growth::Replace => {
+                let text = input.to_kstr();
+                let search = argument(0, "");
+                let replacement = argument(1, "");
+                let matches = if search.is_empty() {
+                    text.chars().count() + 1
+                } else {
+                    text.matches(search.as_str()).count()
+                };
+                (text.len() - matches.saturating_mul(search.len()))
+                    .saturating_add(matches.saturating_mul(replacement.len()))
+            }
+            Growth::Join => {
+                let Some(items) = input.as_array() else {
+                    return 0;
+                };
+                let separator = argument(0, " ");
+                let count = usize::try_from(items.size()).unwrap_or(usize::MAX);
+                items
+                    .values()
+                    .fold(0usize, |size, item| {
+                        size.saturating_add(item.to_kstr().len())
+                    })
+                    .saturating_add(count.saturating_sub(1).saturating_mul(separator.len()))
+            }
+        }
+    }
+}
+
+impl Filter for SizedFilterRun {
+    fn evaluate(&self, input: &dyn ValueView, runtime: &dyn Runtime) -> liquid_core::Result<Value> {
+        if self.result_size(input, runtime) > MAX_RENDERED_BYTES {
+            return Err(liquid_core::Error::with_msg(format!(
+                "the result would be more than {} KiB",
+                MAX_RENDERED_BYTES / 1024
+            )));
+        }
+        self.inner.evaluate(input, runtime)
+    }
+}
+
+/// `{% capture name %}…{% endcapture %}` as liquid's, but capturing at most
+/// [`MAX_ASSIGNED_BYTES`] (a loop inside could otherwise write without end).
+#[derive(Clone)]
+struct BoundedCapture;
+
+impl BlockReflection for BoundedCapture {
+    fn start_tag(&self) -> &str {
+        "capture"
+    }
+
+    fn end_tag(&self) -> &str {
+        "endcapture"
+    }
+
+    fn description(&self) -> &str {
+        ""
+    }
+}
+
+impl ParseBlock for BoundedCapture {
+    fn parse(
+        &self,
+        mut arguments: TagTokenIter<'_>,
+        mut block: TagBlock<'_, '_>,
+        options: &Language,
+    ) -> liquid_core::Result<Box<dyn Renderable>> {
+        let name: KString = arguments
+            .expect_next("Identifier expected")?
+            .expect_identifier()
+            .into_result()?
+            .to_owned()
+            .into();
+        arguments.expect_nothing()?;
+        let template = liquid_core::Template::new(
+            block
+                .parse_all(options)
+                .trace_with(|| format!("{{% capture {name} %}}").into())?,
+        );
+        block.assert_empty();
+        Ok(Box::new(Capture { name, template }))
+    }
+
+    fn reflection(&self) -> &dyn BlockReflection {
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Capture {
+    name: KString,
+    template: liquid_core::Template,
+}
+
+impl Renderable for Capture {
+    fn render_to(
+        &self,
+        _writer: &mut dyn std::io::Write,
+        runtime: &dyn Runtime,
+    ) -> liquid_core::Result<()> {
+        let mut captured = Limited::new(MAX_ASSIGNED_BYTES);
+        let rendered = self.template.render_to(&mut captured, runtime);
+        if captured.exceeded {
+            return Err(liquid_core::Error::with_msg(format!(
+                "captures more than {} KiB",
+                MAX_ASSIGNED_BYTES / 1024
+            )));
+        }
+        rendered.trace_with(|| format!("{{% capture {} %}}", self.name).into())?;
+        let text = String::from_utf8(captured.bytes)
+            .map_err(|_| liquid_core::Error::with_msg("captures invalid UTF-8"))?;
+        runtime.set_global(self.name.clone(), Value::scalar(text));
+        Ok(())
     }
 }
 
@@ -721,6 +1153,16 @@ impl Compiler<'_> {
     fn text(&mut self, field: &str, source: &str) -> Text {
         if !source.contains("{{") && !source.contains("{%") {
             return Text::Plain(source.to_string());
+        }
+        if let Some((at, number)) = oversized_integer(source) {
+            let (line, column) = position(source, at);
+            self.errors.push(TemplateError {
+                field: format!("{}{field}", self.prefix),
+                reason: format!("the number {number} does not fit in 64 bits"),
+                line,
+                column,
+            });
+            return Text::Plain(String::new());
         }
         match liquid_core::parser::parse(source, &LANGUAGE) {
             Ok(elements) => Text::Liquid(liquid_core::Template::new(elements)),
@@ -1240,6 +1682,86 @@ fn plain_reason(message: &str) -> String {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => "invalid template".to_string(),
     }
+}
+
+/// The first integer literal inside Liquid markup (`{{ … }}`, `{% … %}`) that does not fit in
+/// an `i64`, with its byte offset. liquid's parser reads integer literals with `expect`, so
+/// `{{ 99999999999999999999 }}` would panic in it: such a source is refused before it is
+/// parsed. Text outside markup and string literals inside it are not numbers to liquid.
+fn oversized_integer(source: &str) -> Option<(usize, &str)> {
+    let bytes = source.as_bytes();
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        let close = match (bytes[i], bytes[i + 1]) {
+            (b'{', b'{') => b'}',
+            (b'{', b'%') => b'%',
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        i += 2;
+        // `{{-` / `{%-`: the hyphen trims whitespace, it is no sign.
+        if bytes.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        let inner = i;
+        let mut quote = None;
+        while i < bytes.len() {
+            let byte = bytes[i];
+            if let Some(open) = quote {
+                if byte == open {
+                    quote = None;
+                }
+                i += 1;
+                continue;
+            }
+            match byte {
+                b'\'' | b'"' => {
+                    quote = Some(byte);
+                    i += 1;
+                }
+                _ if byte == close && bytes.get(i + 1) == Some(&b'}') => break,
+                b'0'..=b'9' => {
+                    let start = i;
+                    while i < bytes.len() && bytes[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    let before = |back: usize| {
+                        start
+                            .checked_sub(back)
+                            .filter(|at| *at >= inner)
+                            .map(|at| bytes[at])
+                    };
+                    let word =
+                        |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    // Part of a name (`item2`, `a-1`) or of a float (`1.5`): not an integer.
+                    let in_name = word(before(1))
+                        || (before(1) == Some(b'-')
+                            && (word(before(2)) || before(2) == Some(b'-')));
+                    let fraction =
+                        before(1) == Some(b'.') && before(2).is_some_and(|b| b.is_ascii_digit());
+                    let float = bytes.get(i) == Some(&b'.')
+                        && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+                    if in_name || fraction || float {
+                        continue;
+                    }
+                    let from = if before(1) == Some(b'-') {
+                        start - 1
+                    } else {
+                        start
+                    };
+                    let number = &source[from..i];
+                    if number.parse::<i64>().is_err() {
+                        return Some((from, number));
+                    }
+                }
+                _ => i += 1,
+            }
+        }
+        i += 2;
+    }
+    None
 }
 
 /// Line and column (from 1, in characters) of the first use of filter `name` (`| name`).
@@ -2150,6 +2672,179 @@ mod tests {
         assert_eq!(rendered.text, "Hi");
         let errors = render_with(&compiled, 0, Channel::Sms, json!({}), json!({})).unwrap_err();
         assert_eq!(fields(&errors), ["inline.sms"]);
+    }
+
+    /// The error of a one-variant template whose e-mail html is `html` (found by the
+    /// `template_compile` fuzz target, fuzz/regressions/template_compile/).
+    fn html_error(html: &str) -> TemplateError {
+        let errors = compile(&template(vec![variant("en", email("Hi", html))]))
+            .expect_err("the template is refused");
+        assert_eq!(
+            fields(&errors),
+            ["variants[0].content.email.html"],
+            "{errors:?}"
+        );
+        errors.into_iter().next().expect("one error")
+    }
+
+    #[test]
+    fn a_huge_range_is_refused_instead_of_exhausting_memory() {
+        // liquid builds the whole range before the first turn: 2e9 values, out of memory.
+        let error = html_error("{% for i in (1..2000000000) %}x{% endfor %}");
+        assert_eq!(error.reason, "loops would run more than 10000 times");
+        let error = html_error("{% assign n = 2000000000 %}{% for i in (1..n) %}{% endfor %}");
+        assert_eq!(error.reason, "loops would run more than 10000 times");
+        let error = html_error(
+            "<table>{% tablerow i in (-9223372036854775807..9223372036854775807) %}{% endtablerow %}</table>",
+        );
+        assert_eq!(error.reason, "loops would run more than 10000 times");
+    }
+
+    #[test]
+    fn nested_loops_share_one_budget() {
+        let error =
+            html_error("{% for a in (1..1000) %}{% for b in (1..1000) %}{% endfor %}{% endfor %}");
+        assert_eq!(error.reason, "loops would run more than 10000 times");
+        let within = "{% for a in (1..100) %}{% for b in (1..99) %}{% endfor %}{% endfor %}";
+        assert!(compile(&template(vec![variant("en", email("Hi", within))])).is_ok());
+    }
+
+    #[test]
+    fn assigned_and_captured_values_cannot_grow_without_end() {
+        let doubling = "{% assign s = 'xx' %}".to_owned()
+            + &"{% assign s = s | append: s %}".repeat(40)
+            + "{{ s | size }}";
+        let error = html_error(&doubling);
+        assert_eq!(
+            error.reason,
+            "assigns or captures a value of more than 64 KiB"
+        );
+        let error = html_error(
+            "{% capture c %}{% for i in (1..10000) %}12345678{% endfor %}{% endcapture %}{{ c }}",
+        );
+        assert_eq!(error.reason, "captures more than 64 KiB");
+        let large = "{% assign s = 'x' %}".to_owned()
+            + &"{% assign s = s | append: s %}".repeat(16)
+            + "{% for i in (1..100) %}{{ s }}{% endfor %}";
+        let error = html_error(&large);
+        assert_eq!(error.reason, "renders to more than 1024 KiB");
+    }
+
+    #[test]
+    fn filters_that_multiply_their_input_are_checked_before_they_run() {
+        // Each `replace` doubles the text: 2^40 bytes after 40 of them.
+        let doubling = "{{ 'x'".to_owned() + &" | replace: 'x', 'xx'".repeat(40) + " }}";
+        let error = html_error(&doubling);
+        assert_eq!(
+            error.reason,
+            "filter \"replace\": the result would be more than 1024 KiB"
+        );
+        let squared = "{% assign s = 'x' %}".to_owned()
+            + &"{% assign s = s | append: s %}".repeat(15)
+            + "{{ s | replace: '', s | size }}{{ s | split: '' | join: s | size }}";
+        let error = html_error(&squared);
+        assert_eq!(
+            error.reason,
+            "filter \"replace\": the result would be more than 1024 KiB"
+        );
+        let joined = "{% assign s = 'x' %}".to_owned()
+            + &"{% assign s = s | append: s %}".repeat(15)
+            + "{{ s | split: '' | join: s | size }}";
+        let error = html_error(&joined);
+        assert_eq!(
+            error.reason,
+            "filter \"join\": the result would be more than 1024 KiB"
+        );
+        let fine = "{{ 'a-b-c' | replace: '-', ', ' }}|{{ 'a-b' | replace: '' }}|{{ 'a,b' | split: ',' | join }}|{{ 'a,b' | split: ',' | join: '+' }}";
+        let compiled = compile(&template(vec![variant("en", email("Hi", fine))])).expect("valid");
+        let sent =
+            render_with(&compiled, 0, Channel::Email, json!({}), json!({})).expect("renders");
+        assert_eq!(sent.email.expect("email").html, "a, b, c|a-b|a b|a+b");
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_refused_instead_of_panicking_the_parser() {
+        // liquid-core parses integer literals with `expect`: this panicked at save time.
+        let error =
+            html_error("<p>{% assign n = -9223372087435675808 size %}{{ n }} article(s)</p>");
+        assert_eq!(
+            error.reason,
+            "the number -9223372087435675808 does not fit in 64 bits"
+        );
+        assert_eq!((error.line, error.column), (1, 18));
+        for source in [
+            "{{ 99999999999999999999 }}",
+            "{{ data.items[18446744073709551616] }}",
+            "x\n{%- for i in (1..-9223372036854775809) -%}{%- endfor -%}",
+            "{{-9223372036854775808}}",
+            "{{ 'a' | append: +9223372036854775808 }}",
+        ] {
+            let error = html_error(source);
+            assert!(
+                error.reason.starts_with("the number "),
+                "{source}: {error:?}"
+            );
+        }
+        // Numbers liquid reads otherwise, or not at all, are left to it.
+        let fine = "Order 123456789012345678901234 {{ -9223372036854775808 }} {{ 1.123456789012345678901234 }} {{ '99999999999999999999' }} {{ data.a99999999999999999999 | default: \"x\" }} {% if 2 > 1 %}ok{% endif %}";
+        let compiled = compile(&template(vec![variant("en", email("Hi", fine))])).expect("valid");
+        let sent =
+            render_with(&compiled, 0, Channel::Email, json!({}), json!({})).expect("renders");
+        assert_eq!(
+            sent.email.expect("email").html,
+            "Order 123456789012345678901234 -9223372036854775808 1.1234567890123457 99999999999999999999 x ok"
+        );
+    }
+
+    #[test]
+    fn bounded_loops_keep_liquid_s_meaning_and_errors() {
+        let mut t = template(vec![variant(
+            "en",
+            MessageContent {
+                sms: Some(SmsContent {
+                    body: "{% for i in (1..3) limit: 2 reversed %}{{ i }}{% endfor %}|{% for x in data.items offset:1 %}{{ x }}{% else %}none{% endfor %}|{% capture c %}{{ data.items | size }}{% endcapture %}{{ c }}|{% tablerow t in data.items cols: 2 %}{{ t }}{% endtablerow %}".into(),
+                }),
+                ..Default::default()
+            },
+        )]);
+        t.sample_data = Some(relance_proto::convert::json_to_struct(
+            &json!({"data": {"items": ["a", "b", "c"]}}),
+        ));
+        let compiled = compile(&t).expect("valid");
+        let sent = render_with(
+            &compiled,
+            0,
+            Channel::Sms,
+            json!({}),
+            json!({"items": ["a", "b", "c"]}),
+        )
+        .expect("renders");
+        let body = sent.sms.expect("sms").body;
+        assert!(body.starts_with("21|bc|3|<tr class=\"row1\">"), "{body}");
+        for (source, reason, column) in [
+            (
+                "{% for i in data.items limt: 2 %}{% endfor %}",
+                "\"limit\", \"offset\" or \"reversed\" expected",
+                24,
+            ),
+            (
+                "{% for i on data.items %}{% endfor %}",
+                "\"in\" expected",
+                10,
+            ),
+            (
+                "{% tablerow i in data.items reversed %}{% endtablerow %}",
+                "\"cols\", \"limit\" or \"offset\" expected",
+                29,
+            ),
+        ] {
+            let error = html_error(source);
+            assert_eq!(
+                (error.reason.as_str(), error.line, error.column),
+                (reason, 1, column),
+                "{source}"
+            );
+        }
     }
 
     #[test]
