@@ -2013,8 +2013,9 @@ impl Bench {
     /// `store::broadcasts::write_recipients`' UPDATE, on recipients already queued (to be
     /// rolled back), and how many it names.
     async fn recipients_update_sql(&self) -> anyhow::Result<(String, usize)> {
+        // The broadcaster writes by the claimed rows' addresses (see store/broadcasts.rs).
         let customers: Vec<(String,)> = sqlx::query_as(
-            "SELECT customer_id FROM campaigns.broadcast_recipients WHERE workspace_id = $1 AND broadcast = $2 \
+            "SELECT ctid::text FROM campaigns.broadcast_recipients WHERE workspace_id = $1 AND broadcast = $2 \
              AND run = 1 AND state = 1 LIMIT $3",
         )
         .bind(self.workspace())
@@ -2030,8 +2031,8 @@ impl Bench {
         let n = customers.len();
         let sql = format!(
             "UPDATE campaigns.broadcast_recipients r SET state = w.state, due_at = w.due \
-             FROM UNNEST(ARRAY[{list}]::text[], array_fill(1::smallint, ARRAY[{n}]), array_fill(now(), ARRAY[{n}])) AS w(customer_id, state, due) \
-             WHERE r.workspace_id = '{}' AND r.broadcast = '{BROADCAST}' AND r.run = 1 AND r.customer_id = w.customer_id",
+             FROM UNNEST(ARRAY[{list}]::text[]::tid[], array_fill(1::smallint, ARRAY[{n}]), array_fill(now(), ARRAY[{n}])) AS w(row_id, state, due) \
+             WHERE r.ctid = w.row_id AND r.workspace_id = '{}' AND r.broadcast = '{BROADCAST}' AND r.run = 1",
             self.workspace()
         );
         Ok((sql, n))

@@ -373,6 +373,7 @@ impl Broadcaster {
                     ));
                 }
                 writes.push(RecipientWrite {
+                    row: recipient.row.clone(),
                     customer_id: recipient.customer_id,
                     state: PENDING,
                     due_at: until,
@@ -411,6 +412,7 @@ impl Broadcaster {
                             ));
                         }
                         writes.push(RecipientWrite {
+                            row: recipient.row.clone(),
                             customer_id: recipient.customer_id,
                             state: PENDING,
                             due_at: until,
@@ -427,6 +429,7 @@ impl Broadcaster {
                             now,
                         ));
                         writes.push(RecipientWrite {
+                            row: recipient.row.clone(),
                             customer_id: recipient.customer_id,
                             state: CAPPED,
                             due_at: recipient.due_at,
@@ -454,6 +457,7 @@ impl Broadcaster {
                 trace: trace.clone(),
             });
             writes.push(RecipientWrite {
+                row: recipient.row.clone(),
                 customer_id: recipient.customer_id,
                 state: QUEUED,
                 due_at: recipient.due_at,

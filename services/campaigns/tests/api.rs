@@ -197,11 +197,14 @@ impl Harness {
             .unwrap()
     }
 
+    /// Waits until `flow` has `count` journeys and their first steps have run: a wait that
+    /// starts a flow counts from when it runs, so moving the clock before would move its end.
     async fn wait_for_journeys(&self, flow: &str, count: i64) {
         eventually(20, &format!("{count} journeys in {flow}"), || async {
             (self.journeys(flow).await == count).then_some(())
         })
         .await;
+        self.settle().await;
     }
 
     /// Moves the clock and waits until nothing is due any more (journeys, broadcast

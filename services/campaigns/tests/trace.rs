@@ -328,10 +328,7 @@ access_token = "fcm-test-token"
     ];
     for (what, matches) in &expected {
         eventually(10, what, || async {
-            in_trace(track_trace)
-                .iter()
-                .any(matches)
-                .then_some(())
+            in_trace(track_trace).iter().any(matches).then_some(())
         })
         .await;
     }

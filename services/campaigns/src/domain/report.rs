@@ -670,7 +670,11 @@ mod tests {
         let mut conversions = vec![conversion("a", 1, 10.0), conversion("b", 2, 20.0)];
         assert_eq!(currency_of(&conversions), "GBP");
         conversions[1].currency = "EUR".to_owned();
-        assert_eq!(currency_of(&conversions), "EUR/GBP", "mixed currencies are named");
+        assert_eq!(
+            currency_of(&conversions),
+            "EUR/GBP",
+            "mixed currencies are named"
+        );
         conversions[0].currency.clear();
         conversions[1].currency.clear();
         assert_eq!(currency_of(&conversions), "", "unknown rather than guessed");

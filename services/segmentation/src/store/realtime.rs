@@ -221,7 +221,7 @@ impl SegmentStore {
                  SELECT $1, p, a, t, at, $6 FROM unnest($2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[]) AS u(p, a, t, at) \
                  ORDER BY p \
                  ON CONFLICT (workspace_id, person) DO UPDATE SET attributes = excluded.attributes, \
-                 traits = excluded.traits, profile_at = excluded.profile_at \
+                 traits = excluded.traits, profile_at = excluded.profile_at, touched_at = excluded.touched_at \
                  WHERE people.profile_at IS NULL OR people.profile_at <= excluded.profile_at \
                  RETURNING person, profile_at, (xmax = 0) AS inserted",
             )
