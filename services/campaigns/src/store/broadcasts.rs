@@ -435,6 +435,8 @@ pub async fn claim_recipients(
     now: DateTime<Utc>,
     limit: i64,
 ) -> ApiResult<Vec<DueRecipient>> {
+    // (row address, customer, due, first due, variant)
+    #[allow(clippy::type_complexity)]
     let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>, String)> = sqlx::query_as(
         "SELECT ctid::text, customer_id, due_at, first_due_at, variant FROM broadcast_recipients \
          WHERE workspace_id = $1 AND broadcast = $2 AND run = $3 AND state = 0 AND due_at <= $4 \
