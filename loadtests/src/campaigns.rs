@@ -2032,8 +2032,7 @@ impl Bench {
         let sql = format!(
             "UPDATE campaigns.broadcast_recipients r SET state = w.state, due_at = w.due \
              FROM UNNEST(ARRAY[{list}]::text[]::tid[], array_fill(1::smallint, ARRAY[{n}]), array_fill(now(), ARRAY[{n}])) AS w(row_id, state, due) \
-             WHERE r.ctid = w.row_id AND r.workspace_id = '{}' AND r.broadcast = '{BROADCAST}' AND r.run = 1",
-            self.workspace()
+             WHERE r.ctid = w.row_id"
         );
         Ok((sql, n))
     }

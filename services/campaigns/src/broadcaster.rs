@@ -467,8 +467,7 @@ impl Broadcaster {
         let queued = sends::queue_sends(&mut tx, &send_rows).await?;
         sends::insert_guard_events(&mut tx, &guard_events).await?;
         sends::add_cap_counts(&mut tx, &increments, now).await?;
-        broadcasts::write_recipients(&mut tx, workspace_id, &def.name, broadcast.run, &writes)
-            .await?;
+        broadcasts::write_recipients(&mut tx, workspace_id, &def.name, &writes).await?;
         tx.commit().await?;
         if queued > 0 {
             self.store.outbox_wake.notify_one();
