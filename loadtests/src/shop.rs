@@ -1904,6 +1904,14 @@ pub fn render(dir: &Path, meta: &[(String, String)]) -> anyhow::Result<String> {
             ));
         }
         md.push('\n');
+        for r in &result.rpcs {
+            if let Some(error) = &r.first_error {
+                md.push_str(&format!(
+                    "Errors of {} in phase {}: {} of {} calls, the first: `{error}`.\n\n",
+                    r.rpc, r.phase, r.errors, r.calls
+                ));
+            }
+        }
         if let Some(e) = &result.end_to_end {
             md.push_str(&format!(
                 "End to end, Track `cart_updated` → the push at the fake FCM (flow wait {} s): {} reminders for {} abandoned carts; p50 **{:.2} s**, p99 **{:.2} s**, p99.9 {:.2} s — beyond the wait p50 {:.0} ms, p99 {:.0} ms.\n\n",
