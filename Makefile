@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: chaos demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns lint fmt services build chart-lint fuzz
+.PHONY: chaos demo test bench bench-ingest bench-segments bench-reco bench-delivery bench-campaigns loadtest lint fmt services build chart-lint fuzz
 
 ## Start PostgreSQL, Redis and RabbitMQ (installing them if needed), build, run the demo.
 demo: services
@@ -43,6 +43,14 @@ bench-delivery: services
 ## the bus alone.
 bench-campaigns: services
 	bash bench/campaigns.sh
+
+## Load tests of the whole platform (release build), in-process with the fake FCM:
+## SCENARIO=shop-day (storefront sessions + abandoned-cart flow, event → push time),
+## ingestion-burst (10× events for 30 s, relay backlog and drain) or black-friday (a broadcast
+## to 1 M during shop traffic); LOADTEST_ARGS for the scenario's options. Writes BENCHMARKS.md.
+SCENARIO ?= shop-day
+loadtest: services
+	SCENARIO=$(SCENARIO) bash bench/loadtest.sh
 
 ## Formatting and clippy, as CI would.
 lint:

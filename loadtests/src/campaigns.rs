@@ -713,6 +713,34 @@ impl pb::delivery_server::Delivery for FakeDelivery {
 }
 
 /// Serves the fakes on free ports of 127.0.0.1; returns their URLs.
+/// The fake segmentation alone, with one segment of `audience` ids (`b0000000`, …): the
+/// load-test scenarios (`shop.rs`) write those customers' profiles themselves. Returns its URL.
+pub(crate) async fn serve_fake_segments(
+    audience: u32,
+    stop: CancellationToken,
+) -> anyhow::Result<String> {
+    let segments = FakeSegments {
+        audience,
+        listed_at: Arc::new(AtomicI64::new(0)),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the fake segmentation's port")?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .add_service(pb::segments_server::SegmentsServer::new(segments));
+    tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            eprintln!("fake segmentation failed: {error:#}");
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
 async fn serve_fakes(
     segments: FakeSegments,
     stop: CancellationToken,

@@ -9,6 +9,9 @@
 //!   (`delivery.rs`); `report --section delivery` writes its section.
 //! - `campaigns`: due journeys at 1 M pending, their lateness, a 1 M broadcast, in-process,
 //!   with their baselines (`campaigns.rs`); `report --section campaigns` writes its section.
+//! - `shop-day`, `ingestion-burst`, `black-friday`: the whole platform under a storefront's
+//!   traffic, a burst of events, a broadcast to 1 M during the traffic (`shop.rs`);
+//!   `report --section loadtest` writes their section.
 //!
 //! `bench/run.sh` runs them all; see loadtests/README.md.
 #![forbid(unsafe_code)]
@@ -23,6 +26,7 @@ mod rate;
 mod reco;
 mod report;
 mod segments;
+mod shop;
 mod stats;
 
 use std::process::ExitCode;
@@ -116,6 +120,15 @@ enum Command {
     /// The whole platform under load while each service is killed and RabbitMQ, Redis and
     /// PostgreSQL restart: recovery times, zero loss, zero duplicates (`make chaos`).
     Chaos(chaos::ChaosArgs),
+    /// A storefront's traffic (sessions: Track, TrackBatch, Recommend, sign-ups) at a fixed
+    /// session rate with an abandoned-cart flow; end-to-end time event → push at the fake FCM.
+    ShopDay(shop::ShopArgs),
+    /// Track/TrackBatch at a base rate, a burst, the base rate again: latency per phase, the
+    /// events relay's backlog and how long it takes to drain.
+    IngestionBurst(shop::BurstArgs),
+    /// A broadcast to `--audience` customers while shop-day traffic continues: shop latency
+    /// before vs during, the broadcast's queued/s and sent/s.
+    BlackFriday(shop::BlackFridayArgs),
 }
 
 fn main() -> ExitCode {
@@ -198,6 +211,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("chaos: loss, duplicates or a fault not recovered from (see above)");
             }
             return Ok(());
+        }
+        Command::ShopDay(args) => {
+            let result = shop::shop_day(&args).await?;
+            return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
+        }
+        Command::IngestionBurst(args) => {
+            let result = shop::ingestion_burst(&args).await?;
+            return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
+        }
+        Command::BlackFriday(args) => {
+            let result = shop::black_friday(&args).await?;
+            return reco::emit(&result, &result.line(), cli.save.as_deref(), cli.json);
         }
     };
     if let Some(path) = &cli.save {

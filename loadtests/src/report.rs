@@ -24,7 +24,8 @@ pub struct ReportArgs {
     pub meta: Vec<(String, String)>,
     /// Name of the markers (`<!-- NAME:begin -->`); `delivery` renders the `delivery*.json`
     /// results of `relance-loadtest delivery`, `campaigns` the `campaigns*.json` ones of
-    /// `relance-loadtest campaigns`, instead of the ingestion ones.
+    /// `relance-loadtest campaigns`, `loadtest` those of `shop-day`, `ingestion-burst` and
+    /// `black-friday`, instead of the ingestion ones.
     #[arg(long, default_value = "ingest")]
     pub section: String,
 }
@@ -40,6 +41,10 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     if args.section == "delivery" {
         let body = crate::delivery::render(&args.results, &args.meta)?;
         return write_section(&args.out, "delivery", &body);
+    }
+    if args.section == "loadtest" {
+        let body = crate::shop::render(&args.results, &args.meta)?;
+        return write_section(&args.out, "loadtest", &body);
     }
     if args.section == "campaigns" {
         let body = crate::campaigns::render(&args.results, &args.meta)?;
