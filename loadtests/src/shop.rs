@@ -68,7 +68,8 @@ const CART_FLOW: &str = "abandoned-cart";
 const CART_TEMPLATE: &str = "cart-reminder";
 const BROADCAST: &str = "black-friday";
 const BROADCAST_TEMPLATE: &str = "black-friday-push";
-const BROADCAST_SEGMENT: &str = "everyone";
+/// The fake segmentation's one segment (`campaigns.rs`).
+const BROADCAST_SEGMENT: &str = "bench-audience";
 /// The consumers of `relance.events` running in the scenarios, and delivery's queue.
 const QUEUES: &[&str] = &[
     "events.ingest",
