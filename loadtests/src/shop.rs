@@ -885,7 +885,8 @@ impl Platform {
             .map(|(_, at, _)| *at)
             .max()
             .unwrap_or_default();
-        let shift = chrono::Utc::now().naive_utc() - chrono::Duration::days(1) - last;
+        let now = self.app.platform.clock.now().naive_utc();
+        let shift = now - chrono::Duration::days(1) - last;
         let mut events = EventsClient::new(self.channel(1));
         for (chunk_index, chunk) in retail.invoices.chunks(1000).enumerate() {
             let mut batch = Vec::with_capacity(chunk.len());
