@@ -68,7 +68,8 @@ const CART_FLOW: &str = "abandoned-cart";
 const CART_TEMPLATE: &str = "cart-reminder";
 const BROADCAST: &str = "black-friday";
 const BROADCAST_TEMPLATE: &str = "black-friday-push";
-const BROADCAST_SEGMENT: &str = "everyone";
+/// The fake segmentation's one segment (`campaigns.rs`).
+const BROADCAST_SEGMENT: &str = "bench-audience";
 /// The consumers of `relance.events` running in the scenarios, and delivery's queue.
 const QUEUES: &[&str] = &[
     "events.ingest",
@@ -884,9 +885,8 @@ impl Platform {
             .map(|(_, at, _)| *at)
             .max()
             .unwrap_or_default();
-        let shift = relance_kit::Clock::now(&relance_kit::SystemClock).naive_utc()
-            - chrono::Duration::days(1)
-            - last;
+        let now = self.app.platform.clock.now().naive_utc();
+        let shift = now - chrono::Duration::days(1) - last;
         let mut events = EventsClient::new(self.channel(1));
         for (chunk_index, chunk) in retail.invoices.chunks(1000).enumerate() {
             let mut batch = Vec::with_capacity(chunk.len());
