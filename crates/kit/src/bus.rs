@@ -323,9 +323,8 @@ async fn publish_on(
         let mut headers = FieldTable::default();
         // A message that carries its own trace context (from an outbox row, a journey)
         // keeps it; the others join the publishing span's trace.
-        let own_trace = message.headers.contains_key(crate::trace::TRACEPARENT);
-        for (key, value) in trace_headers.iter() {
-            if !own_trace {
+        if !message.headers.contains_key(crate::trace::TRACEPARENT) {
+            for (key, value) in trace_headers.iter() {
                 headers.insert(
                     key.as_str().into(),
                     AMQPValue::LongString(value.as_str().into()),

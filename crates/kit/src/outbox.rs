@@ -77,21 +77,31 @@ pub async fn relay_batch(
     limit: i64,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(i64, String, String, String, serde_json::Value, Option<String>)> = sqlx::query_as(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, payload, traceparent",
-    )
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.is_empty() {
+    let messages = take(&mut tx, limit).await?;
+    if messages.is_empty() {
         return Ok(0);
     }
+    publisher.publish_all(&messages).await?;
+    tx.commit().await?;
+    Ok(messages.len())
+}
+
+/// Deletes up to `limit` outbox rows (locked with SKIP LOCKED) inside the caller's
+/// transaction and returns them as messages in the order they were written, each carrying
+/// the trace context it was enqueued in. Publish them before committing.
+pub async fn take(conn: &mut PgConnection, limit: i64) -> anyhow::Result<Vec<Outgoing>> {
+    #[allow(clippy::type_complexity)]
+    let mut rows: Vec<(i64, String, String, String, serde_json::Value, Option<String>)> =
+        sqlx::query_as(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, exchange, routing_key, message_id, payload, traceparent",
+        )
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.sort_by_key(|row| row.0);
     let mut messages = Vec::with_capacity(rows.len());
-    let mut ordered = rows;
-    ordered.sort_by_key(|row| row.0);
-    for (_, exchange, routing_key, message_id, payload, traceparent) in ordered {
+    for (_, exchange, routing_key, message_id, payload, traceparent) in rows {
         let mut headers = std::collections::BTreeMap::new();
         if let Some(traceparent) = traceparent {
             headers.insert(crate::trace::TRACEPARENT.to_owned(), traceparent);
@@ -104,7 +114,5 @@ pub async fn relay_batch(
             headers,
         });
     }
-    publisher.publish_all(&messages).await?;
-    tx.commit().await?;
-    Ok(messages.len())
+    Ok(messages)
 }

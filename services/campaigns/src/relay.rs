@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relance_kit::bus::{Outgoing, Publisher};
+use relance_kit::bus::Publisher;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -93,21 +93,14 @@ pub async fn relay_batch(
     limits: &mut ChannelLimits,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    #[allow(clippy::type_complexity)]
-    let mut rows: Vec<(i64, String, String, String, serde_json::Value, Option<String>)> = sqlx::query_as(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, payload, traceparent",
-    )
-    .bind(RELAY_BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.is_empty() {
+    // Each request travels in the trace of the journey step (or broadcast) that made it.
+    let messages = relance_kit::outbox::take(&mut tx, RELAY_BATCH).await?;
+    if messages.is_empty() {
         return Ok(0);
     }
-    rows.sort_by_key(|row| row.0);
     let mut per_channel: HashMap<&str, usize> = HashMap::new();
-    for row in &rows {
-        *per_channel.entry(row.2.as_str()).or_insert(0) += 1;
+    for message in &messages {
+        *per_channel.entry(message.routing_key.as_str()).or_insert(0) += 1;
     }
     let mut wait = Duration::ZERO;
     for (channel, count) in per_channel {
@@ -116,21 +109,6 @@ pub async fn relay_batch(
     if !wait.is_zero() {
         metrics::counter!("relance_campaigns_rate_limited_seconds_total").increment(wait.as_secs());
         tokio::time::sleep(wait).await;
-    }
-    let mut messages = Vec::with_capacity(rows.len());
-    for (_, exchange, routing_key, message_id, payload, traceparent) in rows {
-        // Each request travels in the trace of the journey step (or broadcast) that made it.
-        let mut headers = std::collections::BTreeMap::new();
-        if let Some(traceparent) = traceparent {
-            headers.insert(relance_kit::trace::TRACEPARENT.to_owned(), traceparent);
-        }
-        messages.push(Outgoing {
-            exchange,
-            routing_key,
-            message_id,
-            payload: serde_json::to_vec(&payload)?,
-            headers,
-        });
     }
     publisher.publish_all(&messages).await?;
     tx.commit().await?;
