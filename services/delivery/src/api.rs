@@ -303,7 +303,12 @@ impl Delivery for DeliveryApi {
         let mut normalized = send.clone();
         normalized.kind = request::kind_of(&send) as i32;
         let now = self.clock.now();
-        let row = new_message(&caller.workspace_id, &normalized, now);
+        let row = new_message(
+            &caller.workspace_id,
+            &normalized,
+            now,
+            relance_kit::trace::current(),
+        );
         let workspace = caller.workspace_id.clone();
         let publish = |message: &crate::store::NewMessage| {
             let envelope = Envelope::from_encoded(&workspace, &message.request);

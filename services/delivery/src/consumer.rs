@@ -35,11 +35,13 @@ pub fn spec(config: &DeliveryConfig) -> ConsumerSpec {
     spec
 }
 
-/// A request taken from the bus, ready for the ledger.
+/// A request taken from the bus (or a Send call), ready for the ledger; `trace` is the trace
+/// context it arrived in.
 pub fn new_message(
     workspace_id: &str,
     request: &SendRequest,
     now: chrono::DateTime<chrono::Utc>,
+    trace: Option<String>,
 ) -> NewMessage {
     let (customer_id, anonymous_id) = match request.customer.as_ref().and_then(|c| c.id.as_ref()) {
         Some(relance_proto::v1::customer_ref::Id::CustomerId(id)) => (Some(id.clone()), None),
@@ -72,7 +74,7 @@ pub fn new_message(
         request: request.encode_to_vec(),
         created_at: now,
         expires_at: now + ttl,
-        trace: relance_kit::trace::current(),
+        trace,
     }
 }
 
@@ -123,8 +125,7 @@ impl RequestHandler {
                     error.reason
                 )));
             }
-            let mut row = new_message(&workspace, &request, now);
-            row.trace = message.trace.map(str::to_owned);
+            let row = new_message(&workspace, &request, now, message.trace.map(str::to_owned));
             match by_workspace.iter_mut().find(|(w, _)| *w == workspace) {
                 Some((_, rows)) => rows.push(row),
                 None => by_workspace.push((workspace, vec![row])),

@@ -54,14 +54,7 @@ impl RelayCache {
     }
 
     /// Takes the events of `keys` that are here; returns them and the keys that are not.
-    #[allow(clippy::type_complexity)]
-    fn take(
-        &self,
-        keys: &[RelayKey],
-    ) -> (
-        Vec<(RelayKey, (EventMessage, Option<Arc<str>>))>,
-        Vec<RelayKey>,
-    ) {
+    fn take(&self, keys: &[RelayKey]) -> (Vec<(RelayKey, Cached)>, Vec<RelayKey>) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut found = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
