@@ -4,19 +4,22 @@
 //! per process) on a database, RabbitMQ prefix and Redis prefix of their own, with the fake
 //! push provider. Load runs the whole time: customers sign up (profile, push opt-in, a
 //! `signed_up` event) at `--signups-per-sec`, and shop events arrive at `--events-per-sec`.
-//! A flow sends each new customer two pushes, `--wait-secs` apart. Then, with
-//! `--settle-secs` of load between faults:
+//! A flow triggered by the event sends each new customer two pushes, `--wait-secs` apart;
+//! a second flow, triggered when the customer enters a real-time segment of the signed-up,
+//! sends a third (so the path Track → segment change → journey step → delivery is checked
+//! too). Then, with `--settle-secs` of load between faults:
 //!
 //! 1. each service in turn is killed with SIGKILL and started again;
 //! 2. RabbitMQ is stopped and started (durable queues, persistent messages);
 //! 3. Redis is stopped and started with its data gone (it keeps no snapshot);
 //! 4. PostgreSQL is restarted (fast shutdown: open connections are cut).
 //!
-//! For each fault the time to recover is measured: until the killed service answers its
-//! health check, and until a customer who signs up right after the fault gets the first push
-//! (end to end). Afterwards, with the load stopped and the flows drained: every
-//! acknowledged event is in the event log, every acknowledged sign-up got both pushes, and
-//! the provider received each (customer, push) once. Calls that failed during a fault are
+//! For each fault the time to recover is measured: until all six services answer their
+//! health check and a recommendation is served, and until a customer who signs up right
+//! after the fault gets the first push of each flow (end to end). Afterwards, with the load
+//! stopped and the flows drained: every acknowledged event is in the event log, every
+//! acknowledged sign-up got all three pushes, and the provider received each (customer, push)
+//! once. Calls that failed during a fault are
 //! retried with the same message ids, as a client would: what was never acknowledged may be
 //! retried, what was acknowledged must never be lost.
 //!
@@ -37,6 +40,8 @@ use relance_proto::v1::campaigns_client::CampaignsClient;
 use relance_proto::v1::delivery_client::DeliveryClient;
 use relance_proto::v1::events_client::EventsClient;
 use relance_proto::v1::profiles_client::ProfilesClient;
+use relance_proto::v1::recommendations_client::RecommendationsClient;
+use relance_proto::v1::segments_client::SegmentsClient;
 use relance_proto::v1::{self as pb, customer_ref};
 use serde::Serialize;
 use tokio::process::{Child, Command};
@@ -54,6 +59,11 @@ const SERVICES: [&str; 6] = [
 ];
 
 const INTERNAL_KEY: &str = "chaos-internal-key";
+/// The pushes each signed-up customer gets: two from the event-triggered flow, one from the
+/// segment-triggered flow.
+const PUSHES: [&str; 3] = ["welcome-1", "welcome-2", "member-1"];
+/// The first push of each flow: a new sign-up has them both once the platform works.
+const FIRST_PUSHES: [&str; 2] = ["welcome-1", "member-1"];
 const FCM_PATH: &str = "/v1/projects/chaos/messages:send";
 
 #[derive(Debug, Clone, clap::Args)]
@@ -97,15 +107,21 @@ pub struct ChaosArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct Recovery {
     pub fault: String,
-    /// Seconds from the fault until the killed service answered its health check (services
-    /// only; the restart is immediate).
+    /// Seconds from the fault until every service answered its health check as serving and a
+    /// recommendation was served (a killed service is started again at once).
     pub serving_secs: Option<f64>,
-    /// Seconds from the fault until a customer who signed up after it got the first push.
+    /// Seconds from the fault until a customer who signed up after it got the first push of
+    /// both flows (the event-triggered and the segment-triggered one).
     pub end_to_end_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosResult {
+    /// When the run started (UTC) and the load it ran under.
+    pub started_at: String,
+    pub signups_per_sec: u32,
+    pub events_per_sec: u32,
+    pub settle_secs: u64,
     pub recoveries: Vec<Recovery>,
     pub run_secs: f64,
     pub events_acknowledged: u64,
@@ -141,12 +157,16 @@ impl ChaosResult {
         self.events_lost == 0
             && self.pushes_missing == 0
             && self.pushes_duplicated == 0
-            && self.recoveries.iter().all(|r| r.end_to_end_secs.is_some())
+            && self
+                .recoveries
+                .iter()
+                .all(|r| r.serving_secs.is_some() && r.end_to_end_secs.is_some())
     }
 }
 
 type Events = EventsClient<InterceptedService<Channel, BearerKey>>;
 type Profiles = ProfilesClient<InterceptedService<Channel, BearerKey>>;
+type Recommendations = RecommendationsClient<InterceptedService<Channel, BearerKey>>;
 
 /// The running platform: one child process per service, always on the same ports.
 struct Platform {
@@ -165,13 +185,14 @@ impl Platform {
             .append(true)
             .open(self.logs.join(format!("{service}.log")))
             .context("opening the service's log")?;
+        let log_err = log.try_clone().context("opening the service's log")?;
         let child = Command::new(&self.relance)
             .args(["serve", service])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RELANCE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
             .env("RELANCE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .stdout(Stdio::null())
-            .stderr(log)
+            .stdout(log)
+            .stderr(log_err)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting relance serve {service}"))?;
@@ -193,6 +214,35 @@ impl Platform {
         let deadline = Instant::now() + patience;
         while Instant::now() < deadline {
             if health_serving(grpc).await {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// Waits until every service answers its health check as SERVING and `recommendations`
+    /// serves a recommendation (its hot path reads Redis and its model).
+    async fn all_serving(
+        &self,
+        recommendations: &Recommendations,
+        patience: Duration,
+    ) -> Option<Instant> {
+        let deadline = Instant::now() + patience;
+        for service in SERVICES {
+            self.serving(service, deadline.saturating_duration_since(Instant::now()))
+                .await?;
+        }
+        while Instant::now() < deadline {
+            let mut client = recommendations.clone();
+            let answer = client
+                .recommend(pb::RecommendRequest {
+                    customer: customer("u0"),
+                    placement: pb::Placement::Home as i32,
+                    ..Default::default()
+                })
+                .await;
+            if answer.is_ok() {
                 return Some(Instant::now());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -259,7 +309,25 @@ async fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
 async fn restart_rabbitmq() -> anyhow::Result<()> {
     run_command("rabbitmqctl", &["stop"]).await?;
     run_command("rabbitmq-server", &["-detached"]).await?;
-    run_command("rabbitmqctl", &["await_startup", "--timeout", "120"]).await
+    // `-detached` returns before the node has registered itself, and `await_startup` fails at
+    // once for a node it cannot reach: ask again until it answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "120"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .context("running rabbitmqctl")?;
+        if ready.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("RabbitMQ did not start within 120 s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn restart_redis_empty() -> anyhow::Result<()> {
@@ -524,17 +592,22 @@ fn received(fake: &FakeProviders) -> HashMap<(String, String), u64> {
     counts
 }
 
-/// Waits until customer `id`'s first push reached the provider; the seconds since `from`.
-async fn first_push_of(
+/// Waits until the first push of each flow reached the provider for customer `id`; the
+/// seconds since `from`.
+async fn first_pushes_of(
     fake: &FakeProviders,
     id: &str,
     from: Instant,
     patience: Duration,
 ) -> Option<f64> {
-    let key = (format!("tok-{id}"), "welcome-1".to_owned());
+    let keys: Vec<(String, String)> = FIRST_PUSHES
+        .iter()
+        .map(|push| (format!("tok-{id}"), (*push).to_owned()))
+        .collect();
     let deadline = Instant::now() + patience;
     while Instant::now() < deadline {
-        if received(fake).contains_key(&key) {
+        let got = received(fake);
+        if keys.iter().all(|key| got.contains_key(key)) {
             return Some(from.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -708,6 +781,8 @@ async fn clients(
     Profiles,
     CampaignsClient<InterceptedService<Channel, BearerKey>>,
     DeliveryClient<InterceptedService<Channel, BearerKey>>,
+    SegmentsClient<InterceptedService<Channel, BearerKey>>,
+    Recommendations,
 )> {
     let key = BearerKey::new(api_key)
         .map_err(|_| anyhow::anyhow!("the created key is not a valid header"))?;
@@ -724,7 +799,9 @@ async fn clients(
         EventsClient::with_interceptor(channel("events")?, key.clone()),
         ProfilesClient::with_interceptor(channel("profiles")?, key.clone()),
         CampaignsClient::with_interceptor(channel("campaigns")?, key.clone()),
-        DeliveryClient::with_interceptor(channel("delivery")?, key),
+        DeliveryClient::with_interceptor(channel("delivery")?, key.clone()),
+        SegmentsClient::with_interceptor(channel("segmentation")?, key.clone()),
+        RecommendationsClient::with_interceptor(channel("recommendations")?, key),
     ))
 }
 
@@ -736,8 +813,11 @@ async fn drive(
     database_url: &str,
 ) -> anyhow::Result<ChaosResult> {
     let started = Instant::now();
-    let (events, profiles, mut campaigns, mut delivery) = clients(&platform.ports, api_key).await?;
-    for (name, title) in [("welcome-1", "welcome-1"), ("welcome-2", "welcome-2")] {
+    let started_at = relance_kit::Clock::now(&relance_kit::SystemClock);
+    let (events, profiles, mut campaigns, mut delivery, mut segments, recommendations) =
+        clients(&platform.ports, api_key).await?;
+    for name in PUSHES {
+        let title = name;
         let template = pb::Template {
             name: name.into(),
             default_locale: "en".into(),
@@ -787,6 +867,22 @@ async fn drive(
         })
         .await
         .context("applying the flow")?;
+    segments
+        .apply(pb::ApplySegmentRequest {
+            yaml: "kind: Segment\nname: chaos-signed-up\nwhere:\n  event: signed_up\n".into(),
+            dry_run: false,
+        })
+        .await
+        .context("applying the segment")?;
+    campaigns
+        .apply_flow(pb::ApplyFlowRequest {
+            yaml: "kind: Flow\nname: chaos-member\ntrigger: { segment_entered: chaos-signed-up }\n\
+                   steps:\n  - send: { channel: push, template: member-1 }\n"
+                .into(),
+            dry_run: false,
+        })
+        .await
+        .context("applying the segment's flow")?;
 
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -826,7 +922,6 @@ async fn drive(
     for (index, fault) in faults.iter().enumerate() {
         println!("chaos: {fault}");
         let at = Instant::now();
-        let mut serving_secs = None;
         if let Some(service) = fault.strip_prefix("kill -9 ") {
             let service = SERVICES
                 .iter()
@@ -835,10 +930,6 @@ async fn drive(
                 .context("unknown service")?;
             platform.kill(service).await?;
             platform.start(service).await?;
-            serving_secs = platform
-                .serving(service, patience)
-                .await
-                .map(|when| (when - at).as_secs_f64());
         } else if fault.contains("RabbitMQ") {
             restart_rabbitmq().await?;
         } else if fault.contains("Redis") {
@@ -846,6 +937,10 @@ async fn drive(
         } else {
             restart_postgres().await?;
         }
+        let serving_secs = platform
+            .all_serving(&recommendations, patience)
+            .await
+            .map(|when| (when - at).as_secs_f64());
         // End to end: a customer who signs up now gets the first push.
         let canary = format!("canary{index}");
         let signed = sign_up(
@@ -857,7 +952,7 @@ async fn drive(
         )
         .await;
         let end_to_end_secs = if signed {
-            first_push_of(fake, &canary, at, patience).await
+            first_pushes_of(fake, &canary, at, patience).await
         } else {
             None
         };
@@ -886,7 +981,7 @@ async fn drive(
         .clone();
     let mut expected: HashSet<(String, String)> = HashSet::new();
     for (id, _) in &signups {
-        for push in ["welcome-1", "welcome-2"] {
+        for push in PUSHES {
             expected.insert((format!("tok-{id}"), push.to_owned()));
         }
     }
@@ -924,6 +1019,10 @@ async fn drive(
         .clone();
     let stored = stored_events(database_url, &acknowledged).await?;
     let result = ChaosResult {
+        started_at: started_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        signups_per_sec: args.signups_per_sec,
+        events_per_sec: args.events_per_sec,
+        settle_secs: args.settle_secs,
         recoveries,
         run_secs: started.elapsed().as_secs_f64(),
         events_acknowledged: acknowledged.len() as u64,
@@ -971,18 +1070,26 @@ fn secs(value: Option<f64>) -> String {
 /// The report: one line per fault, then the checks.
 pub fn render(result: &ChaosResult, command: &str, machine: &str) -> String {
     let mut md = String::new();
-    md.push_str(&format!("Command: `{command}` — {machine}\n\n"));
+    md.push_str(&format!(
+        "Command: `{command}`, {} — {machine}; the six services, the fake FCM, PostgreSQL, Redis \
+         and RabbitMQ share it.\n\n",
+        result.started_at
+    ));
+    md.push_str(&format!(
+        "Load the whole time: {} sign-ups/s (profile, push opt-in, `signed_up`; each gets two \
+         pushes from an event-triggered flow and one from a flow triggered by entering a \
+         real-time segment) and {} shop events/s in batches of ten; {} s of load before the \
+         first fault and between faults.\n\n",
+        result.signups_per_sec, result.events_per_sec, result.settle_secs
+    ));
     md.push_str(
-        "| fault | serving again after | first push of a new sign-up after |\n|---|---:|---:|\n",
+        "| fault | all services serving after | first push of each flow to a new sign-up after |\n|---|---:|---:|\n",
     );
     for recovery in &result.recoveries {
         md.push_str(&format!(
             "| {} | {} | {} |\n",
             recovery.fault,
-            recovery
-                .serving_secs
-                .map(|s| format!("{s:.1} s"))
-                .unwrap_or_else(|| "—".into()),
+            secs(recovery.serving_secs),
             secs(recovery.end_to_end_secs)
         ));
     }

@@ -36,6 +36,9 @@ pub struct EventsConfig {
     /// Validation limits.
     #[serde(flatten)]
     pub limits: domain::Limits,
+    /// The write path: writers, group size, queue bound.
+    #[serde(flatten)]
+    pub writer: ingest::WriterSettings,
     /// Events published per relay round trip.
     pub relay_batch: i64,
     /// Largest gRPC message accepted (TrackBatch of 1,000 events).
@@ -46,6 +49,7 @@ impl Default for EventsConfig {
     fn default() -> EventsConfig {
         EventsConfig {
             limits: domain::Limits::default(),
+            writer: ingest::WriterSettings::default(),
             relay_batch: 1000,
             max_message_bytes: 16 * 1024 * 1024,
         }
@@ -76,13 +80,15 @@ pub async fn serve(platform: &Platform, server: &mut GrpcServer) -> anyhow::Resu
         .consume("events-identity", consumer::spec(), handler)
         .await?;
 
-    let ingestor = ingest::Ingestor {
+    let ingestor = ingest::Ingestor::new(
         store,
-        clock: platform.clock.clone(),
-        limits: config.limits,
+        platform.clock.clone(),
+        config.limits,
+        config.writer,
+        platform.settings.database_max_connections,
         relay_wake,
         relay_cache,
-    };
+    );
     platform
         .consume(
             "events-ingest",

@@ -21,8 +21,16 @@ fn now() -> DateTime<Utc> {
 }
 
 async fn spawn_app() -> TestApp {
+    spawn_app_with("").await
+}
+
+/// The service with `[events]` settings of the test's own (TOML).
+async fn spawn_app_with(events_toml: &str) -> TestApp {
     let env = Arc::new(TestEnv::new().await);
-    let settings = env.settings.clone();
+    let settings = env
+        .settings
+        .with_toml(&format!("[events]\n{events_toml}"))
+        .expect("events settings");
     let clock: SharedClock = ManualClock::new(now());
     TestApp::start(
         env,
@@ -390,5 +398,146 @@ async fn a_merged_visitor_s_events_move_to_the_customer_including_later_ones() {
         .expect("publish again");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(query(&mut events, &app.admin_key, "c-42").await.len(), 2);
+    app.stop().await;
+}
+
+/// Calls that arrive together are written together (one writer here), and each learns its
+/// own outcome: an id sent by several concurrent calls is stored once, acknowledged as new to
+/// exactly one of them and as a duplicate to the others.
+#[tokio::test]
+async fn concurrent_calls_are_written_together_and_an_id_is_stored_once() {
+    let app = spawn_app_with("writers = 1").await;
+    let mut tap = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, "event.#").await;
+    let events = client(&app).await;
+    let mut calls = Vec::new();
+    // 120 calls over 40 ids: each id three times, all in flight at once.
+    for call in 0..120 {
+        let mut events = events.clone();
+        let key = app.ingest_key.clone();
+        calls.push(tokio::spawn(async move {
+            let id = format!("m-{}", call % 40);
+            let answer = events
+                .track(authed(
+                    &key,
+                    pb::TrackRequest {
+                        event: Some(event(&id, "product_viewed", &format!("c{}", call % 40))),
+                    },
+                ))
+                .await
+                .expect("track");
+            (id, answer.into_inner().duplicate)
+        }));
+    }
+    let mut new_of: std::collections::HashMap<String, u32> = Default::default();
+    for call in calls {
+        let (id, duplicate) = call.await.expect("call");
+        let count = new_of.entry(id).or_default();
+        if !duplicate {
+            *count += 1;
+        }
+    }
+    assert_eq!(new_of.len(), 40);
+    assert!(
+        new_of.values().all(|new| *new == 1),
+        "each id is new to exactly one call: {new_of:?}"
+    );
+    let mut events = client(&app).await;
+    for n in 0..40 {
+        let stored = query(&mut events, &app.admin_key, &format!("c{n}")).await;
+        assert_eq!(stored.len(), 1, "c{n}'s event is stored once");
+    }
+    let mut published = std::collections::HashSet::new();
+    while published.len() < 40 {
+        let (_, body) = tap.next(10).await.expect("published");
+        let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+        for message in batch.events {
+            assert!(
+                published.insert(message.message_id.clone()),
+                "{} published twice",
+                message.message_id
+            );
+        }
+    }
+    assert!(tap.next(1).await.is_none(), "nothing more is published");
+    app.stop().await;
+}
+
+/// When more events wait for the database than the queue holds, a call is refused at once
+/// with RESOURCE_EXHAUSTED and none of its events is stored; the calls already queued are
+/// written once the database moves again, and the refused call succeeds when retried.
+#[tokio::test]
+async fn a_full_write_queue_refuses_calls_at_once_and_stores_nothing_of_them() {
+    let app = spawn_app_with("writers = 1\nmax_queued_events = 15").await;
+    let mut events = client(&app).await;
+    let batch = |prefix: &str| pb::TrackBatchRequest {
+        events: (0..10)
+            .map(|n| event(&format!("{prefix}-{n}"), "product_viewed", prefix))
+            .collect(),
+    };
+    // Someone holds the dedup table: the writer's INSERT waits behind it.
+    let pool = sqlx::PgPool::connect(&app.env.database_url())
+        .await
+        .expect("connect");
+    let mut blocker = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE events.event_ids IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
+
+    let first = tokio::spawn({
+        let mut events = events.clone();
+        let request = authed(&app.ingest_key, batch("a"));
+        async move { events.track_batch(request).await }
+    });
+    // The writer has taken the first call and waits for the lock.
+    eventually(10, "the writer waits for the lock", || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    // Two more calls of ten: whichever comes first waits in the queue (an empty queue takes
+    // any call), the other would make 20 > 15 events and is refused at once.
+    let call = |prefix: &'static str| {
+        let mut events = events.clone();
+        let request = authed(&app.ingest_key, batch(prefix));
+        tokio::spawn(async move { (prefix, events.track_batch(request).await) })
+    };
+    let mut pending = vec![call("b"), call("c")];
+    let finished = eventually(10, "one call is refused", || {
+        let index = pending.iter().position(|call| call.is_finished());
+        async move { index }
+    })
+    .await;
+    let (refused, answer) = pending.remove(finished).await.expect("call");
+    let status = answer.expect_err("the call over the queue's bound is refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("over capacity"),
+        "the refusal says why: {status:?}"
+    );
+    blocker.rollback().await.expect("unlock");
+    let first = first.await.expect("first").expect("first call");
+    assert_eq!(first.get_ref().accepted, 10);
+    let (queued, answer) = pending.remove(0).await.expect("call");
+    assert_eq!(answer.expect("the queued call").get_ref().accepted, 10);
+    assert_eq!(query(&mut events, &app.admin_key, queued).await.len(), 10);
+    assert!(
+        query(&mut events, &app.admin_key, refused).await.is_empty(),
+        "nothing of a refused call is stored"
+    );
+    let retried = events
+        .track_batch(authed(&app.ingest_key, batch(refused)))
+        .await
+        .expect("the retry is taken");
+    assert_eq!(retried.get_ref().accepted, 10);
+    assert_eq!(query(&mut events, &app.admin_key, refused).await.len(), 10);
     app.stop().await;
 }
