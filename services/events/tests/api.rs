@@ -541,3 +541,91 @@ async fn a_full_write_queue_refuses_calls_at_once_and_stores_nothing_of_them() {
     assert_eq!(query(&mut events, &app.admin_key, refused).await.len(), 10);
     app.stop().await;
 }
+
+/// A transaction of someone else's (a report, another service's long write, an idle session)
+/// running the whole time does not hold new events back from the bus.
+#[tokio::test]
+async fn a_long_transaction_elsewhere_does_not_hold_events_back() {
+    let app = spawn_app().await;
+    let mut tap = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, "event.#").await;
+    let mut events = client(&app).await;
+    let pool = sqlx::PgPool::connect(&app.env.database_url())
+        .await
+        .expect("connect");
+    let mut long = pool.begin().await.expect("begin");
+    // A transaction id of its own, older than the events' transactions.
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *long)
+        .await
+        .expect("xid");
+    events
+        .track(authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(event("while-long", "order_completed", "c1")),
+            },
+        ))
+        .await
+        .expect("track");
+    let (_, body) = tap
+        .next(10)
+        .await
+        .expect("published while the other transaction runs");
+    let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+    assert_eq!(batch.events[0].message_id, "while-long");
+    long.rollback().await.expect("rollback");
+    app.stop().await;
+}
+
+/// An event whose transaction commits late is published, before the events of transactions
+/// that started after it: the relay waits for a writer still running.
+#[tokio::test]
+async fn an_event_that_commits_late_is_published_and_first() {
+    let app = spawn_app().await;
+    let mut tap = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, "event.#").await;
+    let mut events = client(&app).await;
+    let track = |id: &str| {
+        authed(
+            &app.ingest_key,
+            pb::TrackRequest {
+                event: Some(event(id, "order_completed", "c1")),
+            },
+        )
+    };
+    events.track(track("before")).await.expect("track");
+    tap.next(10).await.expect("the first event is published");
+
+    // A writer that has inserted its event and not committed yet, as ingestion does it.
+    let pool = sqlx::PgPool::connect(&app.env.database_url())
+        .await
+        .expect("connect");
+    let mut late = pool.begin().await.expect("begin");
+    sqlx::query("INSERT INTO events.event_ids (id) VALUES (gen_random_uuid())")
+        .execute(&mut *late)
+        .await
+        .expect("dedup id");
+    sqlx::query(
+        "INSERT INTO events.events (workspace_id, message_id, name, customer_id, ts, received_at, properties, context) \
+         VALUES ($1, 'late', 'order_completed', 'c1', $2, $2, '{}', '{}')",
+    )
+    .bind(&app.workspace)
+    .bind(now())
+    .execute(&mut *late)
+    .await
+    .expect("event");
+
+    events.track(track("after")).await.expect("track");
+    assert!(
+        tap.next(2).await.is_none(),
+        "nothing is published past a writer still running"
+    );
+    late.commit().await.expect("commit");
+    let mut published = Vec::new();
+    while published.len() < 2 {
+        let (_, body) = tap.next(10).await.expect("published");
+        let batch: EventBatch = serde_json::from_slice(&body).expect("json");
+        published.extend(batch.events.into_iter().map(|e| e.message_id));
+    }
+    assert_eq!(published, vec!["late", "after"]);
+    app.stop().await;
+}
