@@ -641,7 +641,7 @@ async fn handle_one(
             trace: trace.as_deref(),
         };
         let span = tracing::info_span!("consume", queue = %spec.queue, routing_key = %delivery.routing_key, message_id = %message_id);
-        set_parent_from_headers(&span, &delivery.properties);
+        crate::trace::set_parent(&span, trace.as_deref());
         let outcome = handler.handle(&received).instrument(span).await;
         let outcome_label = match outcome {
             Ok(()) => "ok",
@@ -736,25 +736,6 @@ fn traceparent_of(properties: &BasicProperties) -> Option<String> {
         }
         _ => None,
     }
-}
-
-fn set_parent_from_headers(span: &tracing::Span, properties: &BasicProperties) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let Some(headers) = properties.headers() else {
-        return;
-    };
-    let mut carrier = std::collections::HashMap::new();
-    for (key, value) in headers {
-        if let AMQPValue::LongString(text) = value {
-            carrier.insert(
-                key.as_str().to_owned(),
-                String::from_utf8_lossy(text.as_bytes()).into_owned(),
-            );
-        }
-    }
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
-    let _ = span.set_parent(parent);
 }
 
 /// Sets `relance_queue_depth{queue}` (messages ready in the queue) and
