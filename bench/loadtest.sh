@@ -40,11 +40,12 @@ started=$(date +%s)
 "$LOADTEST" --save "$RESULTS/$SCENARIO.json" "$SCENARIO" $ARGS 2>&1 | tee "$RESULTS/$SCENARIO.txt"
 elapsed=$(( $(date +%s) - started ))
 LOAD_AFTER=$(awk '{ print $1 " " $2 " " $3 }' /proc/loadavg)
-echo "$SCENARIO: \`make loadtest SCENARIO=$SCENARIO${ARGS:+ LOADTEST_ARGS=\"$ARGS\"}\`, $(date -u '+%Y-%m-%d %H:%M UTC'), whole run $elapsed s, load average before $LOAD_BEFORE · after $LOAD_AFTER" \
+# Each scenario's line names the commit it ran: the section lists the latest run of each.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit with uncommitted changes"; fi
+echo "$SCENARIO: \`make loadtest SCENARIO=$SCENARIO${ARGS:+ LOADTEST_ARGS=\"$ARGS\"}\`, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit, whole run $elapsed s, load average before $LOAD_BEFORE · after $LOAD_AFTER" \
   >"$RESULTS/$SCENARIO.meta"
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (with uncommitted changes)"; fi
 cpu=$(lscpu 2>/dev/null | awk -F': +' '/^Model name/ { print $2; exit }')
 [ -n "$cpu" ] || cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 ram=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
@@ -55,6 +56,5 @@ done
 "$LOADTEST" report --section loadtest --results "$RESULTS" --out "$OUT" \
   "${runs[@]}" \
   --meta "Machine=$(nproc) vCPU ($cpu), $ram RAM, $(uname -sr); load generator, services, fake FCM, Postgres, Redis and RabbitMQ share it" \
-  --meta "Postgres=$(psql "$PG_SERVER/postgres" -Atqc 'SHOW server_version') · RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?')" \
-  --meta "Commit=$commit"
+  --meta "Postgres=$(psql "$PG_SERVER/postgres" -Atqc 'SHOW server_version') · RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?')"
 say "done in $elapsed s: results in $RESULTS, summary in $OUT"

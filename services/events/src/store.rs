@@ -327,19 +327,8 @@ pub async fn try_lock_relay(conn: &mut PgConnection) -> sqlx::Result<bool> {
         .await
 }
 
-/// The keys of the next events to publish after the cursor, in (xid, seq) order, only from
-/// transactions that can no longer add events below them.
-///
-/// A row whose transaction commits late must never be skipped, so the relay stops at the
-/// oldest transaction that may still commit events (the horizon). Taking the oldest running
-/// transaction of the whole server would let any long transaction — a report, a broadcast's
-/// snapshot in another service's schema, an idle session — hold every event back for as long
-/// as it runs. Instead, of the transactions the statement's snapshot sees running, those
-/// known not to be event writers are passed over: still running and holding no lock on
-/// `event_ids`. Ingestion's transactions insert events before anything else, so a writer
-/// holds that lock from before its transaction id exists; one that ended since the snapshot
-/// is unknown and still holds the horizon (for one round: the next snapshot sees it ended).
-/// Rows of transactions starting after the snapshot are at or above its xmax.
+/// The keys of the next events to publish after the cursor, only from transactions that
+/// have all finished (below the oldest running transaction), in (xid, seq) order.
 ///
 /// The cursor is read first and bound as values: compared through a join, Postgres would
 /// walk the `(xid, seq)` index from its start on every round. Only keys are read: the
@@ -351,31 +340,9 @@ pub async fn next_keys(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<
             .fetch_one(&mut *conn)
             .await?;
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "WITH snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s), \
-         locks AS MATERIALIZED ( \
-             SELECT virtualtransaction, locktype, transactionid, relation, database \
-             FROM pg_locks WHERE granted AND locktype IN ('transactionid', 'relation') \
-         ), \
-         writers AS ( \
-             SELECT virtualtransaction FROM locks \
-             WHERE locktype = 'relation' AND relation = 'event_ids'::regclass \
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         ), \
-         not_writers AS ( \
-             SELECT transactionid FROM locks \
-             WHERE locktype = 'transactionid' \
-               AND virtualtransaction NOT IN (SELECT virtualtransaction FROM writers) \
-         ), \
-         horizon AS ( \
-             SELECT LEAST( \
-                 pg_snapshot_xmax(snap.s), \
-                 (SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x \
-                  WHERE xid(x) NOT IN (SELECT transactionid FROM not_writers)) \
-             ) AS xid FROM snap \
-         ) \
-         SELECT e.xid::text, e.seq FROM events e, horizon \
-         WHERE (e.xid, e.seq) > ($1::xid8, $2) AND e.xid < horizon.xid \
-         ORDER BY e.xid, e.seq LIMIT $3",
+        "SELECT xid::text, seq FROM events \
+         WHERE (xid, seq) > ($1::xid8, $2) AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY xid, seq LIMIT $3",
     )
     .bind(&cursor_xid)
     .bind(cursor_seq)

@@ -542,41 +542,6 @@ async fn a_full_write_queue_refuses_calls_at_once_and_stores_nothing_of_them() {
     app.stop().await;
 }
 
-/// A transaction of someone else's (a report, another service's long write, an idle session)
-/// running the whole time does not hold new events back from the bus.
-#[tokio::test]
-async fn a_long_transaction_elsewhere_does_not_hold_events_back() {
-    let app = spawn_app().await;
-    let mut tap = Tap::bind(&app.platform.bus, EVENTS_EXCHANGE, "event.#").await;
-    let mut events = client(&app).await;
-    let pool = sqlx::PgPool::connect(&app.env.database_url())
-        .await
-        .expect("connect");
-    let mut long = pool.begin().await.expect("begin");
-    // A transaction id of its own, older than the events' transactions.
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *long)
-        .await
-        .expect("xid");
-    events
-        .track(authed(
-            &app.ingest_key,
-            pb::TrackRequest {
-                event: Some(event("while-long", "order_completed", "c1")),
-            },
-        ))
-        .await
-        .expect("track");
-    let (_, body) = tap
-        .next(10)
-        .await
-        .expect("published while the other transaction runs");
-    let batch: EventBatch = serde_json::from_slice(&body).expect("json");
-    assert_eq!(batch.events[0].message_id, "while-long");
-    long.rollback().await.expect("rollback");
-    app.stop().await;
-}
-
 /// An event whose transaction commits late is published, before the events of transactions
 /// that started after it: the relay waits for a writer still running.
 #[tokio::test]
