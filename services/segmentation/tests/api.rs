@@ -162,7 +162,7 @@ impl Harness {
     }
 
     async fn wait_member(&mut self, who: &str, name: &str, expected: bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.is_member(who, name).await != expected {
             assert!(
                 Instant::now() < deadline,
@@ -178,7 +178,7 @@ impl Harness {
         let mut db = sqlx::PgConnection::connect(&self.app.env.database_url())
             .await
             .expect("db");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let found: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM segments.aggregates WHERE person = $1")
@@ -197,9 +197,11 @@ impl Harness {
         }
     }
 
-    /// Waits until a segment counts `expected` members.
+    /// Waits until a segment counts `expected` members. (60 s: events reach segmentation
+    /// through the events relay, which waits behind the oldest transaction on the whole
+    /// server, and other test binaries' bulk loads run beside this one.)
     async fn wait_count(&mut self, name: &str, expected: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (version, count) = self.count(name).await;
             if count == expected {
