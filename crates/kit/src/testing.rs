@@ -225,12 +225,20 @@ pub fn authed<T>(key: &str, message: T) -> tonic::Request<T> {
     request
 }
 
-/// Polls `check` every 20 ms until it returns `Some`, or panics after `seconds`.
+/// How much longer than a test states `eventually` waits. These waits check liveness, not
+/// speed (speed is for the benchmarks): in CI every test binary shares the 2 cores and the
+/// PostgreSQL server with the 100k-customer SIGKILL test, whose long transactions also hold
+/// back the events relay of every test database, so a wait that takes 1 s alone can take 20.
+const PATIENCE: u64 = 4;
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `seconds` × 4 (see
+/// [`PATIENCE`]).
 pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    let seconds = seconds * PATIENCE;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
     loop {
         if let Some(value) = check().await {
