@@ -817,7 +817,6 @@ async fn drive(
     let (events, profiles, mut campaigns, mut delivery, mut segments, recommendations) =
         clients(&platform.ports, api_key).await?;
     for name in PUSHES {
-        let title = name;
         let template = pb::Template {
             name: name.into(),
             default_locale: "en".into(),
@@ -825,7 +824,7 @@ async fn drive(
                 locale: "en".into(),
                 content: Some(pb::MessageContent {
                     push: Some(pb::PushContent {
-                        title: title.into(),
+                        title: name.into(),
                         body: "Welcome to the shop".into(),
                         ..Default::default()
                     }),

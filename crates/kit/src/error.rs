@@ -85,13 +85,22 @@ impl From<ApiError> for Status {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> ApiError {
-        match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                tracing::warn!(error = %error, "database unavailable");
-                ApiError::Unavailable("database unavailable".into())
-            }
-            other => ApiError::Internal(other.into()),
+        match database_unavailable(&error) {
+            Some(unavailable) => unavailable,
+            None => ApiError::Internal(error.into()),
         }
+    }
+}
+
+/// UNAVAILABLE (logged) when `error` means the database cannot be reached now, so that the
+/// caller retries; `None` for any other database failure.
+pub fn database_unavailable(error: &sqlx::Error) -> Option<ApiError> {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            tracing::warn!(error = %error, "database unavailable");
+            Some(ApiError::Unavailable("database unavailable".into()))
+        }
+        _ => None,
     }
 }
 

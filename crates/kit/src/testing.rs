@@ -231,15 +231,21 @@ pub fn authed<T>(key: &str, message: T) -> tonic::Request<T> {
 /// back the events relay of every test database, so a wait that takes 1 s alone can take 20.
 const PATIENCE: u64 = 4;
 
-/// Polls `check` every 20 ms until it returns `Some`, or panics after `seconds` × 4 (see
-/// [`PATIENCE`]).
+/// How long a test waits for what it states should take `seconds` (see [`PATIENCE`]); for
+/// tests' own polling loops, as [`eventually`] uses it.
+pub fn patience(seconds: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(seconds * PATIENCE)
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after [`patience`]`(seconds)`.
 pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let seconds = seconds * PATIENCE;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let waited = patience(seconds);
+    let seconds = waited.as_secs();
+    let deadline = tokio::time::Instant::now() + waited;
     loop {
         if let Some(value) = check().await {
             return value;

@@ -1092,9 +1092,7 @@ steps:
         (n == 8).then_some(())
     })
     .await;
-    // Outcomes travel delivery → events → campaigns; the events relay waits behind the oldest
-    // transaction on the whole server, and other test binaries' bulk loads run beside this one.
-    eventually(60, "every send's outcome recorded", || async {
+    eventually(10, "every send's outcome recorded", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns.messages WHERE status = 1")
             .fetch_one(&h.db)
             .await

@@ -68,13 +68,9 @@ impl From<IngestError> for ApiError {
         match error {
             IngestError::Overloaded { .. } => ApiError::ResourceExhausted(error.to_string()),
             IngestError::Stopped => ApiError::Unavailable(error.to_string()),
-            IngestError::Store(error) => match &*error {
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                    tracing::warn!(error = %error, "database unavailable");
-                    ApiError::Unavailable("database unavailable".into())
-                }
-                other => ApiError::Internal(anyhow::anyhow!("storing events: {other}")),
-            },
+            // The error is shared by every call of the group, so it is read, not taken.
+            IngestError::Store(error) => relance_kit::error::database_unavailable(&error)
+                .unwrap_or_else(|| ApiError::Internal(anyhow::anyhow!("storing events: {error}"))),
         }
     }
 }
@@ -339,31 +335,26 @@ impl GroupWriter {
             .insert(workspace_id, &events, received_at)
             .await?;
         let stored = std::mem::take(&mut pending.stored);
-        let mut owner_of: HashMap<&str, usize> = HashMap::with_capacity(events.len());
+        let mut owner_of: HashMap<String, usize> = HashMap::with_capacity(events.len());
         for (event, owner) in events.iter().zip(owners) {
-            owner_of.insert(event.message_id.as_str(), *owner);
+            owner_of.insert(event.message_id.clone(), *owner);
         }
-        let mut stored_of: Vec<Vec<Stored>> = (0..calls.len()).map(|_| Vec::new()).collect();
-        for row in stored {
-            if let Some(owner) = owner_of.get(row.message_id.as_str()) {
-                stored_of[*owner].push(row);
+        let mut accepted = vec![0u64; calls.len()];
+        let mut published_of: Vec<Vec<(RelayKey, EventMessage)>> =
+            (0..calls.len()).map(|_| Vec::new()).collect();
+        for (key, message) in to_publish(workspace_id, events, stored, received_at) {
+            if let Some(owner) = owner_of.get(&message.message_id) {
+                accepted[*owner] += 1;
+                published_of[*owner].push((key, message));
             }
-        }
-        let accepted: Vec<u64> = stored_of.iter().map(|rows| rows.len() as u64).collect();
-        let mut events_of: Vec<Vec<NewEvent>> = (0..calls.len()).map(|_| Vec::new()).collect();
-        for (event, owner) in events.into_iter().zip(owners) {
-            events_of[*owner].push(event);
         }
         // Handed over before the commit, so the relay (which sees rows only once they are
         // committed) finds them in memory instead of reading them back. Should the commit
         // fail, their keys never appear in the log: the relay never asks for them, and they
         // leave the cache once the relay has moved past them.
-        for ((rows, events), call) in stored_of.into_iter().zip(events_of).zip(calls) {
-            if !rows.is_empty() {
-                self.relay_cache.put(
-                    to_publish(workspace_id, events, rows, received_at),
-                    call.trace.clone(),
-                );
+        for (published, call) in published_of.into_iter().zip(calls) {
+            if !published.is_empty() {
+                self.relay_cache.put(published, call.trace.clone());
             }
         }
         pending.commit().await?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone as _, Utc};
 use relance_kit::bus::{EVENTS_EXCHANGE, Outgoing, Publisher};
 use relance_kit::messages::{EventBatch, SegmentChanged};
-use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually};
+use relance_kit::testing::{Tap, TestApp, TestEnv, authed, eventually, patience};
 use relance_kit::{Clock as _, ManualClock, SharedClock};
 use relance_proto::convert::{chrono_to_timestamp, json_to_struct};
 use relance_proto::v1::events_client::EventsClient;
@@ -162,7 +162,7 @@ impl Harness {
     }
 
     async fn wait_member(&mut self, who: &str, name: &str, expected: bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience(10);
         while self.is_member(who, name).await != expected {
             assert!(
                 Instant::now() < deadline,
@@ -178,7 +178,7 @@ impl Harness {
         let mut db = sqlx::PgConnection::connect(&self.app.env.database_url())
             .await
             .expect("db");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience(10);
         loop {
             let found: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM segments.aggregates WHERE person = $1")
@@ -197,11 +197,9 @@ impl Harness {
         }
     }
 
-    /// Waits until a segment counts `expected` members. (60 s: events reach segmentation
-    /// through the events relay, which waits behind the oldest transaction on the whole
-    /// server, and other test binaries' bulk loads run beside this one.)
+    /// Waits until a segment counts `expected` members.
     async fn wait_count(&mut self, name: &str, expected: u64) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience(10);
         loop {
             let (version, count) = self.count(name).await;
             if count == expected {
